@@ -1,0 +1,54 @@
+"""The PyTorch backend of lowrank-core.
+
+Importing this package imports torch. lowrank-core finds it on its own (entry point ``torch`` in the
+group ``lowrank_core.backends``) the first time it meets a ``torch.Tensor``; nothing needs to be
+registered by hand. Later issues add the PyTorch integration (layers, optimizer state, DDP) here.
+"""
+
+from __future__ import annotations
+
+from ._backend import TorchBackend
+from .convert import count_trainable, to_low_rank, trainable_share
+from .layers import (
+    LowRankConv1d,
+    LowRankConv2d,
+    LowRankConv3d,
+    LowRankConvNd,
+    LowRankLayer,
+    LowRankLinear,
+    LowRankWeight,
+    low_rank_attention_,
+)
+
+__all__ = ["TorchBackend"]
+__all__ += [
+    "LowRankConv1d",
+    "LowRankConv2d",
+    "LowRankConv3d",
+    "LowRankConvNd",
+    "LowRankLayer",
+    "LowRankLinear",
+    "LowRankWeight",
+    "count_trainable",
+    "low_rank_attention_",
+    "to_low_rank",
+    "trainable_share",
+]
+
+from .optim_state import (  # noqa: E402
+    MAGNITUDE_KEYS,
+    SECOND_MOMENT_KEYS,
+    dense_to_sigma_state,
+    rotate_sigma_state,
+    swap_parameter,
+    truncate_sigma_state,
+)
+
+__all__ += [
+    "MAGNITUDE_KEYS",
+    "SECOND_MOMENT_KEYS",
+    "dense_to_sigma_state",
+    "rotate_sigma_state",
+    "swap_parameter",
+    "truncate_sigma_state",
+]

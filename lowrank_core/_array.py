@@ -1,0 +1,140 @@
+"""Namespace discovery and input validation shared by every public function.
+
+Nothing here is public API; it keeps the checks (and their messages) identical everywhere.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import array_api_compat
+
+from .errors import (
+    ArrayTypeError,
+    DeviceMismatchError,
+    DTypeError,
+    NonFiniteError,
+    RankError,
+    ShapeError,
+)
+
+Array = Any
+"""Any array of an array-API-compatible library (NumPy, PyTorch, CuPy, array_api_strict, ...)."""
+Namespace = Any
+
+
+def _library_name(x: object) -> str:
+    return type(x).__module__.split(".")[0]
+
+
+def namespace(**arrays: Array) -> Namespace:
+    """Return the array namespace shared by ``arrays`` (given by argument name).
+
+    Raises ``ArrayTypeError`` for non-arrays or a mix of libraries and ``DeviceMismatchError`` for a
+    mix of devices. The names are only used in the messages.
+    """
+    for name, x in arrays.items():
+        if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+            raise ArrayTypeError(
+                f"`{name}` must be an array (NumPy, PyTorch, CuPy, ...), got {type(x).__name__}"
+            )
+    values = list(arrays.values())
+    try:
+        xp = array_api_compat.array_namespace(*values)
+    except TypeError as exc:
+        libs = ", ".join(f"`{n}`: {_library_name(x)}" for n, x in arrays.items())
+        raise ArrayTypeError(
+            f"arrays from different libraries cannot be combined ({libs}); "
+            "convert them to one library first"
+        ) from exc
+    if len(values) > 1:
+        devices = [array_api_compat.device(x) for x in values]
+        first = devices[0]
+        if any(d != first for d in devices[1:]):
+            where = ", ".join(f"`{n}`: {d}" for n, d in zip(arrays, devices, strict=True))
+            raise DeviceMismatchError(
+                f"arrays on different devices cannot be combined ({where}); move them to one device"
+            )
+    return xp
+
+
+def check_floating(xp: Namespace, x: Array, name: str) -> None:
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise DTypeError(
+            f"`{name}` must have a real floating dtype (float16/bfloat16/float32/float64), "
+            f"got {x.dtype}"
+        )
+
+
+def check_finite(xp: Namespace, x: Array, name: str) -> None:
+    from .backend import get_backend  # late: backend.py imports this module
+
+    if not get_backend(x).all_finite(x):
+        raise NonFiniteError(f"`{name}` contains NaN or Inf")
+
+
+def check_matrix(
+    xp: Namespace, x: Array, name: str, *, finite: bool = True, allow_empty: bool = False
+) -> None:
+    """A real floating array of shape ``(..., m, n)`` (m, n >= 1), optionally all finite."""
+    if x.ndim < 2:
+        raise ShapeError(
+            f"`{name}` must be a matrix or a stack of matrices (..., m, n), got shape {tuple(x.shape)}"
+        )
+    check_floating(xp, x, name)
+    if not allow_empty and (x.shape[-1] == 0 or x.shape[-2] == 0):
+        raise ShapeError(f"`{name}` must have m, n >= 1, got shape {tuple(x.shape)}")
+    if finite:
+        check_finite(xp, x, name)
+
+
+def compute_dtype(xp: Namespace, dtype: Any) -> Any:
+    """The dtype math is done in: float32/float64 as given, anything narrower upcast to float32."""
+    if dtype == xp.float64 or dtype == xp.float32:
+        return dtype
+    return xp.float32
+
+
+def upcast(xp: Namespace, x: Array) -> Array:
+    target = compute_dtype(xp, x.dtype)
+    return x if x.dtype == target else xp.astype(x, target)
+
+
+def cast_to(xp: Namespace, x: Array, dtype: Any) -> Array:
+    return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def result_dtype(xp: Namespace, *arrays: Array) -> Any:
+    return xp.result_type(*arrays)
+
+
+def check_rank(rank: object, upper: int, *, name: str = "rank", what: str = "min(m, n)") -> int:
+    """A rank must be a true integer (not bool) in ``1..upper``."""
+    if isinstance(rank, bool):
+        raise RankError(f"`{name}` must be an integer, got a bool ({rank})")
+    try:
+        value = operator.index(rank)  # type: ignore[arg-type]
+    except TypeError:
+        raise RankError(f"`{name}` must be an integer, got {type(rank).__name__}") from None
+    if value < 1:
+        raise RankError(f"`{name}` must be >= 1, got {value}")
+    if value > upper:
+        raise RankError(f"`{name}` must be <= {what} = {upper}, got {value}")
+    return value
+
+
+def diag_embed(xp: Namespace, d: Array) -> Array:
+    """Stack of diagonal matrices from a stack of vectors ``(..., r) -> (..., r, r)``."""
+    r = d.shape[-1]
+    eye = xp.eye(r, dtype=d.dtype, device=array_api_compat.device(d))
+    return d[..., None] * eye
+
+
+def batch_shape(x: Array) -> tuple[int, ...]:
+    return tuple(x.shape[:-2])
+
+
+def shape_tuple(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(s) for s in shape)

@@ -1,0 +1,51 @@
+"""Exceptions raised by lowrank-core.
+
+Every error derives from :class:`LowRankError` *and* from the built-in exception a NumPy or PyTorch user
+would expect (``TypeError`` for wrong kinds of input, ``ValueError`` for wrong values), so both
+``except LowRankError`` and ``except ValueError`` work. Messages name the argument and the problem.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArrayTypeError",
+    "DTypeError",
+    "DeviceMismatchError",
+    "LowRankError",
+    "NonFiniteError",
+    "RankError",
+    "ShapeError",
+    "SpectrumError",
+]
+
+
+class LowRankError(Exception):
+    """Base class of every error raised by lowrank-core."""
+
+
+class ArrayTypeError(LowRankError, TypeError):
+    """An argument is not an array, or arrays of two different libraries were mixed."""
+
+
+class DTypeError(LowRankError, TypeError):
+    """An array has a dtype the operation cannot work in (integer, boolean, complex)."""
+
+
+class ShapeError(LowRankError, ValueError):
+    """An array has the wrong number of dimensions, or shapes do not fit together."""
+
+
+class NonFiniteError(LowRankError, ValueError):
+    """An input contains NaN or infinity."""
+
+
+class DeviceMismatchError(LowRankError, ValueError):
+    """Arrays that must be combined live on different devices."""
+
+
+class RankError(LowRankError, ValueError):
+    """A rank (or rank bound) is not a positive integer within the allowed range."""
+
+
+class SpectrumError(LowRankError, ValueError):
+    """A spectrum is not a valid list of singular values (negative, or not in descending order)."""

@@ -1,0 +1,100 @@
+"""Thin, sign-canonical decompositions over stacks of matrices.
+
+Different libraries (and CuPy for different shapes) return singular vectors with different signs.
+Everything here fixes the signs so that results are comparable across libraries and devices:
+
+* :func:`svd` makes the entry of largest magnitude of each left singular vector positive (the first
+  such entry on ties) and flips the matching right singular vector with it;
+* :func:`qr` makes the diagonal of ``R`` non-negative.
+
+float16 and bfloat16 inputs are computed in float32 and the results cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ._array import Array, Namespace, cast_to, check_matrix, namespace, upcast
+from .backend import get_backend
+
+__all__ = ["QRResult", "SVDResult", "polar", "qr", "svd"]
+
+
+class SVDResult(NamedTuple):
+    """Thin SVD ``a = U @ diag(S) @ V.mT`` with ``U (..., m, k)``, ``S (..., k)``, ``V (..., n, k)``."""
+
+    U: Array
+    S: Array
+    V: Array
+
+
+class QRResult(NamedTuple):
+    """Reduced QR ``a = Q @ R`` with ``Q (..., m, k)``, ``R (..., k, n)`` and ``diag(R) >= 0``."""
+
+    Q: Array
+    R: Array
+
+
+def _raw_svd(xp: Namespace, a: Array) -> tuple[Array, Array, Array]:
+    """Thin SVD of an already validated, already upcast stack: ``(U, S, V)``, signs unspecified."""
+    U, S, Vh = get_backend(a).svd(a)
+    return U, S, xp.matrix_transpose(Vh)
+
+
+def _canonical_signs(xp: Namespace, U: Array, V: Array) -> tuple[Array, Array]:
+    idx = xp.argmax(xp.abs(U), axis=-2, keepdims=True)
+    pivot = xp.take_along_axis(U, idx, axis=-2)
+    one = xp.ones_like(pivot)
+    signs = xp.where(pivot < 0, -one, one)
+    return U * signs, V * signs
+
+
+def _svd(xp: Namespace, a: Array) -> tuple[Array, Array, Array]:
+    """Sign-canonical thin SVD of a validated stack, computed in ``a``'s compute dtype (not cast back)."""
+    U, S, V = _raw_svd(xp, upcast(xp, a))
+    U, V = _canonical_signs(xp, U, V)
+    return U, S, V
+
+
+def svd(a: Array, *, check_finite: bool = True) -> SVDResult:
+    """Thin, sign-canonical SVD of a matrix or a stack of matrices.
+
+    Returns ``SVDResult(U, S, V)`` with ``a = U @ diag(S) @ V.mT`` (note: ``V``, not ``Vh``), ``S``
+    descending. Raises ``NonFiniteError`` on NaN/Inf unless ``check_finite=False``.
+    """
+    xp = namespace(a=a)
+    check_matrix(xp, a, "a", finite=check_finite)
+    U, S, V = _svd(xp, a)
+    return SVDResult(cast_to(xp, U, a.dtype), cast_to(xp, S, a.dtype), cast_to(xp, V, a.dtype))
+
+
+def _qr(xp: Namespace, a: Array) -> tuple[Array, Array]:
+    Q, R = xp.linalg.qr(upcast(xp, a), mode="reduced")
+    d = xp.linalg.diagonal(R)
+    one = xp.ones_like(d)
+    signs = xp.where(d < 0, -one, one)
+    return Q * signs[..., None, :], R * signs[..., :, None]
+
+
+def qr(a: Array, *, check_finite: bool = True) -> QRResult:
+    """Reduced QR with a non-negative diagonal of ``R``, for a matrix or a stack of matrices."""
+    xp = namespace(a=a)
+    check_matrix(xp, a, "a", finite=check_finite)
+    Q, R = _qr(xp, a)
+    return QRResult(cast_to(xp, Q, a.dtype), cast_to(xp, R, a.dtype))
+
+
+def _polar(xp: Namespace, a: Array) -> Array:
+    U, _, V = _raw_svd(xp, upcast(xp, a))
+    return U @ xp.matrix_transpose(V)
+
+
+def polar(a: Array, *, check_finite: bool = True) -> Array:
+    """The orthogonal polar factor ``U @ V.mT`` of ``a`` (thin SVD), shape ``(..., m, n)``.
+
+    For a full-rank ``a`` it is unique (independent of the signs of singular vectors): the closest
+    matrix with orthonormal columns (``m >= n``) or rows (``m < n``) to ``a``.
+    """
+    xp = namespace(a=a)
+    check_matrix(xp, a, "a", finite=check_finite)
+    return cast_to(xp, _polar(xp, a), a.dtype)

@@ -1,0 +1,163 @@
+"""Every check lowrank-core has, one nox session each.
+
+    nox                       # lint, typecheck, tests (all three CPU backends)
+    nox -s tests              # the three CPU backends: numpy, array_api_strict, torch
+    nox -s "tests(torch)"     # a single backend; arguments after -- go to pytest
+    nox -s gpu                # torch CUDA + CuPy, with the current interpreter (no installs)
+    nox -s demo               # the main job: MNIST-1D, dense vs OIALR, result table
+    nox -s bench -- --quick   # benchmarks/run.py
+
+Every session that installs torch passes ``-c constraints/cpu.txt``: an unpinned torch would pull
+the multi-GB CUDA build. The constraints file is passed to every install, so no session can drift.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.2.9"  # nox.project.dependency_groups
+nox.options.default_venv_backend = "virtualenv"  # seeds pip itself; needs no ensurepip
+nox.options.sessions = ["lint", "typecheck", "tests"]
+
+ROOT = Path(__file__).resolve().parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
+
+# The array libraries the CPU test matrix covers; the value goes into LOWRANK_TEST_BACKENDS.
+CPU_BACKENDS = ("numpy", "array_api_strict", "torch")
+# The GPU backends, in the order the gpu session passes them.
+GPU_BACKENDS = ("torch_cuda", "cupy")
+
+
+def group(*names: str) -> tuple[str, ...]:
+    """The requirements of the given ``[dependency-groups]`` of pyproject.toml."""
+    return nox.project.dependency_groups(PYPROJECT, *names)
+
+
+def install(session: nox.Session, *args: str) -> None:
+    """``pip install`` under the CPU constraints (pins torch to the CPU build)."""
+    session.install(*CONSTRAINTS, *args)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole repository."""
+    install(session, *group("lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on the packages listed in [tool.mypy] of pyproject.toml."""
+    install(session, "-e", ".", *group("typecheck"))
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("backend", [nox.param(name, id=name) for name in CPU_BACKENDS])
+def tests(session: nox.Session, backend: str) -> None:
+    """pytest over one array library (LOWRANK_TEST_BACKENDS=<backend>)."""
+    extra = "[torch]" if backend == "torch" else ""
+    install(session, "-e", f".{extra}", *group("test"))
+    # The test suite skips a backend it cannot import; make sure that cannot happen silently here.
+    probe = f"import {backend} as m; print(m.__name__, getattr(m, '__version__', '?'), m.__file__)"
+    session.run("python", "-c", probe)
+    session.run("pytest", *session.posargs, env={"LOWRANK_TEST_BACKENDS": backend})
+
+
+_DETECT_GPU = """
+import json
+found = {}
+try:
+    import torch
+    found["torch_cuda"] = bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
+    found["torch"] = torch.__version__
+except Exception as exc:
+    found["torch_cuda"] = False
+    found["torch"] = f"unavailable ({type(exc).__name__}: {exc})"
+try:
+    import cupy
+    found["cupy"] = bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    found["cupy_version"] = cupy.__version__
+except Exception as exc:
+    found["cupy"] = False
+    found["cupy_version"] = f"unavailable ({type(exc).__name__}: {exc})"
+print(json.dumps(found))
+"""
+
+
+def _gpu_pythons() -> list[str]:
+    """Interpreters to try: $LOWRANK_GPU_PYTHON alone if set, else nox's own, python, python3."""
+    chosen = os.environ.get("LOWRANK_GPU_PYTHON")
+    if chosen:
+        return [chosen]
+    found = [sys.executable, shutil.which("python"), shutil.which("python3")]
+    return list(dict.fromkeys(path for path in found if path))
+
+
+def _probe(python: str) -> dict[str, object]:
+    """What `python` sees of torch CUDA and CuPy, asked in a subprocess (never imported here)."""
+    try:
+        proc = subprocess.run(
+            [python, "-c", _DETECT_GPU], capture_output=True, text=True, check=False, timeout=300
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"torch_cuda": False, "cupy": False, "error": f"{type(exc).__name__}: {exc}"}
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {"torch_cuda": False, "cupy": False, "error": proc.stderr.strip()[-500:]}
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """pytest on torch CUDA and CuPy, with the current interpreter; skips without a CUDA device.
+
+    Installs nothing (the GPU machine has no network): the repository root, backends/ and
+    reference/ go on PYTHONPATH. The interpreter is the first of nox's own, `python` and
+    `python3` on PATH that sees a CUDA device; set LOWRANK_GPU_PYTHON to choose it yourself.
+    """
+    reports = []
+    for python in _gpu_pythons():
+        found = _probe(python)
+        if "error" in found and os.environ.get("LOWRANK_GPU_PYTHON"):
+            session.error(f"LOWRANK_GPU_PYTHON={python} does not run: {found['error']}")
+        summary = found.get("error") or f"torch {found['torch']}, cupy {found['cupy_version']}"
+        reports.append(f"{python}: {summary}")
+        backends = [name for name in GPU_BACKENDS if found[name]]
+        if backends:
+            break
+    else:
+        session.skip("no CUDA device visible to torch or cupy; probed " + "; ".join(reports))
+    session.log(reports[-1])
+    missing = [name for name in GPU_BACKENDS if name not in backends]
+    if missing:
+        session.warn(f"testing {', '.join(backends)} only; not usable here: {', '.join(missing)}")
+
+    pythonpath = [str(ROOT), str(ROOT / "backends"), str(ROOT / "reference")]
+    if os.environ.get("PYTHONPATH"):
+        pythonpath.append(os.environ["PYTHONPATH"])
+    env = {"LOWRANK_TEST_BACKENDS": ",".join(backends), "PYTHONPATH": os.pathsep.join(pythonpath)}
+    session.run(python, "-m", "pytest", *session.posargs, env=env, external=True)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: dense vs low-rank training on MNIST-1D, with a result table (args go to the CLI)."""
+    install(session, "-e", ".[demo]")
+    session.run("lowrank-compare", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """benchmarks/run.py on torch CPU (arguments after -- go to the runner, e.g. --quick)."""
+    install(session, "-e", ".[torch]", *group("bench"))
+    session.run("python", "benchmarks/run.py", *session.posargs)

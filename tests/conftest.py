@@ -1,0 +1,216 @@
+"""Shared fixtures for the lowrank-core test suite.
+
+The ``backend`` fixture is parametrized over the array namespaces named in the environment variable
+``LOWRANK_TEST_BACKENDS`` (comma list of ``numpy``, ``array_api_strict``, ``torch``, ``torch_cuda``,
+``cupy``). When it is unset, every CPU namespace that can be imported is used. A backend that was asked for
+but cannot run here (library missing, no CUDA device) is skipped with the reason, never an error.
+
+Hypothesis profiles: ``ci`` (chosen when ``CI`` is set) and ``dev`` (otherwise); ``HYPOTHESIS_PROFILE``
+overrides the choice.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# --------------------------------------------------------------------------------------------------
+# Hypothesis profiles
+# --------------------------------------------------------------------------------------------------
+_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile(
+    "ci",
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=_HEALTH,
+    print_blob=True,
+    derandomize=False,
+)
+settings.register_profile(
+    "dev",
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=_HEALTH,
+    print_blob=True,
+)
+settings.register_profile(
+    "thorough",
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=_HEALTH,
+    print_blob=True,
+)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
+)
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "torch_cuda", "cupy")
+CPU_BACKENDS = ("numpy", "array_api_strict", "torch")
+GPU_BACKENDS = ("torch_cuda", "cupy")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def selected_backends() -> list[str]:
+    raw = os.environ.get("LOWRANK_TEST_BACKENDS", "").strip()
+    if not raw:
+        return [b for b in CPU_BACKENDS if _importable(b)]
+    names = [s.strip() for s in raw.split(",") if s.strip()]
+    unknown = sorted(set(names) - set(ALL_BACKENDS))
+    if unknown:
+        raise pytest.UsageError(
+            f"LOWRANK_TEST_BACKENDS names unknown backends {unknown}; known: {list(ALL_BACKENDS)}"
+        )
+    return names
+
+
+@dataclass
+class BackendCase:
+    """One array library (and device) under test."""
+
+    name: str
+    xp: Any  # the array_api_compat namespace, or array_api_strict itself
+    device: Any
+    module_name: str  # top-level module of the library's array type
+    array_type: type
+    float_dtypes: tuple[str, ...] = ("float32", "float64")
+    native: Any = field(default=None, repr=False)  # the library module itself (numpy, torch, ...)
+
+    def dtype(self, name: str) -> Any:
+        return getattr(self.xp, name)
+
+    def asarray(self, a: Any, dtype: str = "float64") -> Any:
+        """Build in NumPy, move to this library, on this device, with dtype ``dtype``."""
+        a = np.asarray(a)
+        if self.name == "numpy":
+            return np.array(a, dtype=np.dtype(dtype), copy=True)
+        if self.name == "array_api_strict":
+            if dtype in ("bool",):
+                return self.xp.asarray(a.astype(bool), device=self.device)
+            return self.xp.asarray(a, dtype=self.dtype(dtype), device=self.device)
+        if self.name.startswith("torch"):
+            torch = self.native
+            t = torch.from_numpy(np.array(a, copy=True))
+            return t.to(device=self.device, dtype=getattr(torch, dtype))
+        if self.name == "cupy":
+            cp = self.native
+            return cp.asarray(np.asarray(a, dtype=np.dtype(dtype)))
+        raise AssertionError(self.name)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        """A NumPy copy of ``x`` (half precision is widened to float32 on the way)."""
+        if isinstance(x, np.ndarray | np.generic):
+            return np.array(x, copy=True)
+        mod = type(x).__module__.split(".")[0]
+        if mod == "torch":
+            torch = importlib.import_module("torch")
+            x = x.detach().to("cpu")
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.to(torch.float32)
+            return x.numpy().copy()
+        if mod == "cupy":
+            return x.get()
+        if mod == "array_api_strict":
+            return np.array(np.from_dlpack(x), copy=True)
+        return np.asarray(x)
+
+
+def _make_backend(name: str) -> BackendCase:
+    import array_api_compat
+
+    if name == "numpy":
+        return BackendCase(
+            name="numpy",
+            xp=array_api_compat.array_namespace(np.empty(0)),
+            device="cpu",
+            module_name="numpy",
+            array_type=np.ndarray,
+            native=np,
+        )
+    if name == "array_api_strict":
+        try:
+            import array_api_strict as xps
+        except ImportError as exc:
+            pytest.skip(f"array_api_strict is not installed: {exc}")
+        return BackendCase(
+            name="array_api_strict",
+            xp=xps,
+            device=xps.asarray(0.0).device,
+            module_name="array_api_strict",
+            array_type=type(xps.asarray(0.0)),
+            native=xps,
+        )
+    if name in ("torch", "torch_cuda"):
+        try:
+            import torch
+        except ImportError as exc:
+            pytest.skip(f"torch is not installed: {exc}")
+        if name == "torch_cuda":
+            if not torch.cuda.is_available():
+                pytest.skip("torch_cuda requested but torch.cuda.is_available() is False")
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        return BackendCase(
+            name=name,
+            xp=array_api_compat.array_namespace(torch.empty(0)),
+            device=device,
+            module_name="torch",
+            array_type=torch.Tensor,
+            native=torch,
+        )
+    if name == "cupy":
+        try:
+            import cupy
+        except ImportError as exc:
+            pytest.skip(f"cupy is not installed: {exc}")
+        try:
+            n_dev = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # no driver / no device
+            pytest.skip(f"cupy requested but no CUDA device is usable: {exc}")
+        if n_dev == 0:
+            pytest.skip("cupy requested but no CUDA device is present")
+        return BackendCase(
+            name="cupy",
+            xp=array_api_compat.array_namespace(cupy.empty(0)),
+            device=cupy.cuda.Device(0),
+            module_name="cupy",
+            array_type=cupy.ndarray,
+            native=cupy,
+        )
+    raise AssertionError(name)
+
+
+_BACKEND_PARAMS = [
+    pytest.param(b, id=b, marks=[pytest.mark.gpu] if b in GPU_BACKENDS else [])
+    for b in selected_backends()
+]
+
+
+@pytest.fixture(scope="session", params=_BACKEND_PARAMS)
+def backend(request: pytest.FixtureRequest) -> BackendCase:
+    """The array library under test (see module docstring)."""
+    return _make_backend(request.param)
+
+
+@pytest.fixture(params=["float32", "float64"])
+def dtype(request: pytest.FixtureRequest, backend: BackendCase) -> str:
+    """A floating dtype name that ``backend`` supports."""
+    if request.param not in backend.float_dtypes:
+        pytest.skip(f"{backend.name} does not support {request.param}")
+    return request.param

@@ -1,0 +1,242 @@
+"""svd, qr and polar: against the reference, the canonical signs, and their defining identities."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _helpers import (
+    assert_close,
+    assert_columns_match,
+    assert_in_library,
+    assert_sign_canonical,
+    assert_unchanged,
+    batch_indices,
+    eps,
+    orthonormality_error,
+    product,
+    sign_is_ambiguous,
+    snapshot,
+    value_tolerance,
+    vector_tolerances,
+)
+from _strategies import matrix_cases
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowrank_core as lc
+import lowrank_reference as ref
+
+
+def _seen(backend, a):
+    """What the core actually received, in float64 (the input after rounding to its dtype)."""
+    return backend.to_numpy(a).astype(np.float64)
+
+
+def _orth_tol(dtype, m, n):
+    return 20 * eps(dtype) * max(m, n, 1)
+
+
+def _recon_tol(dtype, smax, m, n):
+    return 20 * eps(dtype) * float(np.max(smax, initial=0.0)) * max(m, n, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# svd
+# --------------------------------------------------------------------------------------------------
+@given(data=st.data())
+def test_svd_matches_reference(backend, dtype, data):
+    case = data.draw(matrix_cases(dtype), label="case")
+    a = backend.asarray(case.a, dtype)
+    before = snapshot(backend, a)
+    res = lc.svd(a)
+    assert isinstance(res, lc.SVDResult)
+    U, S, V = res
+    assert res.U is U
+    assert res.S is S
+    assert res.V is V
+    for name, x in (("U", U), ("S", S), ("V", V)):
+        assert_in_library(x, a, what=f"svd {name}")
+    m, n, k = case.m, case.n, case.k
+    assert tuple(U.shape) == (*case.batch, m, k)
+    assert tuple(S.shape) == (*case.batch, k)
+    assert tuple(V.shape) == (*case.batch, n, k)
+    U_, S_, V_ = backend.to_numpy(U), backend.to_numpy(S), backend.to_numpy(V)
+    seen = _seen(backend, a)
+    for idx in batch_indices(case.batch):
+        Ur, Sr, Vr = ref.svd(seen[idx])
+        assert_close(S_[idx], Sr, atol=value_tolerance(Sr[0], m, n, dtype), err_msg=f"S at {idx}")
+        vt = vector_tolerances(Sr, m, n, dtype)
+        flips = sign_is_ambiguous(Ur, vt)
+        signs = assert_columns_match(U_[idx], Ur, vt, allow_flip=flips, err_msg=f"U at {idx}")
+        # V's columns are flipped together with U's
+        assert_columns_match(V_[idx], Vr * signs, vt, err_msg=f"V at {idx}")
+    assert_unchanged(backend, before, a)
+
+
+@given(data=st.data())
+def test_svd_identities(backend, dtype, data):
+    """Orthonormal factors, descending non-negative S, exact reconstruction, canonical signs.
+
+    No spectral gap and possibly exact zero singular values: the identities hold anyway."""
+    case = data.draw(
+        matrix_cases(dtype, gap=None, rank_deficient=data.draw(st.booleans(), label="deficient")),
+        label="case",
+    )
+    a = backend.asarray(case.a, dtype)
+    U, S, V = lc.svd(a)
+    U_, S_, V_ = backend.to_numpy(U), backend.to_numpy(S), backend.to_numpy(V)
+    m, n = case.m, case.n
+    assert orthonormality_error(U_) <= _orth_tol(dtype, m, n)
+    assert orthonormality_error(V_) <= _orth_tol(dtype, m, n)
+    assert np.all(S_ >= 0), S_
+    assert np.all(np.diff(S_, axis=-1) <= 0), f"S is not non-increasing: {S_}"
+    seen = _seen(backend, a)
+    assert_close(product(U_, S_, V_), seen, atol=_recon_tol(dtype, case.s, m, n))
+    assert_sign_canonical(U_, err_msg=f"svd U, dtype {dtype}")
+
+
+def test_svd_sign_rule_hand_examples(backend, dtype):
+    # a = [[0, 2], [3, 0]]: s = (3, 2); u1 = +e2, v1 = +e1; u2 = +e1, v2 = +e2
+    a = backend.asarray(np.array([[0.0, 2.0], [3.0, 0.0]]), dtype)
+    U, S, V = (backend.to_numpy(x) for x in lc.svd(a))
+    np.testing.assert_allclose(S, [3.0, 2.0], rtol=10 * eps(dtype))
+    np.testing.assert_allclose(U, [[0.0, 1.0], [1.0, 0.0]], atol=10 * eps(dtype))
+    np.testing.assert_allclose(V, [[1.0, 0.0], [0.0, 1.0]], atol=10 * eps(dtype))
+    # a = [[0, -2], [-3, 0]]: u's largest entry made positive, the sign goes to v
+    a = backend.asarray(np.array([[0.0, -2.0], [-3.0, 0.0]]), dtype)
+    U, S, V = (backend.to_numpy(x) for x in lc.svd(a))
+    np.testing.assert_allclose(U, [[0.0, 1.0], [1.0, 0.0]], atol=10 * eps(dtype))
+    np.testing.assert_allclose(V, [[-1.0, 0.0], [0.0, -1.0]], atol=10 * eps(dtype))
+    # a column vector with a negative dominant entry: u = a / |a| flipped to make -4 positive
+    a = backend.asarray(np.array([[3.0], [-4.0]]), dtype)
+    U, S, V = (backend.to_numpy(x) for x in lc.svd(a))
+    np.testing.assert_allclose(S, [5.0], rtol=10 * eps(dtype))
+    np.testing.assert_allclose(U, [[-0.6], [0.8]], atol=10 * eps(dtype))
+    np.testing.assert_allclose(V, [[-1.0]], atol=10 * eps(dtype))
+
+
+def test_svd_zero_matrix(backend, dtype):
+    a = backend.asarray(np.zeros((2, 4, 3)), dtype)
+    U, S, V = (backend.to_numpy(x) for x in lc.svd(a))
+    assert U.shape == (2, 4, 3)
+    assert S.shape == (2, 3)
+    assert V.shape == (2, 3, 3)
+    np.testing.assert_array_equal(S, 0.0)
+    assert orthonormality_error(U) <= _orth_tol(dtype, 4, 3)
+    assert orthonormality_error(V) <= _orth_tol(dtype, 4, 3)
+
+
+# --------------------------------------------------------------------------------------------------
+# qr
+# --------------------------------------------------------------------------------------------------
+@given(data=st.data())
+def test_qr(backend, dtype, data):
+    case = data.draw(matrix_cases(dtype), label="case")
+    a = backend.asarray(case.a, dtype)
+    before = snapshot(backend, a)
+    res = lc.qr(a)
+    assert isinstance(res, lc.QRResult)
+    Q, R = res
+    assert res.Q is Q
+    assert res.R is R
+    assert_in_library(Q, a, what="qr Q")
+    assert_in_library(R, a, what="qr R")
+    m, n, k = case.m, case.n, case.k
+    assert tuple(Q.shape) == (*case.batch, m, k)
+    assert tuple(R.shape) == (*case.batch, k, n)
+    Q_, R_ = backend.to_numpy(Q), backend.to_numpy(R)
+    seen = _seen(backend, a)
+    assert orthonormality_error(Q_) <= _orth_tol(dtype, m, n)
+    below = np.tril(np.ones((k, n), dtype=bool), -1)
+    assert np.all(R_[..., below] == 0), "R is not upper triangular"
+    diag = np.diagonal(R_, axis1=-2, axis2=-1)
+    assert np.all(diag >= 0), f"diag(R) has negative entries: {diag}"
+    assert_close(Q_ @ R_, seen, atol=_recon_tol(dtype, case.s, m, n))
+    # against the reference where the factorization is unique and well conditioned
+    for idx in batch_indices(case.batch):
+        lead = seen[idx][:, :k]
+        cond = np.linalg.cond(lead)
+        if not np.isfinite(cond) or cond > 1e3:
+            continue
+        Qr, Rr = ref.qr(seen[idx])
+        tol = 20 * eps(dtype) * cond * np.sqrt(max(m, n))
+        assert_close(Q_[idx], Qr, atol=tol, err_msg=f"Q at {idx}")
+        assert_close(R_[idx], Rr, atol=tol * case.s[idx][0], err_msg=f"R at {idx}")
+    assert_unchanged(backend, before, a)
+
+
+def test_qr_sign_hand_example(backend, dtype):
+    # a = -I: Q = I, R = -I before the canonical flip; after it Q = -I, R = I.
+    a = backend.asarray(-np.eye(3), dtype)
+    Q, R = (backend.to_numpy(x) for x in lc.qr(a))
+    np.testing.assert_allclose(Q, -np.eye(3), atol=10 * eps(dtype))
+    np.testing.assert_allclose(R, np.eye(3), atol=10 * eps(dtype))
+    # wide: a = [[2, 1, 5]] -> Q = [[1]], R = [[2, 1, 5]]; a = [[-2, 1, 5]] -> Q = [[-1]], R = [[2, -1, -5]]
+    a = backend.asarray(np.array([[-2.0, 1.0, 5.0]]), dtype)
+    Q, R = (backend.to_numpy(x) for x in lc.qr(a))
+    np.testing.assert_allclose(Q, [[-1.0]], atol=10 * eps(dtype))
+    np.testing.assert_allclose(R, [[2.0, -1.0, -5.0]], atol=50 * eps(dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# polar
+# --------------------------------------------------------------------------------------------------
+@given(data=st.data())
+def test_polar(backend, dtype, data):
+    case = data.draw(matrix_cases(dtype, gap=None), label="case")
+    a = backend.asarray(case.a, dtype)
+    before = snapshot(backend, a)
+    P = lc.polar(a)
+    assert_in_library(P, a, what="polar")
+    m, n = case.m, case.n
+    assert tuple(P.shape) == (*case.batch, m, n)
+    P_ = backend.to_numpy(P)
+    if m >= n:
+        assert orthonormality_error(P_) <= _orth_tol(dtype, m, n)
+    else:
+        assert orthonormality_error(np.swapaxes(P_, -1, -2)) <= _orth_tol(dtype, m, n)
+    # the polar factor of a full-rank matrix is unique: it equals U V^T of the construction
+    tol = 20 * eps(dtype) * case.cond * np.sqrt(max(m, n))
+    assert_close(P_, case.U @ np.swapaxes(case.V, -1, -2), atol=tol + 20 * eps(dtype))
+    seen = _seen(backend, a)
+    for idx in batch_indices(case.batch):
+        assert_close(P_[idx], ref.polar(seen[idx]), atol=tol, err_msg=f"at {idx}")
+    assert_unchanged(backend, before, a)
+
+
+def test_polar_hand_example(backend, dtype):
+    # a = diag(3, -2) -> U V^T = diag(1, -1)
+    a = backend.asarray(np.diag([3.0, -2.0]), dtype)
+    np.testing.assert_allclose(
+        backend.to_numpy(lc.polar(a)), np.diag([1.0, -1.0]), atol=10 * eps(dtype)
+    )
+    # a = [[0, 5]] (1 x 2) -> [[0, 1]]
+    a = backend.asarray(np.array([[0.0, 5.0]]), dtype)
+    np.testing.assert_allclose(backend.to_numpy(lc.polar(a)), [[0.0, 1.0]], atol=10 * eps(dtype))
+
+
+@given(data=st.data())
+def test_check_finite_false_same_result(backend, data):
+    case = data.draw(matrix_cases("float64", batch=False), label="case")
+    a = backend.asarray(case.a, "float64")
+    for fn in (lc.svd, lc.qr, lc.polar):
+        r1 = fn(a)
+        r2 = fn(a, check_finite=False)
+        r1 = r1 if isinstance(r1, tuple) else (r1,)
+        r2 = r2 if isinstance(r2, tuple) else (r2,)
+        for x, y in zip(r1, r2, strict=True):
+            np.testing.assert_allclose(backend.to_numpy(x), backend.to_numpy(y), atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [lc.svd, lc.qr, lc.polar], ids=["svd", "qr", "polar"])
+def test_check_finite_false_skips_the_check(backend, fn):
+    """check_finite=False must not raise NonFiniteError (the backend may do anything else)."""
+    a = np.ones((3, 3))
+    a[1, 1] = np.nan
+    a = backend.asarray(a, "float64")
+    try:
+        fn(a, check_finite=False)
+    except lc.NonFiniteError:  # pragma: no cover - that is the failure
+        pytest.fail("check_finite=False still checked finiteness")
+    except Exception:  # LAPACK may refuse NaN: not our concern here
+        pass
