@@ -1,0 +1,635 @@
+"""PyTorch modules that hold a weight as OIALR factors: frozen bases and a trainable mixing matrix.
+
+A :class:`LowRankLayer` stores the weight matrix ``W = U @ Sigma @ V.T`` (see ``lowrank_core`` and
+``docs/SPEC.md``) as
+
+- ``U`` ``(m, r)`` and ``V`` ``(n, r)``: persistent buffers (saved in the ``state_dict``, never trained);
+- ``sigma`` ``(r, r)``: a dense ``nn.Parameter``, the only trained part of the weight;
+- ``bias``: an optional dense trainable ``nn.Parameter``, as in the dense layer.
+
+``W`` is the matrix view of the dense weight (``lowrank_core.weight_to_matrix``): ``(out, in)`` for a
+Linear, ``(out, in/groups * prod(kernel))`` for a ConvNd. A grouped ConvNd holds one factor set per group,
+stacked: ``U (g, out/g, r)``, ``sigma (g, r, r)``, ``V (g, cols, r)``; all groups share one rank.
+
+All the linear algebra (factorization, reconstruction, weight/matrix views) is done by ``lowrank_core``;
+these modules only wire it into ``torch.nn``.
+
+Forward paths and the ``"auto"`` rule
+-------------------------------------
+Each layer runs either the *factorized* path (thin products with the factors, never forming ``W``) or
+the *dense* path (``W`` rebuilt with ``lowrank_core.reconstruct`` and one ordinary GEMM/conv), chosen by
+``forward_mode``: ``"factorized"``, ``"dense"`` or ``"auto"``.
+
+Costs are counted in multiply-accumulates (MACs) of one forward pass, with ``m x n`` the (per-group)
+matrix, ``r`` the rank, ``g`` the number of groups and ``T`` the number of *tokens*: rows of the input
+of a Linear (the product of its leading dimensions), output positions of a ConvNd (batch times the
+product of the output's spatial sizes). :meth:`LowRankLayer.flops` returns them:
+
+- Linear, factorized: ``T r (m + n) + r^2 min(T, m, n)``. The forward picks the cheapest association of
+  ``x V Sigma^T U^T``: three thin matmuls (``T r (m + n + r)``) when ``T <= min(m, n)``, otherwise
+  ``Sigma`` is first merged into the smaller of ``U`` (``m r^2``) and ``V`` (``n r^2``).
+- ConvNd, factorized: ``g T r (n + m) + g m r^2``: a conv with the ``g r`` filters ``V[:, j]``
+  (same stride/padding/dilation, ``groups=g``: ``g r n`` per position), then a 1x1 conv with
+  ``U Sigma`` (``out x r`` per group, ``groups=g``: ``g m r`` per position), ``U Sigma`` formed once
+  per call (``g m r^2``).
+- dense (both): ``g T m n + g m r (r + n)``, the second term being the reconstruction
+  ``(U Sigma) V^T``.
+
+``"auto"`` compares the per-token costs, ignoring the per-call terms, and takes the factorized path
+exactly when ``r (m + n + r) < m n`` (with the current rank ``r``, re-evaluated at every call; ties go
+to dense). ``r (m + n + r)`` is the per-token cost of the factorized path without merging, an upper
+bound of the merged cost, so the rule never picks the factorized path where it is slower per token;
+it does not depend on the batch size, so a layer takes the same path for every input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+import lowrank_core as lc
+
+__all__ = [
+    "FORWARD_MODES",
+    "LowRankConv1d",
+    "LowRankConv2d",
+    "LowRankConv3d",
+    "LowRankConvNd",
+    "LowRankLayer",
+    "LowRankLinear",
+    "LowRankWeight",
+    "attention_is_low_rank",
+    "dense_matrix_shape",
+    "low_rank_attention_",
+]
+
+FORWARD_MODES = ("auto", "factorized", "dense")
+
+
+def _as_factor(x: Any, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise lc.ArrayTypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+class LowRankLayer(nn.Module):
+    """Common base: a weight of shape ``weight_shape`` held as ``U @ sigma @ V.T`` (one per group).
+
+    ``U``, ``V`` are persistent buffers (frozen), ``sigma`` is the trainable ``nn.Parameter`` and ``bias``
+    an optional trainable ``nn.Parameter``. The factors are copied (detached) on construction.
+    """
+
+    U: Tensor
+    V: Tensor
+    sigma: nn.Parameter
+    bias: nn.Parameter | None
+    #: forward modes a subclass accepts
+    _modes: ClassVar[tuple[str, ...]] = FORWARD_MODES
+
+    def __init__(
+        self,
+        U: Tensor,
+        Sigma: Tensor,
+        V: Tensor,
+        bias: Tensor | None,
+        *,
+        weight_shape: Sequence[int],
+        groups: int = 1,
+        forward_mode: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.weight_shape: tuple[int, ...] = tuple(int(d) for d in weight_shape)
+        self.groups = int(groups)
+        want = lc.matrix_shape(self.weight_shape, groups=self.groups)
+        self.rows, self.cols = int(want[-2]), int(want[-1])
+        U, Sigma, V = (_as_factor(U, "U"), _as_factor(Sigma, "Sigma"), _as_factor(V, "V"))
+        self._check_factors(U, Sigma, V)
+        dtype, device = Sigma.dtype, Sigma.device
+        self.register_buffer("U", self._copy(U, dtype, device), persistent=True)
+        self.register_buffer("V", self._copy(V, dtype, device), persistent=True)
+        self.sigma = nn.Parameter(self._copy(Sigma, dtype, device))
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            b = _as_factor(bias, "bias")
+            if tuple(b.shape) != (self.weight_shape[0],):
+                raise lc.ShapeError(
+                    f"`bias` must have shape ({self.weight_shape[0]},), got {tuple(b.shape)}"
+                )
+            self.bias = nn.Parameter(self._copy(b, dtype, device))
+        self._forward_mode = "auto"
+        self.forward_mode = forward_mode
+
+    # ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _copy(x: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return x.detach().to(device=device, dtype=dtype, copy=True).contiguous()
+
+    def _check_factors(self, U: Tensor, Sigma: Tensor, V: Tensor) -> None:
+        batch: tuple[int, ...] = () if self.groups == 1 else (self.groups,)
+        nd = len(batch) + 2
+        for name, x in (("U", U), ("Sigma", Sigma), ("V", V)):
+            if x.ndim != nd:
+                raise lc.ShapeError(
+                    f"`{name}` must have {nd} dimensions for groups={self.groups}, "
+                    f"got shape {tuple(x.shape)}"
+                )
+            if not x.is_floating_point():
+                raise lc.DTypeError(f"`{name}` must be a floating tensor, got {x.dtype}")
+        r = int(Sigma.shape[-1])
+        k = min(self.rows, self.cols)
+        expect = {
+            "U": (*batch, self.rows, r),
+            "Sigma": (*batch, r, r),
+            "V": (*batch, self.cols, r),
+        }
+        for name, x in (("U", U), ("Sigma", Sigma), ("V", V)):
+            if tuple(x.shape) != expect[name]:
+                raise lc.ShapeError(
+                    f"factors do not fit a weight of shape {self.weight_shape} (groups={self.groups}): "
+                    f"`{name}` has shape {tuple(x.shape)}, expected {expect[name]}"
+                )
+        if not 1 <= r <= k:
+            raise lc.RankError(f"the rank must lie in 1..{k}, got {r}")
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """The current rank ``r`` (shared by all groups)."""
+        return int(self.sigma.shape[-1])
+
+    @property
+    def max_rank(self) -> int:
+        """``min(m, n)`` of the (per-group) weight matrix."""
+        return min(self.rows, self.cols)
+
+    @property
+    def factors(self) -> lc.LowRankFactors:
+        """The current ``(U, sigma, V)`` (the live tensors, not copies)."""
+        return lc.LowRankFactors(self.U, self.sigma, self.V)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight, rebuilt from the factors (differentiable with respect to ``sigma``)."""
+        matrix = lc.reconstruct(self.U, self.sigma, self.V, check_finite=False)
+        weight: Tensor = lc.matrix_to_weight(matrix, self.weight_shape)
+        return weight
+
+    @property
+    def forward_mode(self) -> str:
+        """``"auto"``, ``"factorized"`` or ``"dense"`` (see the module docstring for ``"auto"``)."""
+        return self._forward_mode
+
+    @forward_mode.setter
+    def forward_mode(self, mode: str) -> None:
+        if mode not in self._modes:
+            raise ValueError(
+                f"`forward_mode` of {type(self).__name__} must be one of {self._modes}, got {mode!r}"
+            )
+        self._forward_mode = mode
+
+    def factorized_is_cheaper(self) -> bool:
+        """The ``"auto"`` rule: ``r (m + n + r) < m n`` for the current rank (per group, per token)."""
+        r, m, n = self.rank, self.rows, self.cols
+        return r * (m + n + r) < m * n
+
+    def resolved_mode(self) -> str:
+        """The path the next forward takes: ``"factorized"`` or ``"dense"``."""
+        if self._forward_mode == "auto":
+            return "factorized" if self.factorized_is_cheaper() else "dense"
+        return self._forward_mode
+
+    def flops(self, tokens: int) -> dict[str, int]:
+        """Multiply-accumulates of one forward pass over ``tokens`` tokens, per path (module docstring)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"`tokens` must be a non-negative int, got {tokens!r}")
+        g, r, m, n, T = self.groups, self.rank, self.rows, self.cols, tokens
+        dense = g * (T * m * n + m * r * (r + n))
+        return {"factorized": self._factorized_flops(T), "dense": dense}
+
+    def _factorized_flops(self, T: int) -> int:
+        g, r, m, n = self.groups, self.rank, self.rows, self.cols
+        return g * (T * r * (m + n) + r * r * min(T, m, n))
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_factors(self, U: Tensor, Sigma: Tensor, V: Tensor) -> None:
+        """Replace the factors in place; the rank may change (e.g. after ``lowrank_core.update_rank``).
+
+        Tensors whose shape does not change are written in place: ``sigma`` stays the same
+        ``nn.Parameter`` (an optimizer and a DDP wrapper keep working). When the rank changes, ``sigma``
+        becomes a NEW ``nn.Parameter`` (resizing a leaf in place breaks autograd) and ``U`` / ``V`` are
+        re-assigned as buffers: the caller moves the new parameter into its optimizer
+        (:func:`lowrank_torch.optim_state.swap_parameter`; :class:`lowrank_torch.oialr.OIALR` does this).
+        Optimizer state is not touched here. Values are copied to the layer's dtype and device.
+        """
+        U, Sigma, V = (_as_factor(U, "U"), _as_factor(Sigma, "Sigma"), _as_factor(V, "V"))
+        self._check_factors(U, Sigma, V)
+        dtype, device = self.sigma.dtype, self.sigma.device
+        new_sigma = self._copy(Sigma, dtype, device)
+        with torch.no_grad():
+            if new_sigma.shape == self.sigma.shape:
+                # same shape: write in place, so every reference to these tensors (an optimizer, a DDP
+                # wrapper's buffer list and gradient buckets) stays valid and no DDP rebuild is needed
+                self.sigma.copy_(new_sigma)
+            else:
+                # a new shape needs a new Parameter: autograd caches a leaf's shape in its gradient
+                # accumulator, so resizing ``.data`` breaks the next backward while an old graph lives
+                self.sigma = nn.Parameter(new_sigma, requires_grad=self.sigma.requires_grad)
+            for name, value in (("U", U), ("V", V)):
+                current: Tensor = getattr(self, name)
+                if tuple(current.shape) == tuple(value.shape):
+                    current.copy_(value)
+                else:
+                    setattr(self, name, self._copy(value, dtype, device))
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"weight_shape={self.weight_shape}",
+            f"rank={self.rank}/{self.max_rank}",
+        ]
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        parts.append(f"bias={self.bias is not None}")
+        parts.append(f"forward_mode={self._forward_mode!r}")
+        return ", ".join(parts)
+
+
+def _factorize(weight: Tensor, rank: int | None, groups: int) -> lc.LowRankFactors:
+    matrix = lc.weight_to_matrix(weight.detach(), groups=groups)
+    return lc.factorize(matrix, rank)
+
+
+def _bias_copy(bias: Tensor | None) -> Tensor | None:
+    return None if bias is None else bias.detach()
+
+
+# ==================================================================================================
+# Linear
+# ==================================================================================================
+class LowRankLinear(LowRankLayer):
+    """``y = x V Sigma^T U^T + b``: a Linear ``(out, in)`` held as OIALR factors.
+
+    ``U (out, r)``, ``Sigma (r, r)``, ``V (in, r)``. Build one from a dense layer with :meth:`from_dense`.
+    """
+
+    def __init__(
+        self,
+        U: Tensor,
+        Sigma: Tensor,
+        V: Tensor,
+        bias: Tensor | None = None,
+        *,
+        forward_mode: str = "auto",
+    ) -> None:
+        U, V = _as_factor(U, "U"), _as_factor(V, "V")
+        if U.ndim != 2 or V.ndim != 2:
+            raise lc.ShapeError(
+                f"LowRankLinear needs 2-D U and V, got {tuple(U.shape)} and {tuple(V.shape)}"
+            )
+        super().__init__(
+            U,
+            Sigma,
+            V,
+            bias,
+            weight_shape=(int(U.shape[0]), int(V.shape[0])),
+            forward_mode=forward_mode,
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self.cols
+
+    @property
+    def out_features(self) -> int:
+        return self.rows
+
+    @classmethod
+    def from_dense(
+        cls, module: nn.Linear, rank: int | None = None, *, forward_mode: str = "auto"
+    ) -> LowRankLinear:
+        """Factorize ``module.weight`` (full rank by default: exact); the bias is copied."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"LowRankLinear.from_dense needs an nn.Linear, got {type(module).__name__}"
+            )
+        f = _factorize(module.weight, rank, 1)
+        return cls(f.U, f.Sigma, f.V, _bias_copy(module.bias), forward_mode=forward_mode)
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the reconstructed weight (and a copy of the bias)."""
+        out = nn.Linear(
+            self.cols,
+            self.rows,
+            bias=self.bias is not None,
+            device=self.sigma.device,
+            dtype=self.sigma.dtype,
+        )
+        with torch.no_grad():
+            out.weight.copy_(self.weight)
+            if self.bias is not None and out.bias is not None:
+                out.bias.copy_(self.bias)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.resolved_mode() == "factorized":
+            return self._forward_factorized(x)
+        return self._forward_dense(x)
+
+    def _forward_dense(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _forward_factorized(self, x: Tensor) -> Tensor:
+        m, n = self.rows, self.cols
+        tokens = x.numel() // n if n else 0
+        if tokens <= min(m, n):  # three thin matmuls: T r (n + r + m)
+            h = F.linear(F.linear(x, self.V.mT), self.sigma)
+            return F.linear(h, self.U, self.bias)
+        if m <= n:  # merge U Sigma (m r^2), then T r (n + m)
+            return F.linear(F.linear(x, self.V.mT), self.U @ self.sigma, self.bias)
+        # merge Sigma V^T (n r^2), then T r (n + m)
+        return F.linear(F.linear(x, self.sigma @ self.V.mT), self.U, self.bias)
+
+
+# ==================================================================================================
+# ConvNd
+# ==================================================================================================
+_ConvFn = Any
+
+
+def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * nd
+    t = tuple(int(v) for v in value)
+    if len(t) != nd:
+        raise ValueError(f"`{name}` must be an int or a sequence of {nd} ints, got {value!r}")
+    return t
+
+
+class LowRankConvNd(LowRankLayer):
+    """A ConvNd (``padding_mode='zeros'``) whose weight ``(out, in/g, *kernel)`` is held as factors.
+
+    The matrix view is ``(out, in/g * prod(kernel))``, split into ``g`` groups for a grouped conv.
+    Subclasses fix the number of spatial dimensions (:class:`LowRankConv1d`, ``2d``, ``3d``).
+    """
+
+    _nd: ClassVar[int] = 0
+    _dense_type: ClassVar[type[nn.Module]] = nn.Module
+
+    def __init__(
+        self,
+        U: Tensor,
+        Sigma: Tensor,
+        V: Tensor,
+        bias: Tensor | None = None,
+        *,
+        in_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: str | int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        forward_mode: str = "auto",
+    ) -> None:
+        nd = self._nd
+        if nd not in (1, 2, 3):
+            raise TypeError("use LowRankConv1d, LowRankConv2d or LowRankConv3d")
+        if padding_mode != "zeros":
+            raise NotImplementedError(
+                f"{type(self).__name__} supports only padding_mode='zeros', got {padding_mode!r}"
+            )
+        U = _as_factor(U, "U")
+        g = int(groups)
+        if g < 1 or in_channels % g:
+            raise ValueError(f"in_channels={in_channels} is not divisible by groups={g}")
+        out = int(U.shape[-2]) * (g if U.ndim == 3 else 1)
+        kernel = _tuple(kernel_size, nd, "kernel_size")
+        self.in_channels = int(in_channels)
+        self.out_channels = out
+        self.kernel_size = kernel
+        self.stride = _tuple(stride, nd, "stride")
+        self.padding: str | tuple[int, ...] = (
+            padding if isinstance(padding, str) else _tuple(padding, nd, "padding")
+        )
+        self.dilation = _tuple(dilation, nd, "dilation")
+        self.padding_mode = padding_mode
+        super().__init__(
+            U,
+            Sigma,
+            V,
+            bias,
+            weight_shape=(out, self.in_channels // g, *kernel),
+            groups=g,
+            forward_mode=forward_mode,
+        )
+
+    def _conv(self) -> _ConvFn:
+        return (F.conv1d, F.conv2d, F.conv3d)[self._nd - 1]
+
+    @classmethod
+    def from_dense(
+        cls, module: nn.Module, rank: int | None = None, *, forward_mode: str = "auto"
+    ) -> LowRankConvNd:
+        """Factorize ``module.weight`` per group (full rank by default: exact); the bias is copied."""
+        dense_type = cls._dense_type
+        if cls._nd == 0 or not isinstance(module, dense_type):
+            raise TypeError(
+                f"{cls.__name__}.from_dense needs an nn.{dense_type.__name__}, got {type(module).__name__}"
+            )
+        assert isinstance(module, nn.modules.conv._ConvNd)
+        if module.padding_mode != "zeros":
+            raise NotImplementedError(
+                f"{cls.__name__} supports only padding_mode='zeros', got {module.padding_mode!r} "
+                "(leave this layer dense, e.g. with exclude_names in to_low_rank)"
+            )
+        f = _factorize(module.weight, rank, module.groups)
+        return cls(
+            f.U,
+            f.Sigma,
+            f.V,
+            _bias_copy(module.bias),
+            in_channels=module.in_channels,
+            kernel_size=module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            forward_mode=forward_mode,
+        )
+
+    def to_dense(self) -> nn.Module:
+        """A plain ``nn.ConvNd`` with the same hyper-parameters and the reconstructed weight."""
+        out: Any = self._dense_type(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.sigma.device,
+            dtype=self.sigma.dtype,
+        )
+        with torch.no_grad():
+            out.weight.copy_(self.weight)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        assert isinstance(out, nn.Module)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.resolved_mode() == "factorized":
+            return self._forward_factorized(x)
+        return self._forward_dense(x)
+
+    def _forward_dense(self, x: Tensor) -> Tensor:
+        y: Tensor = self._conv()(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+        return y
+
+    def _forward_factorized(self, x: Tensor) -> Tensor:
+        g, r, nd = self.groups, self.rank, self._nd
+        conv = self._conv()
+        # the g*r filters V[..., :, j], each (in/g, *kernel): lowrank_core's view of V^T as a weight
+        filters = lc.matrix_to_weight(self.V.mT, (g * r, self.in_channels // g, *self.kernel_size))
+        h = conv(x, filters, None, self.stride, self.padding, self.dilation, g)
+        mix = lc.matrix_to_weight(self.U @ self.sigma, (self.out_channels, r, *((1,) * nd)))
+        y: Tensor = conv(h, mix, self.bias, 1, 0, 1, g)
+        return y
+
+    def _factorized_flops(self, T: int) -> int:
+        g, r, m, n = self.groups, self.rank, self.rows, self.cols
+        return g * (T * r * (m + n) + m * r * r)
+
+    def extra_repr(self) -> str:
+        hyper = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
+        )
+        return f"{hyper}, {super().extra_repr()}"
+
+
+class LowRankConv1d(LowRankConvNd):
+    """Factorized ``nn.Conv1d`` (see :class:`LowRankConvNd`)."""
+
+    _nd = 1
+    _dense_type = nn.Conv1d
+
+
+class LowRankConv2d(LowRankConvNd):
+    """Factorized ``nn.Conv2d`` (see :class:`LowRankConvNd`)."""
+
+    _nd = 2
+    _dense_type = nn.Conv2d
+
+
+class LowRankConv3d(LowRankConvNd):
+    """Factorized ``nn.Conv3d`` (see :class:`LowRankConvNd`)."""
+
+    _nd = 3
+    _dense_type = nn.Conv3d
+
+
+# ==================================================================================================
+# Attention
+# ==================================================================================================
+class LowRankWeight(LowRankLayer):
+    """A parametrization (``torch.nn.utils.parametrize``) that rebuilds a weight from OIALR factors.
+
+    Used for ``nn.MultiheadAttention.in_proj_weight`` (one ``(3E, E)`` matrix): the attention code reads
+    the tensor, so this weight always runs dense (``forward_mode`` is fixed to ``"dense"``, no compute
+    saving); only ``sigma`` is trained. Its forward ignores the (empty) original tensor. :meth:`flops`
+    reports the dense cost (weight rebuild plus product) under both keys.
+    """
+
+    _modes = ("dense",)
+
+    def __init__(
+        self,
+        U: Tensor,
+        Sigma: Tensor,
+        V: Tensor,
+        *,
+        weight_shape: Sequence[int],
+    ) -> None:
+        super().__init__(U, Sigma, V, None, weight_shape=weight_shape, forward_mode="dense")
+
+    def forward(self, original: Tensor) -> Tensor:
+        return self.weight
+
+    def _factorized_flops(self, T: int) -> int:
+        return self.flops(T)["dense"]
+
+
+def attention_is_low_rank(mha: nn.MultiheadAttention) -> bool:
+    """Whether :func:`low_rank_attention_` was applied to ``mha``."""
+    out_proj: nn.Module = mha.out_proj
+    return isinstance(out_proj, LowRankLayer) or parametrize.is_parametrized(mha, "in_proj_weight")
+
+
+def low_rank_attention_(
+    mha: nn.MultiheadAttention, rank: int | None = None
+) -> dict[str, LowRankLayer]:
+    """Put an ``nn.MultiheadAttention`` into OIALR form, in place; returns the new low-rank parts.
+
+    - ``out_proj`` becomes a :class:`LowRankLinear` (MHA reads ``out_proj.weight`` / ``.bias``, which it
+      provides; the attention itself calls the dense product, so there is no compute saving there).
+    - ``in_proj_weight`` ``(3E, E)`` (only with ``_qkv_same_embed_dim``) is factorized as one matrix and
+      re-registered as a parametrization :class:`LowRankWeight`: reading ``mha.in_proj_weight`` rebuilds
+      the dense tensor, and attention runs the dense product (no compute saving). The original parameter
+      is replaced by an empty buffer (so it is neither trained nor kept in memory).
+    - ``in_proj_bias`` and the out bias stay dense and trainable; separate ``q/k/v_proj_weight`` (when
+      the key/value dims differ) are left as they are.
+
+    The returned names are relative to ``mha`` (``"out_proj"``, ``"parametrizations.in_proj_weight.0"``).
+    """
+    if not isinstance(mha, nn.MultiheadAttention):
+        raise TypeError(
+            f"low_rank_attention_ needs an nn.MultiheadAttention, got {type(mha).__name__}"
+        )
+    if attention_is_low_rank(mha):
+        raise ValueError("this MultiheadAttention is already in low-rank form")
+    out: dict[str, LowRankLayer] = {}
+    new_in: LowRankWeight | None = None
+    if mha._qkv_same_embed_dim and mha.in_proj_weight is not None:
+        w = mha.in_proj_weight
+        f = _factorize(w, rank, 1)
+        new_in = LowRankWeight(f.U, f.Sigma, f.V, weight_shape=tuple(w.shape))
+    out_lr = LowRankLinear.from_dense(mha.out_proj, rank)  # validates rank before anything changes
+    if new_in is not None:
+        w = mha.in_proj_weight
+        del mha._parameters["in_proj_weight"]
+        mha.register_buffer("in_proj_weight", w.new_empty(0).detach())
+        parametrize.register_parametrization(mha, "in_proj_weight", new_in, unsafe=True)
+        out["parametrizations.in_proj_weight.0"] = new_in
+    mha.out_proj = out_lr  # type: ignore[assignment]
+    out["out_proj"] = out_lr
+    return out
+
+
+def _conv_class(module: nn.Module) -> type[LowRankConvNd] | None:
+    for cls in (LowRankConv1d, LowRankConv2d, LowRankConv3d):
+        if isinstance(module, cls._dense_type):
+            return cls
+    return None
+
+
+def dense_matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """``(m, n)`` of the (per-group) matrix view of a Linear's or ConvNd's weight."""
+    if isinstance(module, nn.Linear):
+        return int(module.out_features), int(module.in_features)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        g = int(module.groups)
+        cols = int(module.in_channels) // g * math.prod(module.kernel_size)
+        return int(module.out_channels) // g, cols
+    raise TypeError(f"no matrix view for {type(module).__name__}")

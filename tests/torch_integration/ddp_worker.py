@@ -1,0 +1,80 @@
+"""Run by tests/torch_integration/test_ddp.py as a script: OIALR under DDP (gloo), 2 processes on this machine.
+
+Each process trains the same model on its own shard of the data; after every controller step the
+factors of every low-rank layer are compared across processes. Writes a JSON report to argv[2].
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import lowrank_core as lc
+from lowrank_torch.oialr import OIALR, OIALRConfig
+
+
+def _max_diff_across_ranks(t: torch.Tensor) -> float:
+    ref = t.detach().clone()
+    dist.broadcast(ref, src=0)
+    diff = (t.detach() - ref).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
+
+
+def worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial model everywhere
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    cfg = OIALRConfig(switch_step=5, update_every=4, rule=lc.SigmaCutoff(0.2))
+    ctrl = OIALR(ddp, opt, cfg)
+    g = torch.Generator().manual_seed(100 + rank)  # a different shard per process
+    rebuilds, no_rebuild_updates, worst = 0, 0, 0.0
+    for step in range(1, 31):
+        x = torch.randn(32, 16, generator=g)
+        y = torch.randint(0, 4, (32,), generator=g)
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if ctrl.step():
+            rebuilds += 1
+            ddp = DDP(ctrl.model)  # only when parameters changed shape or identity
+        elif ctrl.layers and step % cfg.update_every == 0:
+            no_rebuild_updates += 1
+        for layer in ctrl.layers.values():
+            for t in (layer.U, layer.V, layer.sigma):
+                worst = max(worst, _max_diff_across_ranks(t))
+    report = {
+        "rank": rank,
+        "rebuilds": rebuilds,
+        "no_rebuild_updates": no_rebuild_updates,
+        "max_factor_diff": worst,
+        "ranks": ctrl.ranks(),
+        "final_loss": float(loss.detach()),
+    }
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(report, fh)
+    # Orderly shutdown: every rank is done communicating before any rank tears the group down, and
+    # the DDP reducers (which hold the group) are gone first. Tearing down gloo while the peer is
+    # still inside its last collective can abort the peer ("terminate called ...").
+    dist.barrier()
+    del ddp, ctrl, opt
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    mp.spawn(worker, args=(2, sys.argv[1], sys.argv[2]), nprocs=2, join=True)
