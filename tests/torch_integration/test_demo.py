@@ -122,6 +122,60 @@ def test_register_method_adds_a_method_to_the_loop(mnist):
     methods._REGISTRY.pop("counting-test")
 
 
+def test_optional_hooks_take_step_after_epoch_and_evaluation(mnist):
+    import contextlib
+
+    import torch
+
+    events: list[str] = []
+
+    class Hooked(methods.Dense):
+        name = "hooked-test"
+
+        def setup(self, model, optimizer, steps_per_epoch, epochs):
+            self.model, self.opt = model, optimizer
+
+        def take_step(self, step, closure):
+            if step % 2:  # odd steps: the loop's plain step
+                return None
+            loss = closure()
+            loss = closure()  # a line search may evaluate more than once
+            self.opt.step()
+            events.append(f"took {step}")
+            return loss
+
+        def after_epoch(self, epoch):
+            events.append(f"epoch {epoch}")
+
+        @contextlib.contextmanager
+        def evaluation(self, model):
+            saved = [p.detach().clone() for p in model.parameters()]
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()  # an all-zero model predicts class 0 for every signal
+            events.append("eval")
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for p, s in zip(model.parameters(), saved, strict=True):
+                        p.copy_(s)
+
+    model = models.build_model("mlp")
+    r = demo.train(model, mnist, method=Hooked(), epochs=1, batch_size=256, progress=False)
+    assert events == ["took 2", "took 4", "epoch 1", "eval"]
+    frac0 = float((mnist.y_test == 0).float().mean())
+    assert r.test_accuracy == pytest.approx(frac0)  # evaluated with the swapped-in weights
+    assert any(float(p.detach().abs().sum()) > 0 for p in model.parameters())  # and swapped back
+
+    class Cheat(Hooked):
+        def take_step(self, step, closure):
+            return torch.zeros(())  # a step without ever calling the closure
+
+    with pytest.raises(RuntimeError, match="without calling the closure"):
+        demo.train(models.build_model("mlp"), mnist, method=Cheat(), epochs=1, progress=False)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
 def test_train_is_deterministic_for_a_seed(name, mnist):
     kwargs = dict(epochs=2, batch_size=128, lr=2e-3, seed=5, progress=False)

@@ -60,6 +60,20 @@ class Method(Protocol):
         ...
 
 
+# Optional hooks, looked up with getattr by the training loop (a method defines only what it needs):
+#
+#   take_step(self, step: int, closure: Callable[[], Tensor]) -> Tensor | None
+#       Called instead of the plain step, before it. ``closure()`` zeroes the model's gradients,
+#       computes this batch's loss, back-propagates and returns it (like torch.optim.LBFGS's
+#       closure; it may be called several times, e.g. by a line search). Return None to let the loop
+#       take the plain step (closure(); optimizer.step()), or the loss after taking a step yourself
+#       (the closure must then have been called at least once).
+#   after_epoch(self, epoch: int) -> None
+#       Called after every epoch's last step, before the test-set evaluation.
+#   evaluation(self, model: nn.Module) -> contextlib.AbstractContextManager[object]
+#       The test set is evaluated inside this context (e.g. with averaged weights swapped in).
+
+
 class MethodUnavailable(ImportError):
     """A registered method whose implementation cannot be imported here."""
 
@@ -210,3 +224,6 @@ class OIALR:
             f"OIALR(switch_at={self.switch_at}, update_every_epochs={self.update_every_epochs}, "
             f"fraction={self.fraction}{extra})"
         )
+
+
+# Methods of other modules register themselves when imported here (one import line each).

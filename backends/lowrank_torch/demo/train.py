@@ -172,6 +172,12 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(schedule, total, warmup))
     method.setup(model, opt, steps_per_epoch, epochs)
 
+    # Optional hooks (see methods.Method): a method may take the optimizer step itself, act after
+    # each epoch, or have the test set evaluated with other weights swapped in.
+    take_step = getattr(method, "take_step", None)
+    after_epoch = getattr(method, "after_epoch", None)
+    evaluation = getattr(method, "evaluation", None)
+
     bar = _progress_bar(total, desc or method.name, progress)
     history: list[dict[str, float]] = []
     step = 0
@@ -185,22 +191,45 @@ def train(
             for i in range(0, n, batch_size):
                 idx = order[i : i + batch_size]
                 xb, yb = x[idx], y[idx]
-                logits = model(xb)
-                loss = nn.functional.cross_entropy(logits, yb)
-                opt.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                opt.step()
+                last: dict[str, Tensor] = {}
+
+                def closure(
+                    xb: Tensor = xb, yb: Tensor = yb, last: dict[str, Tensor] = last
+                ) -> Tensor:
+                    # torch.optim.LBFGS-style: fresh gradients of this batch's loss, loss returned.
+                    model.zero_grad(set_to_none=True)
+                    logits = model(xb)
+                    loss = nn.functional.cross_entropy(logits, yb)
+                    torch.autograd.backward(loss)
+                    if "logits" not in last:  # the first evaluation, at the weights before the step
+                        last["logits"], last["loss"] = logits.detach(), loss.detach()
+                    return loss
+
+                taken = take_step(step + 1, closure) if take_step is not None else None
+                if taken is None:  # the plain step: one gradient, one optimizer.step()
+                    closure()
+                    opt.step()
+                elif "logits" not in last:
+                    raise RuntimeError(
+                        f"method {method.name!r}: take_step() took a step without calling the closure"
+                    )
                 sched.step()
                 step += 1
                 method.after_step(step)
                 with torch.no_grad():
-                    loss_sum += loss.detach() * idx.numel()
-                    correct += (logits.argmax(dim=1) == yb).sum()
+                    loss_sum += last["loss"] * idx.numel()
+                    correct += (last["logits"].argmax(dim=1) == yb).sum()
                 if bar is not None:
                     bar.update(1)
             train_loss = float(loss_sum) / n
             train_acc = int(correct) / n
-            test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+            if after_epoch is not None:
+                after_epoch(epoch)
+            if evaluation is not None:
+                with evaluation(model):
+                    test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
+            else:
+                test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
             share = method.trainable_share(model, dense_params)
             history.append(
                 {
