@@ -15,9 +15,17 @@ from __future__ import annotations
 from .data import MNIST1D, load_mnist1d
 from .methods import Dense, Method, MethodUnavailable, make_method, method_names, register_method
 from .models import MLP, MODELS, CNN1d, TinyTransformer, build_model, count_params
-from .train import DEFAULT_SETTINGS, RunResult, TrainSettings, evaluate, train
+from .train import (
+    DEFAULT_METHOD_OPTIONS,
+    DEFAULT_SETTINGS,
+    RunResult,
+    TrainSettings,
+    evaluate,
+    train,
+)
 
 __all__ = [
+    "DEFAULT_METHOD_OPTIONS",
     "DEFAULT_SETTINGS",
     "MLP",
     "MNIST1D",

@@ -2,7 +2,8 @@
 
 Each (model, method) pair trains from the same initialization, on the same data, with the same shuffles
 and hyper-parameters (the model's entry in :data:`~lowrank_torch.demo.train.DEFAULT_SETTINGS`, or the
-command line's overrides); only the method differs.
+command line's overrides); only the method differs. A method's options are its defaults, except where
+:data:`~lowrank_torch.demo.train.DEFAULT_METHOD_OPTIONS` sets them for a model (printed above the table).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from .data import DEFAULT_NUM_SAMPLES, load_mnist1d
 from .methods import Method, MethodUnavailable, make_method, method_names
 from .models import MODELS, build_model
-from .train import DEFAULT_SETTINGS, RunResult, TrainSettings, train
+from .train import DEFAULT_METHOD_OPTIONS, DEFAULT_SETTINGS, RunResult, TrainSettings, train
 
 __all__ = ["QUICK", "format_table", "main", "parse_args", "run"]
 
@@ -157,13 +158,18 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> dict[str, Any]:
             f"wd {s.weight_decay:g}, {s.schedule} schedule",
             file=out,
         )
+    for (m, name), options in DEFAULT_METHOD_OPTIONS.items():
+        if m in settings and name in args.methods:
+            shown = ", ".join(f"{k}={v}" for k, v in options.items())
+            print(f"  {m}/{name}: {shown}", file=out)
     out.flush()
 
     rows: list[dict[str, Any]] = []
     for model_name in args.models:
         s = settings[model_name]
         for method_name in args.methods:
-            method: Method = make_method(method_name)
+            options = DEFAULT_METHOD_OPTIONS.get((model_name, method_name), {})
+            method: Method = make_method(method_name, **options)
             model = build_model(model_name, seed=args.seed)
             result: RunResult = train(
                 model,

@@ -168,7 +168,7 @@ class OIALR:
 
     def __init__(
         self,
-        switch_at: float = 0.25,
+        switch_at: float = 0.5,
         update_every_epochs: float = 1.0,
         fraction: float = 0.1,
         **config: Any,

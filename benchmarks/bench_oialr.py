@@ -1,0 +1,307 @@
+"""OIALR's costs and savings on torch CPU, measured side by side.
+
+(a) The cost of OIALR's checks as a share of one training step (forward, backward, AdamW step) of
+    the same model: a basis-stability check during the warm-up (one polar factor per eligible
+    layer), and a rank update after the switch (SVD of each Sigma, rotation of U, V and of the
+    optimizer moments, the rank rule). Both are reported per check and amortized over the check
+    interval of the demo (one epoch) and of the published default (100 steps).
+(b) Forward+backward of a factorized layer (x -> V -> Sigma -> U) vs its dense layer, at rank
+    10%, 25% and 50% of full, for a Linear and a Conv1d; ``auto`` is what the layer picks by its
+    FLOP rule (dense when factorizing would cost more).
+(c) End to end: the demo's MNIST-1D training, dense vs OIALR, wall time of the whole run.
+
+float32, torch's default thread count, medians of interleaved runs, all in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _common import Config, Report, Table, compare, fmt_seconds
+from torch import nn
+
+import lowrank_core as lc
+from lowrank_torch.layers import LowRankConv1d, LowRankLinear
+from lowrank_torch.oialr import OIALR, OIALRConfig
+
+DESCRIPTION = "OIALR: check cost per training step; factorized vs dense fwd+bwd; end-to-end time"
+
+
+# --- (a) the cost of a check ------------------------------------------------------------------
+
+
+def _models(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int]]:
+    """name -> (model factory, input shape, number of classes)."""
+    from lowrank_torch.demo.models import MLP, TinyTransformer
+
+    if quick:
+        return {"mlp 40-128-128-10": (lambda: MLP(hidden=128), (64, 40), 10)}
+    return {
+        "demo MLP 40-512-512-10": (lambda: MLP(), (128, 40), 10),
+        "demo transformer d=96": (lambda: TinyTransformer(), (128, 40), 10),
+        "MLP 256-1024x3-10": (lambda: MLP(in_features=256, hidden=1024, depth=3), (256, 256), 10),
+    }
+
+
+def _time_checks(
+    factory: Callable[[], nn.Module], shape: tuple[int, ...], classes: int, repeat: int, warmup: int
+) -> tuple[int, dict[str, float], dict[str, float]]:
+    """(low-rank layers, {step, check} times in the warm-up, {step, update} times after the switch)."""
+    torch.manual_seed(0)
+    model = factory()
+    x = torch.randn(*shape)
+    y = torch.randint(0, classes, (shape[0],))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train_step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    # The warm-up phase: the controller's stability check over every eligible layer.
+    warm = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.999))
+    warm._check_stability(0)  # the first check only stores snapshots
+    counter = iter(range(1, 10**9))
+
+    def stability_check() -> None:
+        warm._check_stability(next(counter))
+
+    t_warm = compare({"step": train_step, "check": stability_check}, repeat=repeat, warmup=warmup)
+    # After the switch: a rank update that keeps every rank (a rule with no cutoff), so that every
+    # timed run does the same work: SVD of Sigma, rotations, optimizer-state rotation.
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=1, update_every=1, rule=lc.SigmaCutoff(1e-30)))
+    train_step()
+    ctrl.step()  # the switch
+    train_step()  # Adam moments for the new Sigmas
+    t_now = [ctrl.step_count]
+
+    def rank_update() -> None:
+        t_now[0] += 1
+        ctrl._update_ranks(t_now[0])
+
+    t_low = compare({"step": train_step, "update": rank_update}, repeat=repeat, warmup=warmup)
+    return len(ctrl.layers), t_warm, t_low
+
+
+def _check_costs(config: Config) -> tuple[Table, list[dict[str, Any]]]:
+    repeat, warmup = config.repeats(15), config.warmups(2)
+    table = Table(
+        title="(a) OIALR checks vs one training step (AdamW), torch CPU float32",
+        columns=[
+            "model",
+            "train step",
+            "stability check",
+            "check/step",
+            "rank update",
+            "update/step",
+            "amortized /63 steps",
+            "amortized /100 steps",
+        ],
+    )
+    rows: list[dict[str, Any]] = []
+    for name, (factory, shape, classes) in _models(config.quick).items():
+        n_layers, t_warm, t_low = _time_checks(factory, shape, classes, repeat, warmup)
+        step = t_warm["step"]
+        check_share = t_warm["check"] / step
+        update_share = t_low["update"] / t_low["step"]
+        table.rows.append(
+            [
+                name,
+                fmt_seconds(step),
+                fmt_seconds(t_warm["check"]),
+                f"{check_share:.3f}",
+                fmt_seconds(t_low["update"]),
+                f"{update_share:.3f}",
+                f"{max(check_share, update_share) / 63:.4f}",
+                f"{max(check_share, update_share) / 100:.4f}",
+            ]
+        )
+        rows.append(
+            {
+                "model": name,
+                "layers": n_layers,
+                "train_step_s": step,
+                "stability_check_s": t_warm["check"],
+                "check_over_step": check_share,
+                "low_rank_train_step_s": t_low["step"],
+                "rank_update_s": t_low["update"],
+                "update_over_step": update_share,
+            }
+        )
+    table.notes += [
+        "check/step: one check over every eligible layer / one dense training step of the model;",
+        "update/step: one rank update of every low-rank layer / one training step after the switch;",
+        "amortized: the larger of the two, spread over the check interval (the demo checks once",
+        "per epoch = 63 steps; the published default is every 100 steps).",
+        f"median of {repeat} interleaved runs after {warmup} warm-up(s)",
+    ]
+    return table, rows
+
+
+# --- (b) factorized vs dense forward+backward ---------------------------------------------------
+
+
+def _layer_cases(quick: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    if quick:
+        return [("Linear 128x128, batch 64", nn.Linear(128, 128), (64, 128))]
+    return [
+        ("Linear 1024x1024, batch 512", nn.Linear(1024, 1024), (512, 1024)),
+        ("Conv1d 128->128 k5, (32,128,256)", nn.Conv1d(128, 128, 5, padding=2), (32, 128, 256)),
+    ]
+
+
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        layer(x).square().mean().backward()
+
+    return run
+
+
+def _layer_costs(config: Config) -> tuple[Table, list[dict[str, Any]]]:
+    repeat, warmup = config.repeats(15), config.warmups(2)
+    table = Table(
+        title="(b) factorized vs dense layer, forward+backward (input gradient included)",
+        columns=["layer", "rank", "dense", "factorized", "fact/dense", "auto picks", "auto/dense"],
+    )
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(0)
+    for label, dense, shape in _layer_cases(config.quick):
+        x = torch.randn(*shape, generator=gen).requires_grad_(True)
+        full = min(dense.weight.shape[0], dense.weight[0].numel())
+        for frac in (0.10, 0.25, 0.50):
+            r = max(1, round(frac * full))
+            cls: Any = LowRankLinear if isinstance(dense, nn.Linear) else LowRankConv1d
+            fact = cls.from_dense(dense, rank=r, forward_mode="factorized")
+            auto = cls.from_dense(dense, rank=r, forward_mode="auto")
+            t = compare(
+                {
+                    "dense": _fwd_bwd(dense, x),
+                    "factorized": _fwd_bwd(fact, x),
+                    "auto": _fwd_bwd(auto, x),
+                },
+                repeat=repeat,
+                warmup=warmup,
+            )
+            ratio = t["factorized"] / t["dense"]
+            table.rows.append(
+                [
+                    label,
+                    f"{r} ({round(100 * frac)}%)",
+                    fmt_seconds(t["dense"]),
+                    fmt_seconds(t["factorized"]),
+                    f"{ratio:.2f}",
+                    auto.resolved_mode(),
+                    f"{t['auto'] / t['dense']:.2f}",
+                ]
+            )
+            rows.append(
+                {
+                    "layer": label,
+                    "rank": r,
+                    "rank_fraction": frac,
+                    "dense_s": t["dense"],
+                    "factorized_s": t["factorized"],
+                    "auto_s": t["auto"],
+                    "auto_mode": auto.resolved_mode(),
+                    "factorized_over_dense": ratio,
+                    "flops": fact.flops(int(x.numel() // x.shape[1 if x.ndim == 3 else -1])),
+                }
+            )
+    table.notes += [
+        "dense: the original nn layer (all weights trainable); factorized: U, V frozen, Sigma trainable;",
+        f"median of {repeat} interleaved runs after {warmup} warm-up(s)",
+    ]
+    return table, rows
+
+
+# --- (c) end to end ---------------------------------------------------------------------------
+
+
+def _end_to_end(config: Config) -> tuple[Table, list[dict[str, Any]]]:
+    from lowrank_torch.demo.data import load_mnist1d
+    from lowrank_torch.demo.methods import make_method
+    from lowrank_torch.demo.models import build_model
+    from lowrank_torch.demo.train import DEFAULT_SETTINGS, train
+
+    data = load_mnist1d(seed=0, num_samples=1000 if config.quick else 10000)
+    models = ["mlp"] if config.quick else ["mlp", "cnn", "transformer"]
+    table = Table(
+        title="(c) end to end: MNIST-1D demo training, dense vs OIALR (default demo settings)",
+        columns=[
+            "model",
+            "dense time",
+            "OIALR time",
+            "OIALR/dense",
+            "dense acc",
+            "OIALR acc",
+            "share",
+        ],
+    )
+    rows: list[dict[str, Any]] = []
+    for model_name in models:
+        settings = DEFAULT_SETTINGS[model_name].as_kwargs()
+        if config.quick:
+            settings["epochs"] = 2
+        res = {}
+        # Dense and OIALR alternate twice; the faster of each pair's two runs is kept.
+        for _ in range(1 if config.quick else 2):
+            for method in ("dense", "oialr"):
+                r = train(
+                    build_model(model_name, seed=0),
+                    data,
+                    method=make_method(method),
+                    seed=0,
+                    progress=False,
+                    **settings,
+                )
+                if method not in res or r.wall_time_s < res[method].wall_time_s:
+                    res[method] = r
+        d, o = res["dense"], res["oialr"]
+        ratio = o.wall_time_s / d.wall_time_s
+        table.rows.append(
+            [
+                model_name,
+                fmt_seconds(d.wall_time_s),
+                fmt_seconds(o.wall_time_s),
+                f"{ratio:.2f}",
+                f"{100 * d.test_accuracy:.2f}%",
+                f"{100 * o.test_accuracy:.2f}%",
+                f"{100 * o.trainable_share:.1f}%",
+            ]
+        )
+        rows.append(
+            {
+                "model": model_name,
+                "dense_s": d.wall_time_s,
+                "oialr_s": o.wall_time_s,
+                "oialr_over_dense": ratio,
+                "dense_accuracy": d.test_accuracy,
+                "oialr_accuracy": o.test_accuracy,
+                "oialr_share": o.trainable_share,
+            }
+        )
+    table.notes.append(
+        "whole runs (training and per-epoch evaluation); the faster of two alternating runs each"
+    )
+    return table, rows
+
+
+def run(config: Config) -> Report:
+    torch.manual_seed(0)
+    table_a, rows_a = _check_costs(config)
+    table_b, rows_b = _layer_costs(config)
+    table_c, rows_c = _end_to_end(config)
+    return Report(
+        tables=[table_a, table_b, table_c],
+        data={
+            "threads": torch.get_num_threads(),
+            "check_cost": rows_a,
+            "layer_cost": rows_b,
+            "end_to_end": rows_c,
+        },
+    )
