@@ -1,0 +1,257 @@
+"""lowrank_torch.dldr: recorder, P-SGD, P-BFGS (BatchNorm safety, DDP)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from lowrank_core.dldr import SnapshotStore, Subspace, fit_subspace  # noqa: E402
+from lowrank_torch.dldr import (  # noqa: E402
+    PBFGS,
+    PSGD,
+    SnapshotRecorder,
+    SubspaceParametrization,
+    batchnorm_buffers,
+    flatten,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _identity_subspace(D: int) -> Subspace:
+    eye = torch.eye(D, dtype=torch.float64)
+    return Subspace(
+        torch.zeros(D, dtype=torch.float64), eye, torch.ones(D, dtype=torch.float64), D, D
+    )
+
+
+def test_psgd_with_full_identity_basis_equals_sgd():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5, dtype=torch.float64), torch.randn(64, 2, dtype=torch.float64)
+    a = nn.Linear(5, 2).double()
+    b = nn.Linear(5, 2).double()
+    b.load_state_dict(a.state_dict())
+    D = sum(p.numel() for p in a.parameters())
+    sgd = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    psgd = PSGD(b.parameters(), _identity_subspace(D), lr=0.1, momentum=0.9)
+    for _ in range(10):
+        for m, opt in ((a, sgd), (b, psgd)):
+            opt.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+    wa, wb = flatten(a.parameters()), flatten(b.parameters())
+    assert not torch.equal(wa, flatten(nn.Linear(5, 2).double().parameters()))
+    torch.testing.assert_close(wb, wa, rtol=1e-12, atol=1e-12)
+
+
+def test_psgd_stays_in_the_affine_subspace():
+    torch.manual_seed(1)
+    model = nn.Linear(6, 3)
+    w0 = flatten(model.parameters()).clone()
+    D = w0.numel()
+    P = torch.linalg.qr(torch.randn(D, 4))[0].T.contiguous()
+    sub = Subspace(torch.zeros(D), P, torch.ones(4), 4.0, 5)
+    opt = PSGD(model.parameters(), sub, lr=0.05)
+    x, y = torch.randn(32, 6), torch.randn(32, 3)
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    delta = flatten(model.parameters()) - w0
+    assert delta.abs().max() > 1e-4
+    torch.testing.assert_close(P.T @ (P @ delta), delta, atol=1e-5, rtol=0)
+
+
+def _regression(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 10, generator=g)
+    y = x @ torch.randn(10, 1, generator=g) + 0.05 * torch.randn(256, 1, generator=g)
+    return x, y
+
+
+def _record(model, x, y, steps=40, every=1, **kw):
+    rec = SnapshotRecorder(model, every=every, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        rec.step()
+    return rec
+
+
+def test_pbfgs_lowers_the_loss_on_a_regression():
+    torch.manual_seed(0)
+    x, y = _regression()
+    model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
+    rec = _record(model, x, y, steps=30)
+    sub = rec.fit(8)
+    opt = PBFGS(model.parameters(), sub)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    start = float(closure().detach())
+    for _ in range(15):
+        opt.step(closure)
+    end = float(closure())
+    st = opt.state[next(iter(model.parameters()))]
+    assert end < 0.7 * start, (start, end)
+    assert st["updates"] >= 5  # quasi-Newton updates really happened
+    # the weights stayed in origin + span(P^T)
+    delta = flatten(model.parameters()) - opt.param.origin
+    P = opt.param.subspace.basis
+    torch.testing.assert_close(P.T @ (P @ delta), delta, atol=1e-5, rtol=0)
+
+
+def test_pbfgs_on_a_quadratic_in_the_full_space_converges():
+    """f(w) = 0.5 w^T A w - b^T w with the identity basis: BFGS + Armijo reaches the minimizer."""
+    torch.manual_seed(0)
+    D = 6
+    M = torch.randn(D, D, dtype=torch.float64)
+    A = M @ M.T + D * torch.eye(D, dtype=torch.float64)
+    b = torch.randn(D, dtype=torch.float64)
+    w = nn.Parameter(torch.zeros(D, dtype=torch.float64))
+    opt = PBFGS([w], _identity_subspace(D))
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * w @ A @ w - b @ w
+        loss.backward()
+        return loss
+
+    for _ in range(25):
+        opt.step(closure)
+    torch.testing.assert_close(w.detach(), torch.linalg.solve(A, b), atol=1e-6, rtol=1e-6)
+
+
+def test_pbfgs_line_search_trials_leave_batchnorm_stats_as_after_one_forward():
+    torch.manual_seed(0)
+    x, y = _regression(3)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
+    rec = _record(model, x, y, steps=20)
+    sub = rec.fit(6)
+    opt = PBFGS(model.parameters(), sub, model=model, alpha0=64.0)  # forces several trials
+    forwards = []
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        forwards.append(1)
+        return loss
+
+    for _ in range(3):
+        before = [b.clone() for b in batchnorm_buffers(model)]
+        forwards.clear()
+        # what one plain forward at the pre-step weights does to the statistics
+        probe = [b.clone() for b in batchnorm_buffers(model)]
+        model(x)
+        expected = [b.clone() for b in batchnorm_buffers(model)]
+        with torch.no_grad():
+            for buf, v in zip(batchnorm_buffers(model), probe, strict=True):
+                buf.copy_(v)
+        opt.step(closure)
+        assert len(forwards) >= 2  # there were line-search trials
+        after = batchnorm_buffers(model)
+        for e, a in zip(expected, after, strict=True):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+        assert any(not torch.equal(a, b0) for a, b0 in zip(after, before, strict=True))
+    # without `model=`, the trials do move the statistics (the test can fail)
+    opt2 = PBFGS(model.parameters(), sub, alpha0=64.0)
+    before = [b.clone() for b in batchnorm_buffers(model)]
+
+    def closure2():
+        opt2.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    opt2.step(closure2)
+    assert int(batchnorm_buffers(model)[2]) > int(before[2]) + 1
+
+
+def test_recorder_excludes_batchnorm_buffers_by_default(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    n_params = sum(p.numel() for p in model.parameters())
+    rec = SnapshotRecorder(model)
+    rec.record()
+    assert rec.store.dim == n_params
+    with_buf = SnapshotRecorder(model, SnapshotStore(path=tmp_path / "s.dat"), include_buffers=True)
+    with_buf.record()
+    assert with_buf.store.dim == n_params + 8 + 8  # running mean and var, not the batch count
+    with_buf.store.close()
+    every = SnapshotRecorder(model, every=3)
+    assert [every.step() for _ in range(7)] == [False, False, True, False, False, True, False]
+    assert len(every) == 2
+
+
+def test_recorder_snapshots_match_the_parameters_and_fit_works():
+    torch.manual_seed(0)
+    x, y = _regression(1)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 1))
+    rec = _record(model, x, y, steps=12, every=2)
+    assert len(rec) == 6
+    torch.testing.assert_close(rec.store.snapshot(-1), flatten(model.parameters()))
+    X = torch.stack([rec.store.snapshot(i) for i in range(6)])
+    a, b = rec.fit(3), fit_subspace(X, 3)
+    cos = torch.linalg.svdvals(a.basis @ b.basis.T)
+    assert float(cos.min()) > 0.999
+
+
+def test_parametrization_round_trip_and_errors():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    D = sum(p.numel() for p in model.parameters())
+    P = torch.linalg.qr(torch.randn(D, 3))[0].T.contiguous()
+    sub = Subspace(torch.zeros(D), P, torch.ones(3), 3.0, 4)
+    par = SubspaceParametrization(model.parameters(), sub)
+    c = torch.tensor([0.3, -0.2, 0.5])
+    par.set(c)
+    torch.testing.assert_close(par.coordinates(), c)
+    with pytest.raises(ValueError, match="dimension"):
+        SubspaceParametrization(nn.Linear(4, 2).parameters(), sub)
+    with pytest.raises(ValueError, match="closure"):
+        PBFGS(model.parameters(), sub).step()
+
+
+def test_p_sgd_and_p_bfgs_under_ddp_take_identical_steps(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    worker = Path(__file__).with_name("ddp_dldr_worker.py")
+    out = tmp_path / "report"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path / "rendezvous"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["max_param_diff"] == 0.0, rep
+        assert rep["snapshots"] == 12
+    # different shards: different local losses, yet identical steps
+    assert reports[0]["bfgs_first"] != reports[1]["bfgs_first"]
+    assert np.mean([r["bfgs_last"] for r in reports]) < np.mean([r["bfgs_first"] for r in reports])
