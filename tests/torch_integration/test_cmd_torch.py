@@ -1,0 +1,234 @@
+"""Online CMD for PyTorch (lowrank_torch.cmd): swapping, memory, exactness, embedding, checkpoints, DDP."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from lowrank_reference import cmd as ref  # noqa: E402
+from lowrank_torch.cmd import CMDConfig, CMDTracker  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    for _ in range(4):
+        x = torch.randn(32, 8, generator=gen)
+        y = torch.randint(0, 3, (32,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _flat(model: nn.Module) -> np.ndarray:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy()
+
+
+def _run(config: CMDConfig, epochs: int, seed: int = 0):
+    model = _model(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    cmd = CMDTracker(model, config)
+    traj = []
+    for _ in range(epochs):
+        _train_epoch(model, opt, gen)
+        cmd.after_epoch()
+        traj.append(_flat(model))
+    return model, cmd, np.stack(traj, axis=1)
+
+
+def test_online_cmd_equals_batch_least_squares_on_the_whole_run():
+    cfg = CMDConfig(warmup_epochs=4, max_modes=3, num_samples=200, dtype="float64")
+    _, cmd, traj = _run(cfg, epochs=12)
+    assert cmd.fitted and cmd.epochs_seen == 12
+    state = cmd.state
+    a, b = cmd.coefficients()
+    mode = state.assignment.numpy()
+    ra, rb = ref.cmd_lstsq(traj, traj[state.references], mode)
+    np.testing.assert_allclose(a.numpy(), ra, atol=1e-8 * (1 + np.abs(ra).max()))
+    np.testing.assert_allclose(b.numpy(), rb, atol=1e-8 * (1 + np.abs(rb).max()))
+    # the modes and assignment are the post-hoc fit of the warm-up epochs
+    want = ref.cmd_assign(traj[:, :4], traj[state.references, :4])
+    np.testing.assert_array_equal(mode, want)
+
+
+def test_swap_in_and_out_restores_the_exact_weights():
+    model, cmd, traj = _run(CMDConfig(warmup_epochs=3, max_modes=2, num_samples=100), epochs=5)
+    before = [p.detach().clone() for p in model.parameters()]
+    storages = [p.data.data_ptr() for p in model.parameters()]
+    x = torch.randn(5, 8)
+    out_trained = model(x)
+    with cmd.swapped():
+        inside = [p.detach().clone() for p in model.parameters()]
+        out_cmd = model(x)
+    for p, w in zip(inside, cmd.cmd_weights(), strict=True):
+        torch.testing.assert_close(p, w, rtol=0, atol=0)
+    assert not torch.equal(out_cmd, out_trained)  # the CMD weights are really different
+    for p, b, ptr in zip(model.parameters(), before, storages, strict=True):
+        assert torch.equal(p.detach(), b)  # bit for bit
+        assert p.data.data_ptr() == ptr  # the very same storage: nothing was copied back
+    with pytest.raises(RuntimeError, match="boom"), cmd.swapped():
+        raise RuntimeError("boom")
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+    # the CMD weights are a * r(t) + b at the last epoch
+    a, bb = cmd.coefficients()
+    refs = cmd.state.references
+    mode = cmd.state.assignment.numpy()
+    want = a.numpy() * traj[refs, -1][mode] + bb.numpy()
+    np.testing.assert_allclose(torch.cat([w.reshape(-1) for w in inside]).numpy(), want, atol=1e-5)
+
+
+def test_swap_before_the_fit_changes_nothing():
+    model, cmd, _ = _run(CMDConfig(warmup_epochs=5, max_modes=2), epochs=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with cmd.swapped():
+        pass
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        cmd.cmd_weights()
+
+
+def test_state_memory_does_not_grow_with_epochs():
+    cfg = CMDConfig(warmup_epochs=3, max_modes=2, num_samples=100)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    cmd = CMDTracker(model, cfg)
+    n = cmd.num_params
+    sizes = []
+    for epoch in range(1, 31):
+        _train_epoch(model, opt, gen)
+        cmd.after_epoch()
+        if epoch < 3:
+            assert cmd.state_nbytes() == n * 3 * 4  # the warm-up trajectory, float32
+        else:  # fitted at epoch 3: the warm-up trajectory is gone
+            assert cmd.fitted
+            m = cmd.state.num_modes
+            sizes.append(cmd.state_nbytes() - m * epoch * 4)  # minus the M x t profiles
+    assert len(set(sizes)) == 1, sizes
+    assert sizes[0] <= n * (4 + 4 + 4) + 64  # w_mean, c_wr (float32), assignment (int32), O(M)
+
+
+def test_embedded_cmd_overwrites_the_settled_parameters():
+    cfg = CMDConfig(
+        warmup_epochs=3, max_modes=2, num_samples=100, embed=True, embed_every=2,
+        embed_fraction=0.2, dtype="float64",
+    )  # fmt: skip
+    _, cmd, traj = _run(cfg, epochs=9)  # embeddings after epochs 5, 7, 9
+    n = cmd.num_params
+    emb = cmd.embedded.numpy()
+    assert emb.sum() == 3 * math.ceil(0.2 * n)
+    assert not emb[cmd.state.references].any()
+    # embedded weights equal their CMD model a r(t) + b (t = the last epoch)
+    a, b = cmd.coefficients()
+    mode = cmd.state.assignment.numpy()
+    model_w = a.numpy() * traj[cmd.state.references, -1][mode] + b.numpy()
+    np.testing.assert_allclose(traj[emb, -1], model_w[emb], atol=1e-6)
+    assert np.abs(traj[~emb, -1] - model_w[~emb]).max() > 1e-4  # the others are free
+
+
+@pytest.mark.parametrize("stop", [2, 6])  # during the warm-up, and after the fit
+def test_state_dict_resumes_identically(stop):
+    cfg = CMDConfig(warmup_epochs=4, max_modes=2, num_samples=100, embed=True, embed_every=2)
+    model, cmd, _ = _run(cfg, epochs=stop)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "cmd": cmd.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    twin_model = _model(seed=1)
+    twin_model.load_state_dict(saved["model"])
+    twin = CMDTracker(twin_model, CMDConfig(warmup_epochs=9, max_modes=5))
+    twin.load_state_dict(saved["cmd"])
+    assert twin.config == cfg
+    for m, c in ((model, cmd), (twin_model, twin)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(4):
+            _train_epoch(m, opt, gen)
+            c.after_epoch()
+    for u, v in zip(cmd.coefficients(), twin.coefficients(), strict=True):
+        assert torch.equal(u, v)
+    assert torch.equal(cmd.embedded, twin.embedded)
+    with pytest.raises(ValueError, match="parameters"):
+        CMDTracker(nn.Linear(2, 2)).load_state_dict(saved["cmd"])
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        CMDConfig(warmup_epochs=1)
+    with pytest.raises(ValueError, match="max_modes"):
+        CMDConfig(max_modes=None)
+    with pytest.raises(ValueError, match="embed_fraction"):
+        CMDConfig(embed_fraction=0.0)
+    with pytest.raises(ValueError, match="no trainable"):
+        CMDTracker(nn.ReLU())
+
+
+def test_auto_modes_from_tolerance():
+    cfg = CMDConfig(warmup_epochs=5, max_modes=None, tol=0.5, num_samples=100)
+    _, cmd, _ = _run(cfg, epochs=6)
+    m_loose = cmd.state.num_modes
+    _, cmd, _ = _run(CMDConfig(warmup_epochs=5, max_modes=None, tol=0.05, num_samples=100), 6)
+    assert cmd.state.num_modes >= m_loose
+
+
+def test_demo_method_cmd_runs():
+    pytest.importorskip("mnist1d")
+    from lowrank_torch.demo import data, methods, models
+    from lowrank_torch.demo.train import train
+
+    method = methods.make_method("cmd", warmup_epochs=2, max_modes=2, num_samples=200)
+    assert method.name == "cmd"
+    mnist = data.load_mnist1d(seed=0, num_samples=400)
+    model = models.build_model("mlp", seed=0)
+    result = train(model, mnist, method=method, epochs=3, progress=False)
+    assert result.trainable_share == 1.0
+    assert method.cmd.fitted and method.cmd.epochs_seen == 3
+
+
+def test_cmd_identical_on_every_rank_under_ddp(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    worker = Path(__file__).with_name("ddp_cmd_worker.py")
+    out = tmp_path / "report"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path / "rendezvous"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    for rep in reports:
+        assert rep["fitted"]
+        assert rep["max_state_diff"] == 0.0, rep  # identical CMD state on both ranks
+        assert rep["max_swap_diff"] == 0.0, rep  # and the exact weights back after evaluation
+    assert reports[0]["references"] == reports[1]["references"]
+    assert reports[0]["final_loss"] != reports[1]["final_loss"]  # really different data shards
