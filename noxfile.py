@@ -162,5 +162,5 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """benchmarks/run.py on torch CPU (arguments after -- go to the runner, e.g. --quick)."""
-    install(session, "-e", ".[torch]", *group("bench"))
+    install(session, "-e", ".[demo]", *group("bench"))
     session.run("python", "benchmarks/run.py", *session.posargs)

@@ -7,8 +7,13 @@ See ``docs/SPEC.md`` for the exact semantics of each function.
 
 from __future__ import annotations
 
-from . import errors
+from . import cmd, dldr, errors, init
 from .backend import Backend, StandardBackend, get_backend, register_backend
+
+# DLDR (lowrank_core.dldr), CMD (lowrank_core.cmd), low-rank initialization (lowrank_core.init): the
+# main entry points here, everything else in the submodules.
+from .cmd import CMDFit, Modes, OnlineCMD, choose_num_modes, fit_cmd
+from .dldr import SnapshotStore, Subspace, fit_subspace
 from .errors import (
     ArrayTypeError,
     DeviceMismatchError,
@@ -29,6 +34,13 @@ from .factors import (
     rotate_sigma,
     truncate,
     update_rank,
+)
+from .init import (
+    init_weight_factors,
+    nonlinear_init,
+    random_init,
+    relu_function_error,
+    spectral_init,
 )
 from .linalg import QRResult, SVDResult, polar, qr, svd
 from .rank import (
@@ -52,6 +64,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ArrayTypeError",
     "Backend",
+    "CMDFit",
     "DTypeError",
     "DeviceMismatchError",
     "EffectiveRank",
@@ -59,7 +72,9 @@ __all__ = [
     "FixedRank",
     "LowRankError",
     "LowRankFactors",
+    "Modes",
     "NonFiniteError",
+    "OnlineCMD",
     "OptimalHardThreshold",
     "QRResult",
     "RankError",
@@ -70,26 +85,39 @@ __all__ = [
     "SVDResult",
     "ShapeError",
     "SigmaCutoff",
+    "SnapshotStore",
     "SpectrumError",
     "StableRank",
     "StandardBackend",
+    "Subspace",
     "TailNorm",
     "__version__",
     "basis_stability",
+    "choose_num_modes",
+    "cmd",
+    "dldr",
     "effective_rank",
     "errors",
     "factorize",
+    "fit_cmd",
+    "fit_subspace",
     "get_backend",
+    "init",
+    "init_weight_factors",
     "matrix_shape",
     "matrix_to_weight",
+    "nonlinear_init",
     "polar",
     "principal_angle_cosines",
     "projector_distance",
     "qr",
+    "random_init",
     "reconstruct",
     "rediagonalize",
     "register_backend",
+    "relu_function_error",
     "rotate_sigma",
+    "spectral_init",
     "stable_rank",
     "svd",
     "truncate",

@@ -2,7 +2,8 @@
 
 Importing this package imports torch. lowrank-core finds it on its own (entry point ``torch`` in the
 group ``lowrank_core.backends``) the first time it meets a ``torch.Tensor``; nothing needs to be
-registered by hand. Later issues add the PyTorch integration (layers, optimizer state, DDP) here.
+registered by hand. The PyTorch integration: OIALR layers and controller (``lowrank_torch.oialr``),
+DLDR (``lowrank_torch.dldr``), CMD (``lowrank_torch.cmd``), low-rank initialization (``lowrank_torch.init``).
 """
 
 from __future__ import annotations
@@ -51,4 +52,20 @@ __all__ += [
     "rotate_sigma_state",
     "swap_parameter",
     "truncate_sigma_state",
+]
+
+from .cmd import CMDConfig, CMDTracker  # noqa: E402
+from .dldr import PBFGS, PSGD, SnapshotRecorder, SubspaceParametrization  # noqa: E402
+from .init import frobenius_decay_penalty, init_low_rank_layer_, low_rank_model  # noqa: E402
+
+__all__ += [
+    "PBFGS",
+    "PSGD",
+    "CMDConfig",
+    "CMDTracker",
+    "SnapshotRecorder",
+    "SubspaceParametrization",
+    "frobenius_decay_penalty",
+    "init_low_rank_layer_",
+    "low_rank_model",
 ]

@@ -6,6 +6,7 @@ and follows docs/SPEC.md literally; invalid arguments raise ``ValueError``.
 
 from __future__ import annotations
 
+from . import cmd, dldr, init  # DLDR, CMD and low-rank initialization, by module
 from .factors import factorize, reconstruct, rediagonalize, rotate_sigma, truncate
 from .linalg import polar, qr, svd
 from .rank import (
@@ -23,11 +24,14 @@ from .weights import matrix_to_weight, weight_to_matrix
 
 __all__ = [
     "basis_stability",
+    "cmd",
+    "dldr",
     "effective_rank",
     "effective_rank_rule",
     "energy_rank",
     "factorize",
     "fixed_rank",
+    "init",
     "matrix_to_weight",
     "optimal_hard_threshold_rank",
     "polar",

@@ -49,8 +49,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         type=_csv,
-        default=["dense", "oialr"],
-        help=f"comma list of methods, from {','.join(method_names())} (default: dense,oialr)",
+        default=method_names(),
+        help=f"comma list of methods (default: all of {','.join(method_names())})",
     )
     p.add_argument(
         "--epochs", type=int, default=None, help="epochs for every model (default: tuned per model)"

@@ -226,4 +226,6 @@ class OIALR:
         )
 
 
-# Methods of other modules register themselves when imported here (one import line each).
+# Methods of other modules register themselves when imported here: DLDR's p-sgd / p-bfgs, CMD's cmd,
+# the low-rank initializations lowrank-spectral / lowrank-nonlinear.
+from . import methods_cmd, methods_dldr, methods_init  # noqa: E402, F401
