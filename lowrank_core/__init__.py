@@ -56,7 +56,12 @@ from .rank import (
     effective_rank,
     stable_rank,
 )
-from .stability import basis_stability, principal_angle_cosines, projector_distance
+from .stability import (
+    basis_stability,
+    polar_stability,
+    principal_angle_cosines,
+    projector_distance,
+)
 from .views import matrix_shape, matrix_to_weight, weight_to_matrix
 
 __version__ = "0.1.0.dev0"
@@ -108,6 +113,7 @@ __all__ = [
     "matrix_to_weight",
     "nonlinear_init",
     "polar",
+    "polar_stability",
     "principal_angle_cosines",
     "projector_distance",
     "qr",

@@ -8,7 +8,12 @@ from ._array import Array, Namespace, cast_to, check_matrix, namespace, result_d
 from .errors import ShapeError
 from .linalg import _polar, _qr
 
-__all__ = ["basis_stability", "principal_angle_cosines", "projector_distance"]
+__all__ = [
+    "basis_stability",
+    "polar_stability",
+    "principal_angle_cosines",
+    "projector_distance",
+]
 
 
 def basis_stability(previous: Array, current: Array, *, check_finite: bool = True) -> Array:
@@ -30,7 +35,35 @@ def basis_stability(previous: Array, current: Array, *, check_finite: bool = Tru
     dtype = result_dtype(xp, previous, current)
     qp = _polar(xp, upcast(xp, cast_to(xp, previous, dtype)))
     qc = _polar(xp, upcast(xp, cast_to(xp, current, dtype)))
-    m, n = previous.shape[-2], previous.shape[-1]
+    return cast_to(xp, _polar_cosine(xp, qp, qc), dtype)
+
+
+def polar_stability(
+    previous_polar: Array, current_polar: Array, *, check_finite: bool = True
+) -> Array:
+    """:func:`basis_stability` from already computed polar factors (``lowrank_core.polar`` of each snapshot).
+
+    ``basis_stability(a, b) == polar_stability(polar(a), polar(b))``. A caller that checks a layer
+    repeatedly (OIALR's warm-up) keeps the previous check's polar factor and so computes one SVD per
+    check instead of two. The inputs are used as given (not re-orthogonalized).
+    """
+    xp = namespace(previous_polar=previous_polar, current_polar=current_polar)
+    check_matrix(xp, previous_polar, "previous_polar", finite=check_finite)
+    check_matrix(xp, current_polar, "current_polar", finite=check_finite)
+    if tuple(previous_polar.shape) != tuple(current_polar.shape):
+        raise ShapeError(
+            "`previous_polar` and `current_polar` must have the same shape, got "
+            f"{tuple(previous_polar.shape)} and {tuple(current_polar.shape)}"
+        )
+    dtype = result_dtype(xp, previous_polar, current_polar)
+    qp = upcast(xp, cast_to(xp, previous_polar, dtype))
+    qc = upcast(xp, cast_to(xp, current_polar, dtype))
+    return cast_to(xp, _polar_cosine(xp, qp, qc), dtype)
+
+
+def _polar_cosine(xp: Namespace, qp: Array, qc: Array) -> Array:
+    """Mean cosine of corresponding unit-side vectors of two polar factors (columns if m >= n)."""
+    m, n = qp.shape[-2], qp.shape[-1]
     axis = -2 if m >= n else -1
     dots = xp.sum(qp * qc, axis=axis)
     norms = xp.sqrt(xp.sum(qp * qp, axis=axis) * xp.sum(qc * qc, axis=axis))
@@ -39,7 +72,7 @@ def basis_stability(previous: Array, current: Array, *, check_finite: bool = Tru
         positive, dots / xp.where(positive, norms, xp.ones_like(norms)), xp.zeros_like(dots)
     )
     cos = xp.clip(cos, -1.0, 1.0)
-    return cast_to(xp, xp.mean(cos, axis=-1), dtype)
+    return xp.mean(cos, axis=-1)
 
 
 def _orthonormal_bases(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from _helpers import (
     assert_close,
     assert_in_library,
@@ -68,6 +69,32 @@ def test_basis_stability_matches_reference(backend, dtype, data):
         want = ref.basis_stability(p64[idx], c64[idx])
         assert_close(out_[idx], want, atol=_stability_tol(dtype, cond, m, n), err_msg=f"at {idx}")
     assert_unchanged(backend, before, p, c)
+
+
+@given(data=st.data())
+def test_polar_stability_equals_basis_stability_of_the_snapshots(backend, dtype, data):
+    prev_case = data.draw(matrix_cases(dtype, gap=None), label="previous")
+    rng = np.random.default_rng(data.draw(seeds, label="seed"))
+    t = data.draw(st.sampled_from([0.0, 0.05, 1.0]), label="noise level")
+    noise = rng.standard_normal(prev_case.a.shape) * float(np.max(prev_case.s))
+    p = backend.asarray(prev_case.a, dtype)
+    c = backend.asarray(prev_case.a + t * noise, dtype)
+    qp, qc = lc.polar(p), lc.polar(c)
+    before = snapshot(backend, qp, qc)
+    out = lc.polar_stability(qp, qc)
+    assert_in_library(out, p, what="polar_stability")
+    assert tuple(out.shape) == prev_case.batch
+    want = backend.to_numpy(lc.basis_stability(p, c))
+    # the same polar factors and the same reduction: equal up to the rounding of one reduction
+    assert_close(backend.to_numpy(out), want, atol=64 * eps(dtype))
+    assert_unchanged(backend, before, qp, qc)
+
+
+def test_polar_stability_rejects_mismatched_shapes(backend):
+    a = backend.asarray(np.eye(4, 3), "float64")
+    b = backend.asarray(np.eye(3, 4), "float64")
+    with pytest.raises(lc.ShapeError, match="previous_polar"):
+        lc.polar_stability(a, b)
 
 
 @given(data=st.data())

@@ -226,13 +226,15 @@ class OIALR:
     def _check_stability(self, t: int) -> list[str]:
         ready: list[str] = []
         for name in self.pending:
-            mats = [m.clone() for m in _weight_matrices(self.model.get_submodule(name))]
+            # Keep each check's polar factors, not the weights: one SVD per matrix per check.
+            polars = [lc.polar(m) for m in _weight_matrices(self.model.get_submodule(name))]
             prev = self._snapshots.get(name)
-            self._snapshots[name] = mats
+            self._snapshots[name] = polars
             if prev is None:
                 continue
             values = [
-                float(torch.mean(lc.basis_stability(p, m))) for p, m in zip(prev, mats, strict=True)
+                float(torch.mean(lc.polar_stability(p, q)))
+                for p, q in zip(prev, polars, strict=True)
             ]
             value = sum(values) / len(values)
             self.history.append({"step": t, "event": "stability", "layer": name, "value": value})
