@@ -25,7 +25,9 @@ class LowRankInit:
     """Convert at ``setup``, then train at a fixed rank (nothing happens between steps).
 
     ``init`` (``"spectral"``, ``"nonlinear"`` or ``"random"``) overrides the subclass's initializer;
-    ``rules`` are :func:`lowrank_torch.convert.eligible_names`' keyword arguments.
+    ``rules`` are :func:`lowrank_torch.convert.eligible_names`' keyword arguments; unlike there,
+    ``keep_first`` defaults to True (a thin first layer at a fixed fraction of its tiny rank loses the
+    input's information before training can start).
     """
 
     name = "lowrank-init"
@@ -51,7 +53,10 @@ class LowRankInit:
         self.rank_fraction = float(rank_fraction)
         self.train_bases = bool(train_bases)
         self.refine_steps = int(refine_steps)
-        self.rules = dict(rules)  # include / exclude_names / keep_first / keep_last / min_aspect
+        # include / exclude_names / keep_first / keep_last / min_aspect. The first layer stays dense by
+        # default: at 25% of rank the CNN's first conv (64 x 5) keeps rank 1 and the transformer's patch
+        # embedding (96 x 8) rank 2, which cost the transformer 33 points (61% vs 94% with it dense).
+        self.rules = {"keep_first": True} | dict(rules)
         self.layers: dict[str, nn.Module] = {}
 
     def setup(
