@@ -189,6 +189,8 @@ def _layer_costs(config: Config) -> tuple[Table, list[dict[str, Any]]]:
                 warmup=warmup,
             )
             ratio = t["factorized"] / t["dense"]
+            tokens = int(x.numel() // x.shape[-1]) if isinstance(dense, nn.Linear) else None
+            auto_mode = auto.resolved_mode(tokens)  # what the forward takes for this input
             table.rows.append(
                 [
                     label,
@@ -196,7 +198,7 @@ def _layer_costs(config: Config) -> tuple[Table, list[dict[str, Any]]]:
                     fmt_seconds(t["dense"]),
                     fmt_seconds(t["factorized"]),
                     f"{ratio:.2f}",
-                    auto.resolved_mode(),
+                    auto_mode,
                     f"{t['auto'] / t['dense']:.2f}",
                 ]
             )
@@ -208,7 +210,7 @@ def _layer_costs(config: Config) -> tuple[Table, list[dict[str, Any]]]:
                     "dense_s": t["dense"],
                     "factorized_s": t["factorized"],
                     "auto_s": t["auto"],
-                    "auto_mode": auto.resolved_mode(),
+                    "auto_mode": auto_mode,
                     "factorized_over_dense": ratio,
                     "flops": fact.flops(int(x.numel() // x.shape[1 if x.ndim == 3 else -1])),
                 }

@@ -376,8 +376,15 @@ def test_auto_follows_flop_rule(monkeypatch, m, n, r, expected):
     calls = []
     monkeypatch.setattr(layer, "_forward_dense", lambda x: calls.append("dense") or x)
     monkeypatch.setattr(layer, "_forward_factorized", lambda x: calls.append("factorized") or x)
-    layer(torch.zeros(2, n, dtype=F64))
-    assert calls == [expected]
+    # A Linear's forward compares the whole cost of the call (flops for its T tokens).
+    for T in (1, 2, 64, 4096):
+        cost = layer.flops(T)
+        want = "factorized" if cost["factorized"] < cost["dense"] else "dense"
+        assert layer.resolved_mode(T) == want
+        calls.clear()
+        layer(torch.zeros(T, n, dtype=F64))
+        assert calls == [want]
+    calls.clear()
     for mode in ("dense", "factorized"):
         layer.forward_mode = mode
         assert layer.resolved_mode() == mode
