@@ -27,7 +27,6 @@ Numerics (improvements on the published code):
 from __future__ import annotations
 
 import math
-import operator
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -37,7 +36,15 @@ from typing import Any, Literal
 import array_api_compat
 import numpy as np
 
-from ._array import Array, Namespace, check_finite, check_floating, compute_dtype, namespace
+from ._array import (
+    Array,
+    Namespace,
+    check_finite,
+    check_floating,
+    check_rank,
+    compute_dtype,
+    namespace,
+)
 from .backend import get_backend
 from .errors import ArrayTypeError, NonFiniteError, RankError, ShapeError
 
@@ -70,20 +77,6 @@ def _check_vector(xp: Namespace, x: Array, name: str, *, finite: bool = True) ->
         raise ShapeError(f"`{name}` must not be empty")
     if finite:
         check_finite(xp, x, name)
-
-
-def _check_dim(d: object, upper: int, what: str) -> int:
-    if isinstance(d, bool):
-        raise RankError(f"`d` must be an integer, got a bool ({d})")
-    try:
-        value = operator.index(d)  # type: ignore[arg-type]
-    except TypeError:
-        raise RankError(f"`d` must be an integer, got {type(d).__name__}") from None
-    if value < 1:
-        raise RankError(f"`d` must be >= 1, got {value}")
-    if value > upper:
-        raise RankError(f"`d` must be <= {what} = {upper}, got {value}")
-    return value
 
 
 def _host(x: Array) -> np.ndarray:
@@ -267,7 +260,9 @@ def subspace_from_gram(
     xp = namespace(centre=centre)
     G = _host(gram).astype(np.float64)
     t = G.shape[0]
-    d = _check_dim(d, max(t - 1, 0), "t - 1 (centred snapshots span at most t - 1 directions)")
+    d = check_rank(
+        d, max(t - 1, 0), name="d", what="t - 1 (centred snapshots span at most t - 1 directions)"
+    )
     Gc = G - G.mean(axis=1, keepdims=True) - G.mean(axis=0, keepdims=True) + G.mean()
     lam, V = _top_eigen(Gc, d, float(xp.finfo(centre.dtype).eps), int(centre.shape[0]))
     A = (V / np.sqrt(lam)).T  # (d, t)
@@ -343,7 +338,9 @@ def _exact_from_matrix(
         G = part if G is None else G + part
     assert G is not None
     Gh = _host(G).astype(np.float64)
-    d = _check_dim(d, max(t - 1, 0), "t - 1 (centred snapshots span at most t - 1 directions)")
+    d = check_rank(
+        d, max(t - 1, 0), name="d", what="t - 1 (centred snapshots span at most t - 1 directions)"
+    )
     Gc = Gh - Gh.mean(axis=1, keepdims=True) - Gh.mean(axis=0, keepdims=True) + Gh.mean()
     lam, V = _top_eigen(Gc, d, float(xp.finfo(X.dtype).eps), D)
     A = _to_xp(xp, (V / np.sqrt(lam)).T, X)
@@ -369,7 +366,9 @@ def _randomized(
     orthonormalize: bool,
 ) -> Subspace:
     """Randomized PCA of the centred shifted vectors: all large products are blockwise ``(k, D)``."""
-    d = _check_dim(d, max(t - 1, 0), "t - 1 (centred snapshots span at most t - 1 directions)")
+    d = check_rank(
+        d, max(t - 1, 0), name="d", what="t - 1 (centred snapshots span at most t - 1 directions)"
+    )
     if oversample < 0 or power_iterations < 0:
         raise ValueError("`oversample` and `power_iterations` must be >= 0")
     k = min(d + oversample, t)

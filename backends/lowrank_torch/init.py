@@ -43,6 +43,7 @@ from lowrank_core.init import (
 
 from .convert import DEFAULT_INCLUDE, eligible_names, to_low_rank
 from .layers import LowRankLayer, LowRankWeight, dense_matrix_shape
+from .optim_state import _find
 
 __all__ = [
     "INIT_METHODS",
@@ -162,14 +163,6 @@ def _module_rank(module: nn.Module, rank_fraction: float, rank: int | None) -> i
     if rank is not None:
         return min(int(rank), k)
     return layer_rank(shape, rank_fraction)
-
-
-def _find(optimizer: torch.optim.Optimizer, p: Tensor) -> tuple[int, int] | None:
-    for gi, group in enumerate(optimizer.param_groups):
-        for pi, q in enumerate(group["params"]):
-            if q is p:
-                return gi, pi
-    return None
 
 
 def _swap_into_optimizer(optimizer: torch.optim.Optimizer, old: Tensor, new: list[Tensor]) -> None:

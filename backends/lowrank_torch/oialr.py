@@ -44,6 +44,7 @@ import lowrank_core as lc
 from .convert import DEFAULT_INCLUDE, count_trainable, eligible_names, to_low_rank
 from .layers import LowRankLayer
 from .optim_state import (
+    _find,
     dense_to_sigma_state,
     rotate_sigma_state,
     swap_parameter,
@@ -141,10 +142,6 @@ def _weight_matrices(module: nn.Module) -> list[Tensor]:
     return [matrix]
 
 
-def _optimizer_has(optimizer: torch.optim.Optimizer, p: nn.Parameter) -> bool:
-    return any(q is p for g in optimizer.param_groups for q in g["params"])
-
-
 class OIALR:
     """Drives OIALR on ``model`` trained by ``optimizer``: call :meth:`step` after each optimizer step.
 
@@ -174,7 +171,7 @@ class OIALR:
         )
         for name in self.eligible:
             for role, p in _dense_params(self.model.get_submodule(name)).items():
-                if p.requires_grad and not _optimizer_has(optimizer, p):
+                if p.requires_grad and _find(optimizer, p) is None:
                     raise ValueError(
                         f"parameter {name}.{role} is trainable but not in the optimizer; build the "
                         "optimizer from model.parameters() before creating OIALR"
@@ -279,7 +276,7 @@ class OIALR:
             if in_name in parts and "in_proj_weight" in old:
                 pairs.append((old["in_proj_weight"], parts[in_name], None, None))
         for weight, layer, old_bias, new_bias in pairs:
-            if _optimizer_has(opt, weight):
+            if _find(opt, weight) is not None:
                 dense_to_sigma_state(
                     opt, weight, layer.sigma, layer.U, layer.V, groups=layer.groups
                 )
@@ -291,7 +288,7 @@ class OIALR:
     def _replace_in_optimizer(self, old: nn.Parameter, new: nn.Parameter) -> None:
         """``new`` takes ``old``'s slot in its param group, with ``old``'s (already adapted) state."""
         opt = self.optimizer
-        if not _optimizer_has(opt, old):
+        if _find(opt, old) is None:
             return
         state = opt.state.pop(old, None)
         swap_parameter(opt, old, new)

@@ -7,30 +7,16 @@ weights after a swapped evaluation are compared with the ones before. Writes a J
 
 from __future__ import annotations
 
-import gc
-import json
-import sys
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ddp import finish, init, max_diff_across_ranks, spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lowrank_torch.cmd import CMDConfig, CMDTracker
 
 
-def _max_diff_across_ranks(t: torch.Tensor) -> float:
-    t = t.detach().to(torch.float64)
-    ref = t.clone()
-    dist.broadcast(ref, src=0)
-    diff = (t - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return float(diff)
-
-
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, init_file)
     torch.manual_seed(0)  # the same initial model everywhere
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     ddp = DDP(model)
@@ -51,9 +37,9 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         if cmd.fitted:
             state = cmd.state
             for t in (state.w_mean, state.c_wr, state.profiles, state.assignment, cmd.embedded):
-                worst_state = max(worst_state, _max_diff_across_ranks(t))
+                worst_state = max(worst_state, max_diff_across_ranks(t))
             for w in cmd.cmd_weights():
-                worst_state = max(worst_state, _max_diff_across_ranks(w))
+                worst_state = max(worst_state, max_diff_across_ranks(w))
             before = [p.detach().clone() for p in ddp.parameters()]
             with cmd.swapped(), torch.no_grad():
                 ddp.eval()
@@ -69,16 +55,9 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         "references": cmd.state.references.tolist() if cmd.state is not None else [],
         "final_loss": float(loss.detach()),
     }
-    with open(f"{out}.{rank}", "w") as fh:
-        json.dump(report, fh)
-    # Orderly shutdown (see ddp_worker.py): everyone done communicating, DDP reducers gone, then destroy.
-    dist.barrier()
-    del ddp, cmd, opt
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    del ddp, cmd, opt  # the DDP reducers hold the process group
+    finish(rank, out, report)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    mp.spawn(worker, args=(2, sys.argv[1], sys.argv[2]), nprocs=2, join=True)
+    spawn(worker)

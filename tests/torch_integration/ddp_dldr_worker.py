@@ -7,29 +7,16 @@ across processes. Writes a JSON report to ``argv[2].<rank>``.
 
 from __future__ import annotations
 
-import gc
-import json
-import sys
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ddp import finish, init, max_diff_across_ranks, spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lowrank_torch.dldr import PBFGS, PSGD, SnapshotRecorder, flatten
 
 
-def _max_diff_across_ranks(t: torch.Tensor) -> float:
-    ref = t.detach().clone()
-    dist.broadcast(ref, src=0)
-    diff = (t.detach() - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return float(diff)
-
-
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, init_file)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
     ddp = DDP(model)
@@ -55,7 +42,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         loss = nn.functional.cross_entropy(ddp(x), y)
         loss.backward()
         psgd.step()
-        worst = max(worst, _max_diff_across_ranks(flatten(model.parameters())))
+        worst = max(worst, max_diff_across_ranks(flatten(model.parameters())))
     pbfgs = PBFGS(model.parameters(), sub, model=model)
     xb, yb = batch()
     for k in range(8):
@@ -73,7 +60,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         if k == 0:
             bfgs_first = float(loss)
         bfgs_last = float(loss)
-        worst = max(worst, _max_diff_across_ranks(flatten(model.parameters())))
+        worst = max(worst, max_diff_across_ranks(flatten(model.parameters())))
     report = {
         "rank": rank,
         "max_param_diff": worst,
@@ -81,15 +68,9 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         "bfgs_last": bfgs_last,
         "snapshots": len(rec),
     }
-    with open(f"{out}.{rank}", "w") as fh:
-        json.dump(report, fh)
-    dist.barrier()
-    del ddp, opt, psgd, pbfgs
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    del ddp, opt, psgd, pbfgs  # the DDP reducers hold the process group
+    finish(rank, out, report)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    mp.spawn(worker, args=(2, sys.argv[1], sys.argv[2]), nprocs=2, join=True)
+    spawn(worker)

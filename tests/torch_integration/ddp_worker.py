@@ -6,13 +6,8 @@ factors of every low-rank layer are compared across processes. Writes a JSON rep
 
 from __future__ import annotations
 
-import gc
-import json
-import sys
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ddp import finish, init, max_diff_across_ranks, spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -20,16 +15,8 @@ import lowrank_core as lc
 from lowrank_torch.oialr import OIALR, OIALRConfig
 
 
-def _max_diff_across_ranks(t: torch.Tensor) -> float:
-    ref = t.detach().clone()
-    dist.broadcast(ref, src=0)
-    diff = (t.detach() - ref).abs().max()
-    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-    return float(diff)
-
-
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, init_file)
     torch.manual_seed(0)  # the same initial model everywhere
     model = nn.Sequential(
         nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
@@ -54,7 +41,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             no_rebuild_updates += 1
         for layer in ctrl.layers.values():
             for t in (layer.U, layer.V, layer.sigma):
-                worst = max(worst, _max_diff_across_ranks(t))
+                worst = max(worst, max_diff_across_ranks(t))
     report = {
         "rank": rank,
         "rebuilds": rebuilds,
@@ -63,18 +50,9 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         "ranks": ctrl.ranks(),
         "final_loss": float(loss.detach()),
     }
-    with open(f"{out}.{rank}", "w") as fh:
-        json.dump(report, fh)
-    # Orderly shutdown: every rank is done communicating before any rank tears the group down, and
-    # the DDP reducers (which hold the group) are gone first. Tearing down gloo while the peer is
-    # still inside its last collective can abort the peer ("terminate called ...").
-    dist.barrier()
-    del ddp, ctrl, opt
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    del ddp, ctrl, opt  # the DDP reducers hold the process group
+    finish(rank, out, report)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    mp.spawn(worker, args=(2, sys.argv[1], sys.argv[2]), nprocs=2, join=True)
+    spawn(worker)

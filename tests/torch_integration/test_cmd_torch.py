@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from _ddp import run_workers  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lowrank_reference import cmd as ref  # noqa: E402
@@ -213,19 +209,7 @@ def test_demo_method_cmd_runs():
 def test_cmd_identical_on_every_rank_under_ddp(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    worker = Path(__file__).with_name("ddp_cmd_worker.py")
-    out = tmp_path / "report"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path / "rendezvous"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    reports = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    reports = run_workers("ddp_cmd_worker.py", tmp_path, timeout=120)
     for rep in reports:
         assert rep["fitted"]
         assert rep["max_state_diff"] == 0.0, rep  # identical CMD state on both ranks

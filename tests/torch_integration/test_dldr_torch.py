@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from _ddp import run_workers  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lowrank_core.dldr import SnapshotStore, Subspace, fit_subspace  # noqa: E402
@@ -236,22 +232,29 @@ def test_parametrization_round_trip_and_errors():
 def test_p_sgd_and_p_bfgs_under_ddp_take_identical_steps(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    worker = Path(__file__).with_name("ddp_dldr_worker.py")
-    out = tmp_path / "report"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(worker), str(tmp_path / "rendezvous"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    reports = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    reports = run_workers("ddp_dldr_worker.py", tmp_path, timeout=300)
     for rep in reports:
         assert rep["max_param_diff"] == 0.0, rep
         assert rep["snapshots"] == 12
     # different shards: different local losses, yet identical steps
     assert reports[0]["bfgs_first"] != reports[1]["bfgs_first"]
     assert np.mean([r["bfgs_last"] for r in reports]) < np.mean([r["bfgs_first"] for r in reports])
+
+
+@pytest.mark.parametrize("name", ["p-sgd", "p-bfgs"])
+def test_demo_methods_switch_into_the_subspace_and_stay_there(name):
+    from lowrank_torch.demo import data, methods, models, train
+    from lowrank_torch.dldr import flatten
+
+    mnist = data.load_mnist1d(seed=0, num_samples=500)
+    model = models.build_model("mlp", seed=0)
+    method = methods.make_method(name, switch_at=0.5, d=5, snapshots=8)
+    result = train(model, mnist, method=method, epochs=4, batch_size=100, progress=False)
+    assert method.opt is not None and method.fitted_d == 5
+    assert result.trainable_share == 5 / result.dense_params
+    assert np.isfinite(result.history[-1]["train_loss"])
+    # after the switch the weights moved only inside w_switch + span(P)
+    par = method.opt.param
+    w = flatten(par.params)
+    assert not torch.equal(w, par.origin)  # it did take steps
+    torch.testing.assert_close(par.weights(par.coordinates()), w, rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ from lowrank_torch.init import (  # noqa: E402
     low_rank_model,
     train_bases_,
 )
-from lowrank_torch.layers import LowRankConv1d, LowRankLinear  # noqa: E402
+from lowrank_torch.layers import LowRankConv1d, LowRankLayer, LowRankLinear  # noqa: E402
 
 F64 = torch.float64
 
@@ -213,6 +213,20 @@ def test_demo_methods_register_and_train_a_step():
         loss = F.cross_entropy(model(torch.randn(8, 40)), torch.randint(0, 10, (8,)))
         loss.backward()
         opt.step()
+
+
+def test_demo_methods_keep_the_first_layer_dense_unless_asked():
+    from lowrank_torch.demo.methods import make_method
+    from lowrank_torch.demo.models import build_model
+
+    for keep in (None, False):
+        model = build_model("cnn", seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        options = {} if keep is None else {"keep_first": keep}
+        make_method("lowrank-nonlinear", **options).setup(model, opt, steps_per_epoch=1, epochs=1)
+        first, second = model.features[0], model.features[2]
+        assert isinstance(second, LowRankLayer)  # the later convs are factorized either way
+        assert isinstance(first, LowRankLayer) == (keep is False)
 
 
 def test_frobenius_decay_penalty_gradients():
