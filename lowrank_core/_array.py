@@ -5,12 +5,12 @@ Nothing here is public API; it keeps the checks (and their messages) identical e
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat
 
+from ._validate import check_int
 from .errors import (
     ArrayTypeError,
     DeviceMismatchError,
@@ -111,18 +111,15 @@ def result_dtype(xp: Namespace, *arrays: Array) -> Any:
 
 
 def check_rank(rank: object, upper: int, *, name: str = "rank", what: str = "min(m, n)") -> int:
-    """A rank must be a true integer (not bool) in ``1..upper``."""
-    if isinstance(rank, bool):
-        raise RankError(f"`{name}` must be an integer, got a bool ({rank})")
-    try:
-        value = operator.index(rank)  # type: ignore[arg-type]
-    except TypeError:
-        raise RankError(f"`{name}` must be an integer, got {type(rank).__name__}") from None
-    if value < 1:
-        raise RankError(f"`{name}` must be >= 1, got {value}")
-    if value > upper:
-        raise RankError(f"`{name}` must be <= {what} = {upper}, got {value}")
-    return value
+    """A rank must be a true integer (not bool, not a float such as 2.0 or 2.5) in ``1..upper``.
+
+    NumPy integer scalars are accepted. Both a wrong type and a value out of range raise ``RankError``
+    (the SPEC's rule for ranks).
+    """
+    result: int = check_int(
+        name, rank, min=1, max=upper, max_name=what, error=RankError, type_error=RankError
+    )
+    return result
 
 
 def diag_embed(xp: Namespace, d: Array) -> Array:

@@ -13,6 +13,8 @@ __all__ = [
     "DeviceMismatchError",
     "LowRankError",
     "NonFiniteError",
+    "ParameterError",
+    "ParameterTypeError",
     "RankError",
     "ShapeError",
     "SpectrumError",
@@ -49,3 +51,15 @@ class RankError(LowRankError, ValueError):
 
 class SpectrumError(LowRankError, ValueError):
     """A spectrum is not a valid list of singular values (negative, or not in descending order)."""
+
+
+class ParameterError(LowRankError, ValueError):
+    """A scalar or option argument has an invalid value (out of range, NaN, not one of the choices)."""
+
+
+class ParameterTypeError(ParameterError, TypeError):
+    """A scalar, option or shape argument has the wrong type (a string, None, bool, float for an int).
+
+    Also a ``ParameterError`` (so ``except ParameterError`` catches every bad parameter) and a
+    ``TypeError``.
+    """
