@@ -93,7 +93,7 @@ def _cases(
     Sigma = torch.randn(k, k, generator=gen, dtype=DTYPE)
     return [
         ("svd", lambda: lc.svd(a), lambda: torch_svd(a)),
-        ("polar", lambda: lc.polar(a), lambda: torch_polar(a)),
+        ("orthogonal_factor", lambda: lc.orthogonal_factor(a), lambda: torch_polar(a)),
         (
             "basis_stability",
             lambda: lc.basis_stability(a, a_next),

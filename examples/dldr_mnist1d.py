@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from lowrank_torch.demo.data import load_mnist1d
 from lowrank_torch.demo.models import build_model, count_params
 from lowrank_torch.demo.train import evaluate
-from lowrank_torch.dldr import PBFGS, PSGD, SnapshotRecorder
+from lowrank_torch.dldr import SnapshotRecorder, SubspaceBFGS, SubspaceSGD
 
 
 def batches(n: int, size: int, gen: torch.Generator) -> list[Tensor]:
@@ -114,10 +114,12 @@ def main() -> None:
         model.load_state_dict(switch_state)
         g = torch.Generator().manual_seed(args.seed + 1)
         if name == "P-SGD":
-            sub_opt: torch.optim.Optimizer = PSGD(model.parameters(), subspace, lr=args.psgd_lr)
+            sub_opt: torch.optim.Optimizer = SubspaceSGD(
+                model.parameters(), subspace, lr=args.psgd_lr
+            )
             subspace_epochs(model, sub_opt, x, y, args.sub_epochs, args.batch, g)
         else:
-            sub_opt = PBFGS(model.parameters(), subspace, model=model)
+            sub_opt = SubspaceBFGS(model.parameters(), subspace, model=model)
             subspace_epochs(model, sub_opt, x, y, args.sub_epochs, args.bfgs_batch, g)
         rows.append((name, evaluate(model, data.x_test, data.y_test)[1], subspace.d))
 

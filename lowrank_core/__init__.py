@@ -44,7 +44,7 @@ from .init import (
     relu_function_error,
     spectral_init,
 )
-from .linalg import QRResult, SVDResult, polar, qr, svd
+from .linalg import PolarResult, QRResult, SVDResult, orthogonal_factor, polar, qr, svd
 from .rank import (
     EffectiveRank,
     Energy,
@@ -85,6 +85,7 @@ __all__ = [
     "OptimalHardThreshold",
     "ParameterError",
     "ParameterTypeError",
+    "PolarResult",
     "QRResult",
     "RankError",
     "RankRule",
@@ -116,6 +117,7 @@ __all__ = [
     "matrix_shape",
     "matrix_to_weight",
     "nonlinear_init",
+    "orthogonal_factor",
     "polar",
     "polar_stability",
     "principal_angle_cosines",

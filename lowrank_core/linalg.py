@@ -16,16 +16,34 @@ from typing import NamedTuple
 
 from ._array import Array, Namespace, cast_to, check_matrix, namespace, upcast
 from .backend import get_backend
+from .errors import ParameterError
 
-__all__ = ["QRResult", "SVDResult", "polar", "qr", "svd"]
+__all__ = ["PolarResult", "QRResult", "SVDResult", "orthogonal_factor", "polar", "qr", "svd"]
 
 
 class SVDResult(NamedTuple):
-    """Thin SVD ``a = U @ diag(S) @ V.mT`` with ``U (..., m, k)``, ``S (..., k)``, ``V (..., n, k)``."""
+    """Thin SVD ``a = U @ diag(S) @ Vh`` with ``U (..., m, k)``, ``S (..., k)``, ``Vh (..., k, n)``.
+
+    The same fields, in the same order, as the array API standard's and ``torch.linalg.svd``'s
+    result: ``U, S, Vh = lowrank_core.svd(a)`` unpacks exactly like ``xp.linalg.svd``. The right
+    singular vectors as columns are ``Vh.mT`` (a view, no copy).
+    """
 
     U: Array
     S: Array
-    V: Array
+    Vh: Array
+
+
+class PolarResult(NamedTuple):
+    """Polar decomposition, as ``scipy.linalg.polar`` returns it.
+
+    ``side="right"``: ``a = u @ p`` with ``p (..., n, n)``; ``side="left"``: ``a = p @ u`` with
+    ``p (..., m, m)``. ``u (..., m, n)`` has orthonormal columns (``m >= n``) or rows (``m < n``),
+    ``p`` is symmetric positive semi-definite.
+    """
+
+    u: Array
+    p: Array
 
 
 class QRResult(NamedTuple):
@@ -59,13 +77,17 @@ def _svd(xp: Namespace, a: Array) -> tuple[Array, Array, Array]:
 def svd(a: Array, *, check_finite: bool = True) -> SVDResult:
     """Thin, sign-canonical SVD of a matrix or a stack of matrices.
 
-    Returns ``SVDResult(U, S, V)`` with ``a = U @ diag(S) @ V.mT`` (note: ``V``, not ``Vh``), ``S``
-    descending. Raises ``NonFiniteError`` on NaN/Inf unless ``check_finite=False``.
+    Returns ``SVDResult(U, S, Vh)`` with ``a = U @ diag(S) @ Vh`` and ``S`` descending, exactly the
+    layout of the array API standard's ``linalg.svd(a, full_matrices=False)``; the signs are fixed:
+    in each column of ``U`` the entry of largest magnitude (the first on ties) is positive, and the
+    matching row of ``Vh`` is flipped with it. Raises ``NonFiniteError`` on NaN/Inf unless
+    ``check_finite=False``.
     """
     xp = namespace(a=a)
     check_matrix(xp, a, "a", finite=check_finite)
     U, S, V = _svd(xp, a)
-    return SVDResult(cast_to(xp, U, a.dtype), cast_to(xp, S, a.dtype), cast_to(xp, V, a.dtype))
+    Vh = xp.matrix_transpose(V)
+    return SVDResult(cast_to(xp, U, a.dtype), cast_to(xp, S, a.dtype), cast_to(xp, Vh, a.dtype))
 
 
 def _qr(xp: Namespace, a: Array) -> tuple[Array, Array]:
@@ -89,12 +111,33 @@ def _polar(xp: Namespace, a: Array) -> Array:
     return U @ xp.matrix_transpose(V)
 
 
-def polar(a: Array, *, check_finite: bool = True) -> Array:
-    """The orthogonal polar factor ``U @ V.mT`` of ``a`` (thin SVD), shape ``(..., m, n)``.
+def orthogonal_factor(a: Array, *, check_finite: bool = True) -> Array:
+    """The orthogonal polar factor ``u = U @ V.mT`` of ``a`` (thin SVD), shape ``(..., m, n)``.
 
-    For a full-rank ``a`` it is unique (independent of the signs of singular vectors): the closest
-    matrix with orthonormal columns (``m >= n``) or rows (``m < n``) to ``a``.
+    The ``u`` of :func:`polar`, without computing ``p``: what basis-stability checks need. For a
+    full-rank ``a`` it is unique (independent of the signs of singular vectors): the closest matrix
+    with orthonormal columns (``m >= n``) or rows (``m < n``) to ``a``.
     """
     xp = namespace(a=a)
     check_matrix(xp, a, "a", finite=check_finite)
     return cast_to(xp, _polar(xp, a), a.dtype)
+
+
+def polar(a: Array, side: str = "right", *, check_finite: bool = True) -> PolarResult:
+    """Polar decomposition of a matrix or a stack, with ``scipy.linalg.polar``'s conventions.
+
+    ``side="right"`` (default): ``a = u @ p``, ``p = V diag(S) V^T`` of shape ``(..., n, n)``;
+    ``side="left"``: ``a = p @ u``, ``p = U diag(S) U^T`` of shape ``(..., m, m)``. ``u`` is
+    :func:`orthogonal_factor` ``(a)``. Computed from one thin SVD (in float32 for half-precision
+    inputs, cast back).
+    """
+    if side not in ("right", "left"):
+        raise ParameterError(f"`side` must be 'right' or 'left', got {side!r}")
+    xp = namespace(a=a)
+    check_matrix(xp, a, "a", finite=check_finite)
+    U, S, V = _raw_svd(xp, upcast(xp, a))
+    u = U @ xp.matrix_transpose(V)
+    basis = V if side == "right" else U
+    p = (basis * S[..., None, :]) @ xp.matrix_transpose(basis)
+    p = (p + xp.matrix_transpose(p)) / 2
+    return PolarResult(cast_to(xp, u, a.dtype), cast_to(xp, p, a.dtype))

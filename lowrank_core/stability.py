@@ -41,10 +41,11 @@ def basis_stability(previous: Array, current: Array, *, check_finite: bool = Tru
 def polar_stability(
     previous_polar: Array, current_polar: Array, *, check_finite: bool = True
 ) -> Array:
-    """:func:`basis_stability` from already computed polar factors (``lowrank_core.polar`` of each snapshot).
+    """:func:`basis_stability` from already computed orthogonal polar factors.
 
-    ``basis_stability(a, b) == polar_stability(polar(a), polar(b))``. A caller that checks a layer
-    repeatedly (OIALR's warm-up) keeps the previous check's polar factor and so computes one SVD per
+    The inputs are :func:`lowrank_core.orthogonal_factor` of each snapshot:
+    ``basis_stability(a, b) == polar_stability(orthogonal_factor(a), orthogonal_factor(b))``. A caller
+    that checks a layer repeatedly (OIALR's warm-up) keeps the previous check's polar factor and so computes one SVD per
     check instead of two. The inputs are used as given (not re-orthogonalized).
     """
     xp = namespace(previous_polar=previous_polar, current_polar=current_polar)

@@ -48,17 +48,18 @@ def test_half_precision_svd_factorize_polar(backend, half, data):
     before = snapshot(backend, a)
     seen = backend.to_numpy(a).astype(np.float64)
     m, n = case.m, case.n
-    U, S, V = lc.svd(a)
-    for name, x in (("U", U), ("S", S), ("V", V)):
+    U, S, Vh = lc.svd(a)
+    for name, x in (("U", U), ("S", S), ("Vh", Vh)):
         assert_in_library(x, a, what=f"svd {name} ({half})")
-    U_, S_, V_ = (backend.to_numpy(x).astype(np.float64) for x in (U, S, V))
+    U_, S_, Vh_ = (backend.to_numpy(x).astype(np.float64) for x in (U, S, Vh))
+    V_ = np.swapaxes(Vh_, -1, -2)
     smax = float(np.max(case.s))
     f32 = 20 * eps("float32") * case.cond * math.sqrt(max(m, n))
     for idx in batch_indices(case.batch):
         _, Sr, _ = ref.svd(seen[idx])
         assert_close(S_[idx], Sr, atol=(2 * eps(half) + f32) * smax, err_msg=f"S at {idx}")
-        assert_close(backend.to_numpy(lc.polar(a))[idx], ref.polar(seen[idx]),
-                     atol=2 * eps(half) + f32, err_msg=f"polar at {idx}")  # fmt: skip
+        assert_close(backend.to_numpy(lc.orthogonal_factor(a))[idx], ref.orthogonal_factor(seen[idx]),
+                     atol=2 * eps(half) + f32, err_msg=f"orthogonal_factor at {idx}")  # fmt: skip
     recon_tol = (4 * eps(half) + f32) * smax * math.sqrt(max(m, n))
     assert_close(product(U_, S_, V_), seen, atol=recon_tol)
     f = lc.factorize(a)
@@ -66,7 +67,9 @@ def test_half_precision_svd_factorize_polar(backend, half, data):
         assert_in_library(x, a, what=f"factorize {name} ({half})")
     f_ = [backend.to_numpy(x).astype(np.float64) for x in f]
     assert_close(product(*f_), seen, atol=recon_tol)
-    assert_in_library(lc.polar(a), a, what=f"polar ({half})")
+    assert_in_library(lc.orthogonal_factor(a), a, what=f"orthogonal_factor ({half})")
+    for name, x in zip(("u", "p"), lc.polar(a), strict=True):
+        assert_in_library(x, a, what=f"polar {name} ({half})")
     assert_unchanged(backend, before, a)
 
 
@@ -134,7 +137,8 @@ def test_float32_results_are_float32(backend, data):
     outs = {
         "svd": lc.svd(a),
         "qr": lc.qr(a),
-        "polar": (lc.polar(a),),
+        "polar": lc.polar(a),
+        "orthogonal_factor": (lc.orthogonal_factor(a),),
         "factorize": lc.factorize(a),
         "basis_stability": (lc.basis_stability(a, a),),
         "principal_angle_cosines": (lc.principal_angle_cosines(a, a),),

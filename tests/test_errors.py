@@ -16,6 +16,7 @@ MATRIX_CALLS = {
     "svd": lambda a, **kw: lc.svd(a, **kw),
     "qr": lambda a, **kw: lc.qr(a, **kw),
     "polar": lambda a, **kw: lc.polar(a, **kw),
+    "orthogonal_factor": lambda a, **kw: lc.orthogonal_factor(a, **kw),
     "factorize": lambda a, **kw: lc.factorize(a, **kw),
     "basis_stability": lambda a, **kw: lc.basis_stability(a, a, **kw),
     "principal_angle_cosines": lambda a, **kw: lc.principal_angle_cosines(a, a, **kw),
@@ -194,7 +195,9 @@ def test_results_stay_on_a_second_device():
     for x in lc.factorize(a, rank=2):
         assert x.device == dev
     assert lc.basis_stability(a, a).device == dev
-    assert lc.polar(a).device == dev
+    assert lc.orthogonal_factor(a).device == dev
+    for x in lc.polar(a):
+        assert x.device == dev
 
 
 @pytest.mark.parametrize("rank", [0, -1, True, False, 2.0, 5, 100], ids=str)

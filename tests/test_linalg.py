@@ -43,6 +43,22 @@ def _recon_tol(dtype, smax, m, n):
 # --------------------------------------------------------------------------------------------------
 # svd
 # --------------------------------------------------------------------------------------------------
+def _np_svd(backend, a):
+    """``lc.svd(a)`` as NumPy ``(U, S, V)`` with the right singular vectors as columns."""
+    U, S, Vh = lc.svd(a)
+    return backend.to_numpy(U), backend.to_numpy(S), np.swapaxes(backend.to_numpy(Vh), -1, -2)
+
+
+def test_svd_unpacks_like_the_standard(backend):
+    """``U, S, Vh = svd(a)`` has the layout of ``xp.linalg.svd(a, full_matrices=False)``."""
+    x = np.array([[3.0, 1.0, 0.5], [1.0, 2.0, 0.0]])
+    U, S, Vh = (backend.to_numpy(t) for t in lc.svd(backend.asarray(x, "float64")))
+    assert Vh.shape == (2, 3)
+    np.testing.assert_allclose((U * S) @ Vh, x, atol=1e-12)
+    _, _, vh_np = np.linalg.svd(x, full_matrices=False)
+    np.testing.assert_allclose(np.abs(Vh), np.abs(vh_np), atol=1e-12)
+
+
 @given(data=st.data())
 def test_svd_matches_reference(backend, dtype, data):
     case = data.draw(matrix_cases(dtype), label="case")
@@ -50,20 +66,23 @@ def test_svd_matches_reference(backend, dtype, data):
     before = snapshot(backend, a)
     res = lc.svd(a)
     assert isinstance(res, lc.SVDResult)
-    U, S, V = res
+    U, S, Vh = res
     assert res.U is U
     assert res.S is S
-    assert res.V is V
-    for name, x in (("U", U), ("S", S), ("V", V)):
+    assert res.Vh is Vh
+    assert res._fields == ("U", "S", "Vh")  # the array API standard's field names and order
+    for name, x in (("U", U), ("S", S), ("Vh", Vh)):
         assert_in_library(x, a, what=f"svd {name}")
     m, n, k = case.m, case.n, case.k
     assert tuple(U.shape) == (*case.batch, m, k)
     assert tuple(S.shape) == (*case.batch, k)
-    assert tuple(V.shape) == (*case.batch, n, k)
-    U_, S_, V_ = backend.to_numpy(U), backend.to_numpy(S), backend.to_numpy(V)
+    assert tuple(Vh.shape) == (*case.batch, k, n)
+    U_, S_ = backend.to_numpy(U), backend.to_numpy(S)
+    V_ = np.swapaxes(backend.to_numpy(Vh), -1, -2)
     seen = _seen(backend, a)
     for idx in batch_indices(case.batch):
-        Ur, Sr, Vr = ref.svd(seen[idx])
+        Ur, Sr, Vhr = ref.svd(seen[idx])
+        Vr = Vhr.T
         assert_close(S_[idx], Sr, atol=value_tolerance(Sr[0], m, n, dtype), err_msg=f"S at {idx}")
         vt = vector_tolerances(Sr, m, n, dtype)
         flips = sign_is_ambiguous(Ur, vt)
@@ -83,8 +102,7 @@ def test_svd_identities(backend, dtype, data):
         label="case",
     )
     a = backend.asarray(case.a, dtype)
-    U, S, V = lc.svd(a)
-    U_, S_, V_ = backend.to_numpy(U), backend.to_numpy(S), backend.to_numpy(V)
+    U_, S_, V_ = _np_svd(backend, a)
     m, n = case.m, case.n
     assert orthonormality_error(U_) <= _orth_tol(dtype, m, n)
     assert orthonormality_error(V_) <= _orth_tol(dtype, m, n)
@@ -98,18 +116,18 @@ def test_svd_identities(backend, dtype, data):
 def test_svd_sign_rule_hand_examples(backend, dtype):
     # a = [[0, 2], [3, 0]]: s = (3, 2); u1 = +e2, v1 = +e1; u2 = +e1, v2 = +e2
     a = backend.asarray(np.array([[0.0, 2.0], [3.0, 0.0]]), dtype)
-    U, S, V = (backend.to_numpy(x) for x in lc.svd(a))
+    U, S, V = _np_svd(backend, a)
     np.testing.assert_allclose(S, [3.0, 2.0], rtol=10 * eps(dtype))
     np.testing.assert_allclose(U, [[0.0, 1.0], [1.0, 0.0]], atol=10 * eps(dtype))
     np.testing.assert_allclose(V, [[1.0, 0.0], [0.0, 1.0]], atol=10 * eps(dtype))
     # a = [[0, -2], [-3, 0]]: u's largest entry made positive, the sign goes to v
     a = backend.asarray(np.array([[0.0, -2.0], [-3.0, 0.0]]), dtype)
-    U, S, V = (backend.to_numpy(x) for x in lc.svd(a))
+    U, S, V = _np_svd(backend, a)
     np.testing.assert_allclose(U, [[0.0, 1.0], [1.0, 0.0]], atol=10 * eps(dtype))
     np.testing.assert_allclose(V, [[-1.0, 0.0], [0.0, -1.0]], atol=10 * eps(dtype))
     # a column vector with a negative dominant entry: u = a / |a| flipped to make -4 positive
     a = backend.asarray(np.array([[3.0], [-4.0]]), dtype)
-    U, S, V = (backend.to_numpy(x) for x in lc.svd(a))
+    U, S, V = _np_svd(backend, a)
     np.testing.assert_allclose(S, [5.0], rtol=10 * eps(dtype))
     np.testing.assert_allclose(U, [[-0.6], [0.8]], atol=10 * eps(dtype))
     np.testing.assert_allclose(V, [[-1.0]], atol=10 * eps(dtype))
@@ -117,7 +135,7 @@ def test_svd_sign_rule_hand_examples(backend, dtype):
 
 def test_svd_zero_matrix(backend, dtype):
     a = backend.asarray(np.zeros((2, 4, 3)), dtype)
-    U, S, V = (backend.to_numpy(x) for x in lc.svd(a))
+    U, S, V = _np_svd(backend, a)
     assert U.shape == (2, 4, 3)
     assert S.shape == (2, 3)
     assert V.shape == (2, 3, 3)
@@ -182,12 +200,12 @@ def test_qr_sign_hand_example(backend, dtype):
 # polar
 # --------------------------------------------------------------------------------------------------
 @given(data=st.data())
-def test_polar(backend, dtype, data):
+def test_orthogonal_factor(backend, dtype, data):
     case = data.draw(matrix_cases(dtype, gap=None), label="case")
     a = backend.asarray(case.a, dtype)
     before = snapshot(backend, a)
-    P = lc.polar(a)
-    assert_in_library(P, a, what="polar")
+    P = lc.orthogonal_factor(a)
+    assert_in_library(P, a, what="orthogonal_factor")
     m, n = case.m, case.n
     assert tuple(P.shape) == (*case.batch, m, n)
     P_ = backend.to_numpy(P)
@@ -200,26 +218,69 @@ def test_polar(backend, dtype, data):
     assert_close(P_, case.U @ np.swapaxes(case.V, -1, -2), atol=tol + 20 * eps(dtype))
     seen = _seen(backend, a)
     for idx in batch_indices(case.batch):
-        assert_close(P_[idx], ref.polar(seen[idx]), atol=tol, err_msg=f"at {idx}")
+        assert_close(P_[idx], ref.orthogonal_factor(seen[idx]), atol=tol, err_msg=f"at {idx}")
     assert_unchanged(backend, before, a)
 
 
-def test_polar_hand_example(backend, dtype):
+def test_orthogonal_factor_hand_example(backend, dtype):
     # a = diag(3, -2) -> U V^T = diag(1, -1)
     a = backend.asarray(np.diag([3.0, -2.0]), dtype)
     np.testing.assert_allclose(
-        backend.to_numpy(lc.polar(a)), np.diag([1.0, -1.0]), atol=10 * eps(dtype)
+        backend.to_numpy(lc.orthogonal_factor(a)), np.diag([1.0, -1.0]), atol=10 * eps(dtype)
     )
     # a = [[0, 5]] (1 x 2) -> [[0, 1]]
     a = backend.asarray(np.array([[0.0, 5.0]]), dtype)
-    np.testing.assert_allclose(backend.to_numpy(lc.polar(a)), [[0.0, 1.0]], atol=10 * eps(dtype))
+    np.testing.assert_allclose(
+        backend.to_numpy(lc.orthogonal_factor(a)), [[0.0, 1.0]], atol=10 * eps(dtype)
+    )
+
+
+@given(data=st.data(), side=st.sampled_from(["right", "left"]))
+def test_polar_matches_scipy_convention(backend, dtype, data, side):
+    """``polar(a, side)`` is ``(u, p)`` with ``a = u p`` (right) or ``a = p u`` (left), ``p`` PSD,
+    and ``u`` the orthogonal factor; compared with the reference and with ``scipy.linalg.polar``."""
+    import scipy.linalg
+
+    case = data.draw(matrix_cases(dtype, gap=None), label="case")
+    a = backend.asarray(case.a, dtype)
+    before = snapshot(backend, a)
+    res = lc.polar(a, side)
+    assert isinstance(res, lc.PolarResult)
+    u, p = res
+    assert_in_library(u, a, what="polar u")
+    assert_in_library(p, a, what="polar p")
+    m, n = case.m, case.n
+    k = n if side == "right" else m
+    assert tuple(u.shape) == (*case.batch, m, n)
+    assert tuple(p.shape) == (*case.batch, k, k)
+    u_, p_ = backend.to_numpy(u), backend.to_numpy(p)
+    seen = _seen(backend, a)
+    tol = 20 * eps(dtype) * case.cond * np.sqrt(max(m, n))
+    scale = float(np.max(case.s, initial=0.0))
+    for idx in batch_indices(case.batch):
+        ur, pr = ref.polar(seen[idx], side)
+        assert_close(u_[idx], ur, atol=tol, err_msg=f"u at {idx}")
+        assert_close(p_[idx], pr, atol=tol * max(scale, 1.0), err_msg=f"p at {idx}")
+        np.testing.assert_allclose(p_[idx], np.swapaxes(p_[idx], -1, -2), atol=0)
+        # p = (a^T a)^(1/2) (right) or (a a^T)^(1/2) (left) is unique for every shape
+        _, ps = scipy.linalg.polar(seen[idx], side=side)
+        assert_close(p_[idx], ps, atol=tol * max(scale, 1.0), err_msg=f"p vs scipy at {idx}")
+        recon = u_[idx] @ p_[idx] if side == "right" else p_[idx] @ u_[idx]
+        assert_close(recon, seen[idx], atol=_recon_tol(dtype, case.s, m, n))
+    assert_unchanged(backend, before, a)
+
+
+def test_polar_rejects_a_bad_side(backend):
+    a = backend.asarray(np.eye(3), "float64")
+    with pytest.raises(lc.ParameterError, match="side"):
+        lc.polar(a, "up")
 
 
 @given(data=st.data())
 def test_check_finite_false_same_result(backend, data):
     case = data.draw(matrix_cases("float64", batch=False), label="case")
     a = backend.asarray(case.a, "float64")
-    for fn in (lc.svd, lc.qr, lc.polar):
+    for fn in (lc.svd, lc.qr, lc.polar, lc.orthogonal_factor):
         r1 = fn(a)
         r2 = fn(a, check_finite=False)
         r1 = r1 if isinstance(r1, tuple) else (r1,)
@@ -228,7 +289,11 @@ def test_check_finite_false_same_result(backend, data):
             np.testing.assert_allclose(backend.to_numpy(x), backend.to_numpy(y), atol=1e-12)
 
 
-@pytest.mark.parametrize("fn", [lc.svd, lc.qr, lc.polar], ids=["svd", "qr", "polar"])
+@pytest.mark.parametrize(
+    "fn",
+    [lc.svd, lc.qr, lc.polar, lc.orthogonal_factor],
+    ids=["svd", "qr", "polar", "orthogonal_factor"],
+)
 def test_check_finite_false_skips_the_check(backend, fn):
     """check_finite=False must not raise NonFiniteError (the backend may do anything else)."""
     a = np.ones((3, 3))

@@ -79,7 +79,7 @@ def test_polar_stability_equals_basis_stability_of_the_snapshots(backend, dtype,
     noise = rng.standard_normal(prev_case.a.shape) * float(np.max(prev_case.s))
     p = backend.asarray(prev_case.a, dtype)
     c = backend.asarray(prev_case.a + t * noise, dtype)
-    qp, qc = lc.polar(p), lc.polar(c)
+    qp, qc = lc.orthogonal_factor(p), lc.orthogonal_factor(c)
     before = snapshot(backend, qp, qc)
     out = lc.polar_stability(qp, qc)
     assert_in_library(out, p, what="polar_stability")

@@ -55,16 +55,16 @@ __all__ += [
 ]
 
 from .cmd import CMDConfig, CMDTracker  # noqa: E402
-from .dldr import PBFGS, PSGD, SnapshotRecorder, SubspaceParametrization  # noqa: E402
+from .dldr import SnapshotRecorder, SubspaceBFGS, SubspaceParametrization, SubspaceSGD  # noqa: E402
 from .init import frobenius_decay_penalty, init_low_rank_layer_, low_rank_model  # noqa: E402
 
 __all__ += [
-    "PBFGS",
-    "PSGD",
     "CMDConfig",
     "CMDTracker",
     "SnapshotRecorder",
+    "SubspaceBFGS",
     "SubspaceParametrization",
+    "SubspaceSGD",
     "frobenius_decay_penalty",
     "init_low_rank_layer_",
     "low_rank_model",

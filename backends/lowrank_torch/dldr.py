@@ -9,9 +9,9 @@ adds what touches ``nn.Module`` and ``torch.optim``:
   (or on demand with :meth:`~SnapshotRecorder.record`, e.g. once per epoch);
 * :class:`SubspaceParametrization`: the parameters as ``w = w0 + P^T c``; :meth:`set` writes them from
   ``c``, :meth:`coordinate_grad` is ``P g``;
-* :class:`PSGD` and :class:`PBFGS`: ``torch.optim.Optimizer`` subclasses over the model's parameters
+* :class:`SubspaceSGD` and :class:`SubspaceBFGS`: ``torch.optim.Optimizer`` subclasses over the model's parameters
   and a subspace. ``P`` lives in memory as one tensor on the parameters' device: there is no disk I/O
-  per step or per line-search trial. :class:`PBFGS` keeps BatchNorm running statistics exactly as
+  per step or per line-search trial. :class:`SubspaceBFGS` keeps BatchNorm running statistics exactly as
   they were after the step's first (real) forward: trial forwards are undone (pass ``model=``).
 
 Under DistributedDataParallel every rank holds the same ``P`` and DDP averages the gradients, so the
@@ -39,10 +39,10 @@ from lowrank_core.dldr import (
 )
 
 __all__ = [
-    "PBFGS",
-    "PSGD",
     "SnapshotRecorder",
+    "SubspaceBFGS",
     "SubspaceParametrization",
+    "SubspaceSGD",
     "batchnorm_buffers",
     "flat_grad",
     "flatten",
@@ -215,7 +215,7 @@ def _single_group(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return list(optimizer.param_groups[0]["params"])
 
 
-class PSGD(torch.optim.Optimizer):
+class SubspaceSGD(torch.optim.Optimizer):
     """SGD with momentum inside the subspace: ``v <- m v + P g``, ``c <- c - lr v``, ``w = w0 + P^T c``.
 
     (Equal to the published ``g_P = P^T P g`` with momentum in weight space, as momentum is linear,
@@ -267,7 +267,7 @@ class PSGD(torch.optim.Optimizer):
         return loss
 
 
-class PBFGS(torch.optim.Optimizer):
+class SubspaceBFGS(torch.optim.Optimizer):
     """Quasi-Newton (inverse-Hessian BFGS) in the subspace with Armijo backtracking, per minibatch.
 
     Each :meth:`step(closure) <step>` (``closure`` zeroes the gradients, computes the minibatch loss,
@@ -330,7 +330,9 @@ class PBFGS(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One P-BFGS step; returns the loss at the weights before the step."""
         if closure is None:
-            raise ValueError("PBFGS.step needs a closure (loss and gradients of the minibatch)")
+            raise ValueError(
+                "SubspaceBFGS.step needs a closure (loss and gradients of the minibatch)"
+            )
         group = self.param_groups[0]
         st = self.state[group["params"][0]]
         with torch.enable_grad():

@@ -22,8 +22,9 @@ All math (stability, SVDs, rank rules, rotations) is ``lowrank_core``'s. Usage::
     for x, y in data:
         loss = loss_fn(model(x), y)
         optimizer.zero_grad(); loss.backward(); optimizer.step()
-        if ctrl.step():          # True when parameters were replaced or changed shape:
-            ...                  # rebuild a DistributedDataParallel wrapper here (and only then)
+        ctrl.step()
+        if ctrl.structure_changed:  # parameters were replaced or changed shape:
+            ...                     # rebuild a DistributedDataParallel wrapper here (and only then)
 
 The controller's own state (switched layers, ranks, step count, stability snapshots, history) is saved
 with :meth:`OIALR.state_dict`; :func:`lowrank_torch.checkpoint.load_checkpoint` restores it into a
@@ -147,8 +148,9 @@ class OIALR:
 
     ``model`` may be wrapped in DistributedDataParallel: the controller works on ``model.module``. Every
     process must call :meth:`step` at the same steps; the decisions depend only on the (identical)
-    weights, so all processes make the same ones. When :meth:`step` returns ``True`` the set or shapes of
-    parameters changed, and a DDP wrapper must be rebuilt; checks that change no shape return ``False``.
+    weights, so all processes make the same ones. After a :meth:`step` that replaced parameters or changed
+    their shapes, :attr:`structure_changed` is ``True`` and a DDP wrapper must be rebuilt; after checks
+    that change no shape it is ``False``.
     """
 
     def __init__(
@@ -178,6 +180,10 @@ class OIALR:
                     )
         self.dense_trainable = count_trainable(self.model)
         self.step_count = 0
+        #: True when the last :meth:`step` replaced parameters or changed their shapes (the optimizer
+        #: already holds the new ones; a DDP wrapper must be rebuilt); False after checks that change
+        #: no shape.
+        self.structure_changed = False
         self.switched: dict[str, int] = {}  # layer name -> step of its switch
         self.layers: dict[str, LowRankLayer] = {}  # low-rank part name -> layer
         self._parts: dict[str, list[str]] = {}  # layer name -> its low-rank part names
@@ -200,8 +206,14 @@ class OIALR:
         return count_trainable(self.model) / (dense_params or self.dense_trainable)
 
     # ------------------------------------------------------------------ the schedule
-    def step(self) -> bool:
-        """Advance one training step; run the checks that are due. Returns whether parameters changed."""
+    def step(self) -> None:
+        """Advance one training step and run the checks that are due (call it after ``optimizer.step()``).
+
+        Returns ``None``, like ``torch.optim.lr_scheduler.LRScheduler.step``. Whether this step replaced
+        parameters or changed their shapes (so that a DDP wrapper must be rebuilt) is
+        :attr:`structure_changed`.
+        """
+        self.structure_changed = False
         self.step_count += 1
         t = self.step_count
         c = self.config
@@ -218,13 +230,15 @@ class OIALR:
                     changed = True
             if self.layers and t % c.update_every == 0:
                 changed |= self._update_ranks(t)
-        return changed
+        self.structure_changed = changed
 
     def _check_stability(self, t: int) -> list[str]:
         ready: list[str] = []
         for name in self.pending:
             # Keep each check's polar factors, not the weights: one SVD per matrix per check.
-            polars = [lc.polar(m) for m in _weight_matrices(self.model.get_submodule(name))]
+            polars = [
+                lc.orthogonal_factor(m) for m in _weight_matrices(self.model.get_submodule(name))
+            ]
             prev = self._snapshots.get(name)
             self._snapshots[name] = polars
             if prev is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import cmd, dldr, init  # DLDR, CMD and low-rank initialization, by module
 from .factors import factorize, reconstruct, rediagonalize, rotate_sigma, truncate
-from .linalg import polar, qr, svd
+from .linalg import orthogonal_factor, polar, qr, svd
 from .rank import (
     effective_rank_rule,
     energy_rank,
@@ -34,6 +34,7 @@ __all__ = [
     "init",
     "matrix_to_weight",
     "optimal_hard_threshold_rank",
+    "orthogonal_factor",
     "polar",
     "principal_angle_cosines",
     "projector_distance",

@@ -31,7 +31,8 @@ def factorize(
     x = as_matrix(a, "a")
     k = min(x.shape)
     r = k if rank is None else check_rank(rank, k)
-    U, S, V = svd(x)
+    U, S, Vh = svd(x)
+    V = Vh.T
     Sigma = np.zeros((r, r))
     for i in range(r):
         Sigma[i, i] = S[i]
@@ -51,7 +52,8 @@ def rediagonalize(
     """SVD ``Sigma = P diag(sig) Q^T`` (sign-canonical); returns
     ``(U P, diag(sig), V Q, sig, P, Q)``."""
     u, s, v = _factors(U, Sigma, V)
-    P, sig, Q = svd(s)
+    P, sig, Qh = svd(s)
+    Q = Qh.T
     return u @ P, np.diag(sig), v @ Q, sig, P, Q
 
 

@@ -9,16 +9,16 @@ from ._checks import Float64Array, as_matrix
 
 
 def svd(a: ArrayLike) -> tuple[Float64Array, Float64Array, Float64Array]:
-    """Thin SVD ``a = U diag(S) V^T`` with ``U (m, k)``, ``S (k,)`` descending, ``V (n, k)``.
+    """Thin SVD ``a = U diag(S) Vh`` with ``U (m, k)``, ``S (k,)`` descending, ``Vh (k, n)``.
 
     Sign-canonical: in each column j of U the entry of largest absolute value (first index on ties)
-    is positive; column j of V is flipped together with it.
+    is positive; row j of Vh is flipped together with it.
     """
     x = as_matrix(a, "a")
     m, n = x.shape
     k = min(m, n)
     if k == 0:
-        return np.zeros((m, 0)), np.zeros((0,)), np.zeros((n, 0))
+        return np.zeros((m, 0)), np.zeros((0,)), np.zeros((0, n))
     u, s, vh = np.linalg.svd(x, full_matrices=False)
     U = np.array(u, dtype=np.float64)
     S = np.array(s, dtype=np.float64)
@@ -32,7 +32,7 @@ def svd(a: ArrayLike) -> tuple[Float64Array, Float64Array, Float64Array]:
         if col[best] < 0:
             U[:, j] = -U[:, j]
             V[:, j] = -V[:, j]
-    return U, S, V
+    return U, S, V.T.copy()
 
 
 def qr(a: ArrayLike) -> tuple[Float64Array, Float64Array]:
@@ -52,8 +52,21 @@ def qr(a: ArrayLike) -> tuple[Float64Array, Float64Array]:
     return Q, R
 
 
-def polar(a: ArrayLike) -> Float64Array:
-    """Orthogonal polar factor ``U @ V^T`` (shape ``(m, n)``) from the thin SVD."""
-    U, _, V = svd(a)
-    result: Float64Array = U @ V.T
+def orthogonal_factor(a: ArrayLike) -> Float64Array:
+    """Orthogonal polar factor ``U @ Vh`` (shape ``(m, n)``) from the thin SVD."""
+    U, _, Vh = svd(a)
+    result: Float64Array = U @ Vh
     return result
+
+
+def polar(a: ArrayLike, side: str = "right") -> tuple[Float64Array, Float64Array]:
+    """Polar decomposition ``(u, p)``: ``a = u p`` (``side="right"``) or ``a = p u`` (``"left"``)."""
+    U, S, Vh = svd(a)
+    u = U @ Vh
+    if side == "right":
+        p = Vh.T @ np.diag(S) @ Vh
+    elif side == "left":
+        p = U @ np.diag(S) @ U.T
+    else:
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    return u, p

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._checks import Float64Array, as_matrix
-from .linalg import polar, qr
+from .linalg import orthogonal_factor, qr
 
 
 def _cos(x: Float64Array, y: Float64Array) -> float:
@@ -28,8 +28,8 @@ def basis_stability(previous: ArrayLike, current: ArrayLike) -> float:
     m, n = int(p.shape[0]), int(p.shape[1])
     if m == 0 or n == 0:
         raise ValueError(f"previous: empty matrix of shape {p.shape}")
-    Qp = polar(p)
-    Qc = polar(c)
+    Qp = orthogonal_factor(p)
+    Qc = orthogonal_factor(c)
     total = 0.0
     if m >= n:
         for j in range(n):

@@ -12,7 +12,7 @@ from _ddp import finish, init, max_diff_across_ranks, spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lowrank_torch.dldr import PBFGS, PSGD, SnapshotRecorder, flatten
+from lowrank_torch.dldr import SnapshotRecorder, SubspaceBFGS, SubspaceSGD, flatten
 
 
 def worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -35,7 +35,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         rec.step()
     sub = rec.fit(6)
     worst, losses, bfgs_first, bfgs_last = 0.0, [], 0.0, 0.0
-    psgd = PSGD(model.parameters(), sub, lr=0.05)
+    psgd = SubspaceSGD(model.parameters(), sub, lr=0.05)
     for _ in range(5):
         x, y = batch()
         psgd.zero_grad()
@@ -43,12 +43,15 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         loss.backward()
         psgd.step()
         worst = max(worst, max_diff_across_ranks(flatten(model.parameters())))
-    pbfgs = PBFGS(model.parameters(), sub, model=model)
+    pbfgs = SubspaceBFGS(model.parameters(), sub, model=model)
     xb, yb = batch()
     for k in range(8):
 
         def closure(
-            x: torch.Tensor = xb, y: torch.Tensor = yb, net: nn.Module = ddp, opt: PBFGS = pbfgs
+            x: torch.Tensor = xb,
+            y: torch.Tensor = yb,
+            net: nn.Module = ddp,
+            opt: SubspaceBFGS = pbfgs,
         ) -> torch.Tensor:
             opt.zero_grad()
             loss = nn.functional.cross_entropy(net(x), y)

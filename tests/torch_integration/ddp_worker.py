@@ -34,7 +34,8 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if ctrl.step():
+        ctrl.step()
+        if ctrl.structure_changed:
             rebuilds += 1
             ddp = DDP(ctrl.model)  # only when parameters changed shape or identity
         elif ctrl.layers and step % cfg.update_every == 0:

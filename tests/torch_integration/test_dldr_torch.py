@@ -12,10 +12,10 @@ from torch import nn  # noqa: E402
 
 from lowrank_core.dldr import SnapshotStore, Subspace, fit_subspace  # noqa: E402
 from lowrank_torch.dldr import (  # noqa: E402
-    PBFGS,
-    PSGD,
     SnapshotRecorder,
+    SubspaceBFGS,
     SubspaceParametrization,
+    SubspaceSGD,
     batchnorm_buffers,
     flatten,
 )
@@ -44,7 +44,7 @@ def test_psgd_with_full_identity_basis_equals_sgd():
     b.load_state_dict(a.state_dict())
     D = sum(p.numel() for p in a.parameters())
     sgd = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
-    psgd = PSGD(b.parameters(), _identity_subspace(D), lr=0.1, momentum=0.9)
+    psgd = SubspaceSGD(b.parameters(), _identity_subspace(D), lr=0.1, momentum=0.9)
     for _ in range(10):
         for m, opt in ((a, sgd), (b, psgd)):
             opt.zero_grad()
@@ -62,7 +62,7 @@ def test_psgd_stays_in_the_affine_subspace():
     D = w0.numel()
     P = torch.linalg.qr(torch.randn(D, 4))[0].T.contiguous()
     sub = Subspace(torch.zeros(D), P, torch.ones(4), 4.0, 5)
-    opt = PSGD(model.parameters(), sub, lr=0.05)
+    opt = SubspaceSGD(model.parameters(), sub, lr=0.05)
     x, y = torch.randn(32, 6), torch.randn(32, 3)
     for _ in range(5):
         opt.zero_grad()
@@ -97,7 +97,7 @@ def test_pbfgs_lowers_the_loss_on_a_regression():
     model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
     rec = _record(model, x, y, steps=30)
     sub = rec.fit(8)
-    opt = PBFGS(model.parameters(), sub)
+    opt = SubspaceBFGS(model.parameters(), sub)
 
     def closure():
         opt.zero_grad()
@@ -126,7 +126,7 @@ def test_pbfgs_on_a_quadratic_in_the_full_space_converges():
     A = M @ M.T + D * torch.eye(D, dtype=torch.float64)
     b = torch.randn(D, dtype=torch.float64)
     w = nn.Parameter(torch.zeros(D, dtype=torch.float64))
-    opt = PBFGS([w], _identity_subspace(D))
+    opt = SubspaceBFGS([w], _identity_subspace(D))
 
     def closure():
         opt.zero_grad()
@@ -145,7 +145,7 @@ def test_pbfgs_line_search_trials_leave_batchnorm_stats_as_after_one_forward():
     model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
     rec = _record(model, x, y, steps=20)
     sub = rec.fit(6)
-    opt = PBFGS(model.parameters(), sub, model=model, alpha0=64.0)  # forces several trials
+    opt = SubspaceBFGS(model.parameters(), sub, model=model, alpha0=64.0)  # forces several trials
     forwards = []
 
     def closure():
@@ -172,7 +172,7 @@ def test_pbfgs_line_search_trials_leave_batchnorm_stats_as_after_one_forward():
             torch.testing.assert_close(a, e, rtol=0, atol=0)
         assert any(not torch.equal(a, b0) for a, b0 in zip(after, before, strict=True))
     # without `model=`, the trials do move the statistics (the test can fail)
-    opt2 = PBFGS(model.parameters(), sub, alpha0=64.0)
+    opt2 = SubspaceBFGS(model.parameters(), sub, alpha0=64.0)
     before = [b.clone() for b in batchnorm_buffers(model)]
 
     def closure2():
@@ -226,7 +226,7 @@ def test_parametrization_round_trip_and_errors():
     with pytest.raises(ValueError, match="dimension"):
         SubspaceParametrization(nn.Linear(4, 2).parameters(), sub)
     with pytest.raises(ValueError, match="closure"):
-        PBFGS(model.parameters(), sub).step()
+        SubspaceBFGS(model.parameters(), sub).step()
 
 
 def test_p_sgd_and_p_bfgs_under_ddp_take_identical_steps(tmp_path):

@@ -94,7 +94,7 @@ class _DLDR:
 
 @register_method("p-sgd")
 class PSGDMethod(_DLDR):
-    """P-SGD after the switch (``lr``, ``momentum`` of :class:`lowrank_torch.dldr.PSGD`)."""
+    """P-SGD after the switch (``lr``, ``momentum`` of :class:`lowrank_torch.dldr.SubspaceSGD`)."""
 
     name = "p-sgd"
 
@@ -109,7 +109,7 @@ class PSGDMethod(_DLDR):
         super().__init__(switch_at, d, snapshots, lr=lr, momentum=momentum)
 
     def _build(self, subspace: Any) -> torch.optim.Optimizer:
-        opt: torch.optim.Optimizer = self._dldr.PSGD(
+        opt: torch.optim.Optimizer = self._dldr.SubspaceSGD(
             self.model.parameters(), subspace, **self.optimizer_options
         )
         return opt
@@ -129,7 +129,7 @@ class PBFGSMethod(_DLDR):
     name = "p-bfgs"
 
     def _build(self, subspace: Any) -> torch.optim.Optimizer:
-        opt: torch.optim.Optimizer = self._dldr.PBFGS(
+        opt: torch.optim.Optimizer = self._dldr.SubspaceBFGS(
             self.model.parameters(), subspace, model=self.model, **self.optimizer_options
         )
         return opt
