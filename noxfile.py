@@ -69,7 +69,10 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session, backend: str) -> None:
     """pytest over one array library (LOWRANK_TEST_BACKENDS=<backend>)."""
     extra = "[torch]" if backend == "torch" else ""
-    install(session, "-e", f".{extra}", *group("test"))
+    # the torch session also gets the model packages of the model-zoo tests (torchvision, timm,
+    # transformers), which fail loudly there when they cannot be imported
+    models = group("models") if backend == "torch" else ()
+    install(session, "-e", f".{extra}", *group("test"), *models)
     # The test suite skips a backend it cannot import; make sure that cannot happen silently here.
     probe = f"import {backend} as m; print(m.__name__, getattr(m, '__version__', '?'), m.__file__)"
     session.run("python", "-c", probe)
