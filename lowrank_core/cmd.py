@@ -66,6 +66,7 @@ __all__ = [
     "cluster",
     "find_modes",
     "fit_cmd",
+    "fit_cmd_shard",
     "fit_coefficients",
     "reconstruct_trajectory",
     "relative_error",
@@ -616,6 +617,48 @@ def fit_cmd(
     sample = _sample_rows(xp, trajectory, idx)
     if check_finite:
         _check_finite(sample, "trajectory")
+    return fit_cmd_shard(
+        trajectory,
+        sample,
+        idx,
+        max_modes,
+        tol=tol,
+        metric=metric,
+        chunk_size=chunk_size,
+        check_finite=check_finite,
+    )
+
+
+def fit_cmd_shard(
+    shard: Array,
+    sample: Array,
+    sample_index: np.ndarray,
+    max_modes: int | None = None,
+    *,
+    tol: float | None = None,
+    metric: Metric = "correlation",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    check_finite: bool = True,
+) -> CMDFit:
+    """CMD of one shard of a trajectory whose rows are spread over several processes.
+
+    ``sample`` ``(K, T)`` are the rows ``sample_index`` (global row numbers, e.g. from
+    :func:`sample_indices` of the whole trajectory's ``sizes``) of the *whole* trajectory, gathered
+    from the shards that hold them: the same array on every process, so every process finds the same
+    modes, references (global row numbers) and profiles. Then the shard's own rows ``shard``
+    ``(N_shard, T)`` are assigned and fitted; ``assignment``, ``a`` and ``b`` are the shard's. With
+    ``shard`` the whole trajectory this is the second half of :func:`fit_cmd` (which calls it).
+    ``sample`` is checked for finiteness by the caller; ``shard`` is checked in chunks.
+    """
+    xp = namespace(shard=shard, sample=sample)
+    _check_trajectory(xp, shard, "shard")
+    _check_trajectory(xp, sample, "sample")
+    idx = np.asarray(sample_index, dtype=np.int64)
+    if idx.shape != (int(sample.shape[0]),) or sample.shape[1] != shard.shape[1]:
+        raise ShapeError(
+            f"`sample` {tuple(sample.shape)} must hold one row per `sample_index` entry "
+            f"({idx.shape[0]}) and as many epochs as `shard` {tuple(shard.shape)}"
+        )
     if max_modes is not None and tol is not None:
         raise ValueError("give `max_modes` or `tol`, not both")
     if tol is not None:
@@ -626,9 +669,7 @@ def fit_cmd(
         sample, 10 if max_modes is None else max_modes, metric=metric, check_finite=False
     )
     # the profiles are rows of the trajectory itself (same dtype), so chunked fitting matches the sample's
-    assignment, a, b = _run_chunks(
-        trajectory, modes.profiles, None, chunk_size, check_finite, "both"
-    )
+    assignment, a, b = _run_chunks(shard, modes.profiles, None, chunk_size, check_finite, "both")
     return CMDFit(
         sample=idx,
         labels=modes.labels,
@@ -836,8 +877,15 @@ class OnlineCMD:
         return sum(int(math.prod(x.shape)) * _itemsize(x) for x in arrays) + self.references.nbytes
 
     # ----------------------------------------------------------------------------------- updates
-    def update(self, weights: Array, *, check_finite: bool = True) -> None:
-        """Add one epoch: ``weights`` ``(N,)`` are every parameter's value at this epoch's end."""
+    def update(
+        self, weights: Array, *, check_finite: bool = True, reference_values: Array | None = None
+    ) -> None:
+        """Add one epoch: ``weights`` ``(N,)`` are every parameter's value at this epoch's end.
+
+        ``reference_values`` ``(M,)``: the references' values at this epoch, for a sharded state
+        (:func:`fit_cmd_shard`) whose ``weights`` are one shard's and need not hold the references
+        (``None``: read from ``weights`` at :attr:`references`).
+        """
         xp = self._xp
         namespace(weights=weights, w_mean=self.w_mean)
         if weights.ndim != 1 or weights.shape[0] != self.num_params:
@@ -848,7 +896,18 @@ class OnlineCMD:
         if check_finite:
             _check_finite(weights, "weights")
         w = xp.astype(weights, self.dtype) if weights.dtype != self.dtype else weights
-        r = xp.take(w, self._ref_idx)
+        if reference_values is None:
+            r = xp.take(w, self._ref_idx)
+        else:
+            namespace(reference_values=reference_values, w_mean=self.w_mean)
+            if reference_values.shape != (self.num_modes,):
+                raise ShapeError(
+                    f"`reference_values` must have shape ({self.num_modes},), got "
+                    f"{tuple(reference_values.shape)}"
+                )
+            r = reference_values
+            if r.dtype != self.dtype:
+                r = xp.astype(r, self.dtype)
         t = self.epochs + 1
         dr = r - self.r_mean
         r_mean = self.r_mean + dr / t

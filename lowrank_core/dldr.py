@@ -64,6 +64,9 @@ __all__ = [
 ]
 
 PCAMethod = Literal["exact", "randomized"]
+#: Sums a float64 host array over the shards of sharded vectors (e.g. an all-reduce); the identity
+#: when nothing is sharded. See :func:`subspace_from_gram`.
+ShardReduce = Callable[[np.ndarray], np.ndarray]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,9 +234,14 @@ class Subspace:
         check_floating(xp, x, name)
 
 
-def _orthonormalize_rows(xp: Namespace, P: Array) -> Array:
-    """Symmetric (Loewdin) orthonormalization ``(P P^T)^{-1/2} P``; the d x d part on the host."""
+def _orthonormalize_rows(xp: Namespace, P: Array, reduce: ShardReduce | None = None) -> Array:
+    """Symmetric (Loewdin) orthonormalization ``(P P^T)^{-1/2} P``; the d x d part on the host.
+
+    ``reduce`` (sharded rows, see :func:`subspace_from_gram`) sums the partial ``P P^T`` of the shards.
+    """
     M = _host(P @ xp.matrix_transpose(P)).astype(np.float64)
+    if reduce is not None:
+        M = np.asarray(reduce(M), dtype=np.float64)
     M = 0.5 * (M + M.T)
     w, U = np.linalg.eigh(M)
     if float(w.min()) <= 0:
@@ -249,6 +257,7 @@ def subspace_from_gram(
     *,
     centre: Array,
     orthonormalize: bool = True,
+    reduce: ShardReduce | None = None,
 ) -> Subspace:
     """Exact PCA from the (uncentred) Gram matrix of ``t`` stored vectors ``y_i``.
 
@@ -256,15 +265,25 @@ def subspace_from_gram(
     ``centre`` is the mean snapshot. If the vectors are shifted snapshots ``y_i = w_i - shift`` the
     Gram is theirs (centring is shift invariant). ``P = L^{-1/2} V^T Y`` for the top-``d`` eigenpairs
     ``(L, V)`` of the centred Gram ``J G J`` (``V^T J = V^T`` as ``V`` is orthogonal to ``1``).
+
+    Sharded vectors: when every process holds one block of coordinates of the vectors (its shard),
+    ``rows`` and ``centre`` are that shard's, ``gram`` is the *sum* of the shards' partial Grams (the
+    same matrix on every process) and ``reduce`` sums a float64 host array over the shards (e.g. an
+    all-reduce). Each process then gets the columns of ``P`` and the entries of the centre of its own
+    shard, and the global explained and total variance; the only other reductions are the total
+    length ``D`` (for the rank tolerance) and the ``d x d`` matrix ``P P^T`` of the orthonormalization.
     """
     xp = namespace(centre=centre)
+    dim = int(centre.shape[0])
+    if reduce is not None:
+        dim = round(float(np.asarray(reduce(np.array([float(dim)])))[0]))
     G = _host(gram).astype(np.float64)
     t = G.shape[0]
     d = check_rank(
         d, max(t - 1, 0), name="d", what="t - 1 (centred snapshots span at most t - 1 directions)"
     )
     Gc = G - G.mean(axis=1, keepdims=True) - G.mean(axis=0, keepdims=True) + G.mean()
-    lam, V = _top_eigen(Gc, d, float(xp.finfo(centre.dtype).eps), int(centre.shape[0]))
+    lam, V = _top_eigen(Gc, d, float(xp.finfo(centre.dtype).eps), dim)
     A = (V / np.sqrt(lam)).T  # (d, t)
     A_x = _to_xp(xp, A, centre)
     P = None
@@ -273,7 +292,7 @@ def subspace_from_gram(
         P = part if P is None else P + part
     assert P is not None
     if orthonormalize:
-        P = _orthonormalize_rows(xp, P)
+        P = _orthonormalize_rows(xp, P, reduce)
     total = float(np.trace(Gc)) / max(t - 1, 1)
     ev = _to_xp(xp, lam / max(t - 1, 1), centre)
     return Subspace(centre, P, ev, total, t)

@@ -1,0 +1,66 @@
+"""FSDP2 (``fully_shard``) on 2 gloo processes on this machine: sharded DLDR and CMD, OIALR.
+
+Every worker compares its shard with an unsharded single-process reference trained on the same global
+batches. Tolerances: the models are float64; the sharded and the single-process runs differ only in
+summation order (FSDP averages the two half-batch gradients by a reduce-scatter; the Gram matrix, the
+projections and the CMD sample are sums of per-rank partial sums), each a relative perturbation of a
+few ulps (~1e-16) per operation, amplified by at most the 20 training steps and the conditioning of
+the small eigenproblem / the CMD least squares. Measured differences stay below 1e-13; the tests allow
+1e-10 (about 5e5 ulps), far below any real discrepancy (a wrong shard, a missing all-reduce or a
+basis block of the wrong columns gives differences of order 1e-2 and more).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from _ddp import run_workers  # noqa: E402
+
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def sharded_reports(tmp_path_factory):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    return run_workers(
+        "fsdp_sharded_worker.py", tmp_path_factory.mktemp("fsdp_sharded"), timeout=300
+    )
+
+
+def test_sharded_dldr_equals_single_process(sharded_reports):
+    total_local = 0
+    for rep in sharded_reports:
+        assert rep["train_diff"] <= TOL, rep  # FSDP training itself matches the reference
+        assert 0 < rep["local_entries"] < rep["global_entries"]  # each rank holds a part only
+        total_local += rep["local_entries"]
+        assert rep["snapshots"] == 8
+        assert rep["basis_diff"] <= TOL, rep  # this rank's columns of the single-process basis
+        assert rep["centre_diff"] <= TOL, rep
+        for ev, ev_ref in zip(
+            rep["explained_variance"], rep["explained_variance_ref"], strict=True
+        ):
+            assert ev == pytest.approx(ev_ref, rel=TOL, abs=0)
+        assert rep["total_variance"] == pytest.approx(rep["total_variance_ref"], rel=TOL, abs=0)
+        assert rep["coordinates_diff"] <= TOL, rep
+        assert rep["subspace_sgd_diff"] <= TOL, rep
+        assert rep["subspace_sgd_moved"] > 1e-3  # the subspace steps really moved the weights
+    assert total_local == sharded_reports[0]["global_entries"]  # the shards cover the model
+
+
+def test_sharded_cmd_equals_single_process(sharded_reports):
+    held = 0
+    for rep in sharded_reports:
+        assert rep["cmd_references"] == rep["cmd_references_ref"], rep
+        assert rep["cmd_assignment_equal"], rep
+        assert rep["cmd_profiles_diff"] <= TOL, rep
+        assert rep["cmd_coef_diff"] <= TOL, rep
+        assert rep["cmd_swapped_output_diff"] <= TOL, rep  # the whole model ran with CMD weights
+        assert rep["cmd_restored_diff"] <= TOL, rep  # and got its trained weights back
+        assert 0 < rep["cmd_sampled_held"] < rep["cmd_num_sampled"]  # the sample spans both ranks
+        held += rep["cmd_references_held"]
+    # the references come from both ranks (so the per-epoch all-reduce of their values is exercised)
+    assert [r["cmd_references_held"] > 0 for r in sharded_reports] == [True, True]
+    assert held == len(sharded_reports[0]["cmd_references"])
