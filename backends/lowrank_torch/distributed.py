@@ -39,7 +39,13 @@ from torch import Tensor, nn
 
 from lowrank_core import cmd as core_cmd
 from lowrank_core.dldr import SnapshotStore, Subspace, subspace_from_gram
-from lowrank_core.errors import LowRankError, NonFiniteError
+from lowrank_core.errors import (
+    LowRankError,
+    NonFiniteError,
+    ParameterError,
+    RankError,
+    ShapeError,
+)
 
 from .cmd import CMDConfig
 
@@ -208,7 +214,7 @@ class ShardedSnapshotRecorder:
         every: int = 1,
     ) -> None:
         if every < 1:
-            raise ValueError(f"`every` must be >= 1, got {every}")
+            raise ParameterError(f"`every` must be >= 1, got {every}")
         self.layout = _layout(params)
         self.store = SnapshotStore() if store is None else store
         self.every = int(every)
@@ -240,7 +246,7 @@ class ShardedSnapshotRecorder:
         (``(d, D_local)``) and entries of the centre, and the global explained / total variance.
         """
         if len(self.store) < 2:
-            raise ValueError(f"at least 2 snapshots are needed, got {len(self.store)}")
+            raise RankError(f"at least 2 snapshots are needed, got {len(self.store)}")
         return subspace_from_gram(
             self.gram(),
             d,
@@ -272,7 +278,7 @@ class ShardedSubspaceSGD(torch.optim.Optimizer):
         origin: Tensor | None = None,
     ) -> None:
         if lr <= 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
-            raise ValueError("need lr > 0, 0 <= momentum < 1, weight_decay >= 0")
+            raise ParameterError("need lr > 0, 0 <= momentum < 1, weight_decay >= 0")
         layout = _layout(params)
         super().__init__(
             layout.params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
@@ -280,7 +286,7 @@ class ShardedSubspaceSGD(torch.optim.Optimizer):
         self.layout = layout
         self.nesterov = bool(nesterov)
         if subspace.dim != layout.num_local:
-            raise ValueError(
+            raise ShapeError(
                 f"the subspace's basis has {subspace.dim} columns, but this rank holds "
                 f"{layout.num_local} entries (is it the sharded subspace of these parameters?)"
             )
@@ -289,7 +295,7 @@ class ShardedSubspaceSGD(torch.optim.Optimizer):
         self.basis = torch.as_tensor(subspace.basis).to(device=dev, dtype=dt)
         self.origin = layout.flat().clone() if origin is None else origin.to(dev, dt)
         if self.origin.shape != (layout.num_local,):
-            raise ValueError(
+            raise ShapeError(
                 f"`origin` must have shape ({layout.num_local},), got {tuple(self.origin.shape)}"
             )
         st = self.state[layout.params[0]]
@@ -355,7 +361,7 @@ class ShardedCMDTracker:
     ) -> None:
         self.config = config or CMDConfig()
         if self.config.embed:
-            raise ValueError(
+            raise ParameterError(
                 "embedded CMD (embed=True) is not supported on sharded parameters; use embed=False"
             )
         self.layout = _layout(params)

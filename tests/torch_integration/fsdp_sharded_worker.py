@@ -10,12 +10,14 @@ compares its shard of everything with the matching entries of the reference. Wri
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import torch
 from _ddp import finish, init, spawn
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
+from lowrank_core.errors import LowRankError
 from lowrank_torch import dldr
 from lowrank_torch.cmd import CMDConfig, CMDTracker
 from lowrank_torch.distributed import (
@@ -25,7 +27,7 @@ from lowrank_torch.distributed import (
     ShardLayout,
 )
 
-SubspaceSGD = getattr(dldr, "SubspaceSGD", None) or dldr.PSGD  # the new name once it lands
+SubspaceSGD = dldr.SubspaceSGD
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -141,7 +143,17 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             "coordinates_diff": _diff(psgd.coordinates, c_ref),
         }
     )
-    report = {"rank": rank, **report_cmd, **report_dldr}
+    refused = []  # bad input: clear errors from the LowRankError hierarchy
+    for make in (
+        partial(ShardLayout, ref.parameters()),  # plain tensors: not sharded
+        partial(ShardedCMDTracker, layout, CMDConfig(warmup_epochs=3, embed=True)),
+        partial(ShardedSubspaceSGD, layout, sub_ref),  # the unsharded subspace
+    ):
+        try:
+            make()
+        except LowRankError as exc:
+            refused.append(type(exc).__name__)
+    report = {"rank": rank, **report_cmd, **report_dldr, "refused": refused}
     del model, opt, psgd, layout, rec, cmd
     finish(rank, out, report)
 

@@ -50,6 +50,11 @@ def test_sharded_dldr_equals_single_process(sharded_reports):
     assert total_local == sharded_reports[0]["global_entries"]  # the shards cover the model
 
 
+def test_sharded_methods_refuse_unsharded_input(sharded_reports):
+    for rep in sharded_reports:
+        assert rep["refused"] == ["ShardingError", "ParameterError", "ShapeError"], rep
+
+
 def test_sharded_cmd_equals_single_process(sharded_reports):
     held = 0
     for rep in sharded_reports:
