@@ -9,8 +9,17 @@ DLDR (``lowrank_torch.dldr``), CMD (``lowrank_torch.cmd``), low-rank initializat
 from __future__ import annotations
 
 from ._backend import TorchBackend
-from .convert import count_trainable, to_low_rank, trainable_share
+from .convert import (
+    ConversionError,
+    NoEligibleLayerWarning,
+    UnsupportedLayerError,
+    count_trainable,
+    eligible_names,
+    to_low_rank,
+    trainable_share,
+)
 from .layers import (
+    LowRankConv1D,
     LowRankConv1d,
     LowRankConv2d,
     LowRankConv3d,
@@ -18,11 +27,14 @@ from .layers import (
     LowRankLayer,
     LowRankLinear,
     LowRankWeight,
+    TransformersConv1D,
     low_rank_attention_,
 )
 
 __all__ = ["TorchBackend"]
 __all__ += [
+    "ConversionError",
+    "LowRankConv1D",
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankConv3d",
@@ -30,7 +42,11 @@ __all__ += [
     "LowRankLayer",
     "LowRankLinear",
     "LowRankWeight",
+    "NoEligibleLayerWarning",
+    "TransformersConv1D",
+    "UnsupportedLayerError",
     "count_trainable",
+    "eligible_names",
     "low_rank_attention_",
     "to_low_rank",
     "trainable_share",

@@ -60,6 +60,7 @@ import lowrank_core as lc
 
 __all__ = [
     "FORWARD_MODES",
+    "LowRankConv1D",
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankConv3d",
@@ -67,8 +68,10 @@ __all__ = [
     "LowRankLayer",
     "LowRankLinear",
     "LowRankWeight",
+    "TransformersConv1D",
     "attention_is_low_rank",
     "dense_matrix_shape",
+    "is_transformers_conv1d",
     "low_rank_attention_",
 ]
 
@@ -94,6 +97,8 @@ class LowRankLayer(nn.Module):
     bias: nn.Parameter | None
     #: forward modes a subclass accepts
     _modes: ClassVar[tuple[str, ...]] = FORWARD_MODES
+    #: the axis of ``weight_shape`` that the bias runs along (the output features)
+    _bias_axis: ClassVar[int] = 0
 
     def __init__(
         self,
@@ -121,10 +126,9 @@ class LowRankLayer(nn.Module):
             self.register_parameter("bias", None)
         else:
             b = _as_factor(bias, "bias")
-            if tuple(b.shape) != (self.weight_shape[0],):
-                raise lc.ShapeError(
-                    f"`bias` must have shape ({self.weight_shape[0]},), got {tuple(b.shape)}"
-                )
+            out = self.weight_shape[self._bias_axis]
+            if tuple(b.shape) != (out,):
+                raise lc.ShapeError(f"`bias` must have shape ({out},), got {tuple(b.shape)}")
             self.bias = nn.Parameter(self._copy(b, dtype, device))
         self._forward_mode = "auto"
         self.forward_mode = forward_mode
@@ -370,6 +374,140 @@ class LowRankLinear(LowRankLayer):
 
 
 # ==================================================================================================
+# transformers' Conv1D (a Linear with a transposed weight)
+# ==================================================================================================
+def is_transformers_conv1d(cls: type) -> bool:
+    """Whether ``cls`` is (a subclass of) Hugging Face transformers' ``Conv1D`` (``pytorch_utils.Conv1D``).
+
+    Decided from the class hierarchy by name and module, so that lowrank_torch never imports
+    transformers: a class named ``Conv1D`` defined in a ``transformers`` module, an ``nn.Module``.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return False
+    return any(
+        k.__name__ == "Conv1D" and str(k.__module__).split(".")[0] == "transformers"
+        for k in cls.__mro__
+    )
+
+
+class _Conv1DMeta(type):
+    def __instancecheck__(cls, obj: object) -> bool:
+        return is_transformers_conv1d(type(obj))
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return sub is cls or is_transformers_conv1d(sub)
+
+
+class TransformersConv1D(metaclass=_Conv1DMeta):
+    """Stands for transformers' ``Conv1D`` in ``include`` lists and ``isinstance`` checks, without importing it.
+
+    ``isinstance(module, TransformersConv1D)`` is :func:`is_transformers_conv1d` of the module's type;
+    ``issubclass(transformers.pytorch_utils.Conv1D, TransformersConv1D)`` holds. Never instantiated.
+    """
+
+    def __new__(cls) -> TransformersConv1D:  # pragma: no cover - a marker only
+        raise TypeError("TransformersConv1D is a marker class; it has no instances")
+
+
+class LowRankConv1D(LowRankLayer):
+    """transformers' ``Conv1D`` held as OIALR factors: ``y = x U Sigma V^T + b``.
+
+    A ``Conv1D(nf, nx)`` is a Linear whose weight is stored transposed, ``(in, out) = (nx, nf)``, and
+    computes ``x @ weight + bias``. Its matrix view is that weight as it is (the transpose of
+    :class:`LowRankLinear`'s ``(out, in)``): ``U (in, r)``, ``Sigma (r, r)``, ``V (out, r)``, and
+    :attr:`weight` has the dense layer's ``(in, out)`` shape, so code that reads ``module.weight`` and
+    optimizer state of the dense weight keep their layout. The forward paths, their costs and the
+    ``"auto"`` rule are :class:`LowRankLinear`'s with ``m = in`` and ``n = out``.
+    """
+
+    _bias_axis = 1
+
+    def __init__(
+        self,
+        U: Tensor,
+        Sigma: Tensor,
+        V: Tensor,
+        bias: Tensor | None = None,
+        *,
+        forward_mode: str = "auto",
+    ) -> None:
+        U, V = _as_factor(U, "U"), _as_factor(V, "V")
+        if U.ndim != 2 or V.ndim != 2:
+            raise lc.ShapeError(
+                f"LowRankConv1D needs 2-D U and V, got {tuple(U.shape)} and {tuple(V.shape)}"
+            )
+        super().__init__(
+            U,
+            Sigma,
+            V,
+            bias,
+            weight_shape=(int(U.shape[0]), int(V.shape[0])),
+            forward_mode=forward_mode,
+        )
+
+    @property
+    def nx(self) -> int:
+        """Input features (transformers' name)."""
+        return self.rows
+
+    @property
+    def nf(self) -> int:
+        """Output features (transformers' name)."""
+        return self.cols
+
+    in_features = nx
+    out_features = nf
+
+    @classmethod
+    def from_dense(
+        cls, module: nn.Module, rank: int | None = None, *, forward_mode: str = "auto"
+    ) -> LowRankConv1D:
+        """Factorize a transformers ``Conv1D``'s weight ``(in, out)`` (full rank by default: exact)."""
+        if not is_transformers_conv1d(type(module)):
+            raise TypeError(
+                f"LowRankConv1D.from_dense needs a transformers Conv1D, got {type(module).__name__}"
+            )
+        weight: Any = module.weight
+        bias: Any = getattr(module, "bias", None)
+        f = _factorize(weight, rank, 1)
+        return cls(f.U, f.Sigma, f.V, _bias_copy(bias), forward_mode=forward_mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] else 0
+        if self.resolved_mode(tokens) == "factorized":
+            return self._forward_factorized(x)
+        return self._forward_dense(x)
+
+    def _forward_dense(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.mT, self.bias)
+
+    def _forward_factorized(self, x: Tensor) -> Tensor:
+        m, n = self.rows, self.cols  # in, out
+        tokens = x.numel() // m if m else 0
+        if tokens <= min(m, n):  # three thin matmuls: T r (m + r + n)
+            h = F.linear(F.linear(x, self.U.mT), self.sigma.mT)
+            return F.linear(h, self.V, self.bias)
+        if m <= n:  # merge U Sigma (m r^2), then T r (m + n)
+            return F.linear(F.linear(x, (self.U @ self.sigma).mT), self.V, self.bias)
+        # merge Sigma V^T (n r^2), then T r (m + n)
+        return F.linear(F.linear(x, self.U.mT), self.V @ self.sigma.mT, self.bias)
+
+    def to_dense(self) -> nn.Module:
+        """A transformers ``Conv1D`` with the reconstructed weight (imports transformers)."""
+        from transformers.pytorch_utils import Conv1D
+
+        out: Any = Conv1D(self.nf, self.nx).to(device=self.sigma.device, dtype=self.sigma.dtype)
+        with torch.no_grad():
+            out.weight.copy_(self.weight)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+            else:
+                out.bias = None
+        assert isinstance(out, nn.Module)
+        return out
+
+
+# ==================================================================================================
 # ConvNd
 # ==================================================================================================
 _ConvFn = Any
@@ -384,11 +522,34 @@ def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
     return t
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _explicit_padding(
+    padding: str | tuple[int, ...], kernel: tuple[int, ...], dilation: tuple[int, ...]
+) -> list[int]:
+    """``F.pad`` amounts (last dimension first, left/right) equivalent to a ConvNd's ``padding``."""
+    nd = len(kernel)
+    if padding == "valid":
+        return [0] * (2 * nd)
+    if padding == "same":
+        pads = [0] * (2 * nd)
+        for i, (d, k) in enumerate(zip(dilation, kernel, strict=True)):
+            total = d * (k - 1)
+            j = 2 * (nd - 1 - i)
+            pads[j], pads[j + 1] = total // 2, total - total // 2
+        return pads
+    assert isinstance(padding, tuple)
+    return [p for p in reversed(padding) for _ in range(2)]
+
+
 class LowRankConvNd(LowRankLayer):
-    """A ConvNd (``padding_mode='zeros'``) whose weight ``(out, in/g, *kernel)`` is held as factors.
+    """A ConvNd whose weight ``(out, in/g, *kernel)`` is held as factors.
 
     The matrix view is ``(out, in/g * prod(kernel))``, split into ``g`` groups for a grouped conv.
-    Subclasses fix the number of spatial dimensions (:class:`LowRankConv1d`, ``2d``, ``3d``).
+    Subclasses fix the number of spatial dimensions (:class:`LowRankConv1d`, ``2d``, ``3d``). Every
+    ``padding_mode`` of ``torch.nn`` is supported: other than ``'zeros'``, the input is padded first
+    (``F.pad`` with that mode, as ``nn.ConvNd`` does) and both paths convolve it without padding.
     """
 
     _nd: ClassVar[int] = 0
@@ -413,10 +574,8 @@ class LowRankConvNd(LowRankLayer):
         nd = self._nd
         if nd not in (1, 2, 3):
             raise TypeError("use LowRankConv1d, LowRankConv2d or LowRankConv3d")
-        if padding_mode != "zeros":
-            raise NotImplementedError(
-                f"{type(self).__name__} supports only padding_mode='zeros', got {padding_mode!r}"
-            )
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"`padding_mode` must be one of {PADDING_MODES}, got {padding_mode!r}")
         U = _as_factor(U, "U")
         g = int(groups)
         if g < 1 or in_channels % g:
@@ -432,6 +591,7 @@ class LowRankConvNd(LowRankLayer):
         )
         self.dilation = _tuple(dilation, nd, "dilation")
         self.padding_mode = padding_mode
+        self._pad = _explicit_padding(self.padding, kernel, self.dilation)
         super().__init__(
             U,
             Sigma,
@@ -456,11 +616,6 @@ class LowRankConvNd(LowRankLayer):
                 f"{cls.__name__}.from_dense needs an nn.{dense_type.__name__}, got {type(module).__name__}"
             )
         assert isinstance(module, nn.modules.conv._ConvNd)
-        if module.padding_mode != "zeros":
-            raise NotImplementedError(
-                f"{cls.__name__} supports only padding_mode='zeros', got {module.padding_mode!r} "
-                "(leave this layer dense, e.g. with exclude_names in to_low_rank)"
-            )
         f = _factorize(module.weight, rank, module.groups)
         return cls(
             f.U,
@@ -473,6 +628,7 @@ class LowRankConvNd(LowRankLayer):
             padding=module.padding,
             dilation=module.dilation,
             groups=module.groups,
+            padding_mode=module.padding_mode,
             forward_mode=forward_mode,
         )
 
@@ -503,18 +659,26 @@ class LowRankConvNd(LowRankLayer):
             return self._forward_factorized(x)
         return self._forward_dense(x)
 
+    def _padded(self, x: Tensor) -> tuple[Tensor, str | tuple[int, ...]]:
+        """The input and the padding the (first) convolution applies, per ``padding_mode``."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, self._pad, mode=self.padding_mode), (0,) * self._nd
+
     def _forward_dense(self, x: Tensor) -> Tensor:
+        x, padding = self._padded(x)
         y: Tensor = self._conv()(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups
         )
         return y
 
     def _forward_factorized(self, x: Tensor) -> Tensor:
         g, r, nd = self.groups, self.rank, self._nd
         conv = self._conv()
+        x, padding = self._padded(x)
         # the g*r filters V[..., :, j], each (in/g, *kernel): lowrank_core's view of V^T as a weight
         filters = lc.matrix_to_weight(self.V.mT, (g * r, self.in_channels // g, *self.kernel_size))
-        h = conv(x, filters, None, self.stride, self.padding, self.dilation, g)
+        h = conv(x, filters, None, self.stride, padding, self.dilation, g)
         mix = lc.matrix_to_weight(self.U @ self.sigma, (self.out_channels, r, *((1,) * nd)))
         y: Tensor = conv(h, mix, self.bias, 1, 0, 1, g)
         return y
@@ -528,6 +692,8 @@ class LowRankConvNd(LowRankLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}"
         )
+        if self.padding_mode != "zeros":
+            hyper += f", padding_mode={self.padding_mode!r}"
         return f"{hyper}, {super().extra_repr()}"
 
 
@@ -637,9 +803,12 @@ def _conv_class(module: nn.Module) -> type[LowRankConvNd] | None:
 
 
 def dense_matrix_shape(module: nn.Module) -> tuple[int, int]:
-    """``(m, n)`` of the (per-group) matrix view of a Linear's or ConvNd's weight."""
+    """``(m, n)`` of the (per-group) matrix view of a Linear's, transformers Conv1D's or ConvNd's weight."""
     if isinstance(module, nn.Linear):
         return int(module.out_features), int(module.in_features)
+    if is_transformers_conv1d(type(module)):
+        weight: Any = module.weight
+        return int(weight.shape[0]), int(weight.shape[1])
     if isinstance(module, nn.modules.conv._ConvNd):
         g = int(module.groups)
         cols = int(module.in_channels) // g * math.prod(module.kernel_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 
@@ -11,12 +12,23 @@ import lowrank_core as lc
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from lowrank_torch.convert import count_trainable, to_low_rank, trainable_share  # noqa: E402
+from lowrank_torch.convert import (  # noqa: E402
+    ConversionError,
+    NoEligibleLayerWarning,
+    UnsupportedLayerError,
+    count_trainable,
+    eligible_names,
+    to_low_rank,
+    trainable_share,
+)
 from lowrank_torch.layers import (  # noqa: E402
+    LowRankConv1D,
     LowRankConv1d,
+    LowRankConv2d,
     LowRankLayer,
     LowRankLinear,
     LowRankWeight,
+    TransformersConv1D,
 )
 
 F64 = torch.float64
@@ -44,6 +56,17 @@ class MLP(nn.Module):
 def mlp():
     torch.manual_seed(0)
     return MLP().to(F64)
+
+
+def assert_same_model(model, ref):
+    """Same module types at the same names and bit-equal tensors: nothing was changed."""
+    assert [(n, type(m)) for n, m in model.named_modules()] == [
+        (n, type(m)) for n, m in ref.named_modules()
+    ]
+    state, want = model.state_dict(), ref.state_dict()
+    assert list(state) == list(want)
+    for key, value in want.items():
+        assert torch.equal(state[key], value), key
 
 
 def converted_names(result):
@@ -86,10 +109,7 @@ def test_mlp_defaults():
         (dict(keep_last=False), ["fc0", "fc1", "fc3", "head"]),
         (dict(keep_first=True, keep_last=False), ["fc1", "fc3", "head"]),
         (dict(exclude_names=("fc1",)), ["fc0", "fc3"]),
-        (dict(exclude_names=("fc*",)), []),
-        (dict(exclude_names=("fc?", "nothing")), []),
         (dict(exclude_names="fc0"), ["fc1", "fc3"]),
-        (dict(include=(nn.Conv1d,)), []),
     ],
 )
 def test_mlp_options(kwargs, expected):
@@ -102,6 +122,34 @@ def test_mlp_options(kwargs, expected):
         assert isinstance(module, LowRankLayer) == (name in expected), name
     x = torch.randn(4, 10, dtype=F64)
     close(model(x), ref(x))
+
+
+@pytest.mark.parametrize("kwargs", [dict(exclude_names=("fc*",)), dict(exclude_names=("fc?", "x"))])
+def test_nothing_eligible_warns_naming_the_layer_types(kwargs):
+    model = mlp()
+    ref = copy.deepcopy(model)
+    with pytest.warns(NoEligibleLayerWarning, match=r"no layer of MLP.*Linear x5.*LayerNorm"):
+        assert to_low_rank(model, **kwargs) == {}
+    with pytest.warns(NoEligibleLayerWarning, match="MLP"):
+        assert eligible_names(model, **kwargs) == []
+    assert_same_model(model, ref)
+
+
+def test_nothing_eligible_with_an_explicit_include_is_an_error():
+    model = mlp()
+    ref = copy.deepcopy(model)
+    with pytest.raises(ConversionError, match=r"no layer of MLP is eligible.*Linear x5") as info:
+        to_low_rank(model, include=(nn.Conv1d,))
+    assert isinstance(info.value, lc.LowRankError)
+    assert_same_model(model, ref)
+
+
+def test_no_warning_once_the_model_is_low_rank():
+    model = mlp()
+    to_low_rank(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert eligible_names(model) == []
 
 
 def test_keep_first_last_refer_to_the_network_not_the_survivors():
@@ -167,16 +215,29 @@ def test_cnn():
     assert converted_names(result) == ["0", "2"]
 
 
-def test_cnn_unsupported_padding_mode_raises_and_leaves_model_untouched():
-    model = cnn()
-    model.insert(1, nn.Conv1d(8, 8, 3, padding=1, padding_mode="circular").to(F64))
-    before = [type(m) for m in model]
-    with pytest.raises(NotImplementedError, match="padding_mode"):
-        to_low_rank(model)
-    assert [type(m) for m in model] == before
-    result = to_low_rank(model, exclude_names=("1",))
-    assert "1" not in result
-    assert type(model[1]) is nn.Conv1d
+@pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
+@pytest.mark.parametrize("padding", [1, "same", (2, 1)])
+def test_every_padding_mode_is_converted_and_exact(mode, padding):
+    # issue 9 defect 6: a circular-padded conv used to count as eligible and fail at the switch
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=padding, padding_mode=mode),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, (3, 2), padding=padding, padding_mode=mode, dilation=(1, 2)),
+        nn.Flatten(),
+        nn.LazyLinear(4),
+    ).to(F64)
+    x = torch.randn(2, 3, 7, 9, dtype=F64)
+    model(x)  # initializes the lazy head
+    ref = copy.deepcopy(model)
+    result = to_low_rank(model, rank=None)
+    assert converted_names(result) == ["0", "2"]
+    for layer in result.values():
+        assert isinstance(layer, LowRankConv2d) and layer.padding_mode == mode
+    for forward_mode in ("dense", "factorized"):
+        for layer in result.values():
+            layer.forward_mode = forward_mode
+        close(model(x), ref(x))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +364,250 @@ def test_errors():
         to_low_rank(torch.zeros(3))
     with pytest.raises(ValueError, match="min_aspect"):
         to_low_rank(mlp(), min_aspect=2.0)
-    with pytest.raises(TypeError, match="model itself"):
+    with pytest.raises(ConversionError, match="model itself"):
         to_low_rank(nn.Linear(4, 4), keep_last=False)
     model = mlp()
-    assert to_low_rank(model, include=()) == {}
+    with pytest.raises(ConversionError, match="no layer of MLP"):
+        to_low_rank(model, include=())
+    with pytest.raises(ConversionError, match=r"'norm': not a candidate"):
+        to_low_rank(model, names=["norm"])
+    with pytest.raises(ConversionError, match=r"'thin': too thin"):
+        to_low_rank(model, names=["fc0", "thin"])
+    assert not any(isinstance(m, LowRankLayer) for m in model.modules())
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers' Conv1D (a fake with the same name and module: transformers is not needed here)
+# --------------------------------------------------------------------------------------------------
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D's behaviour: ``x @ weight + bias``, weight ``(nx, nf)``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = (*x.shape[:-1], self.nf)
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(size_out)
+
+
+Conv1D.__module__ = "transformers.pytorch_utils"
+
+
+class NotHFConv1D(Conv1D):
+    pass
+
+
+NotHFConv1D.__name__ = "Other"
+NotHFConv1D.__module__ = "elsewhere"
+
+
+def test_transformers_conv1d_is_recognised_without_transformers():
+    assert isinstance(Conv1D(4, 3), TransformersConv1D)
+    assert issubclass(Conv1D, TransformersConv1D)
+    assert isinstance(NotHFConv1D(4, 3), TransformersConv1D)  # a subclass of the real one
+    fake = type("Conv1D", (nn.Module,), {})  # right name, wrong package
+    assert not isinstance(fake(), TransformersConv1D)
+    assert not isinstance(nn.Linear(2, 2), TransformersConv1D)
+
+
+@pytest.mark.parametrize(("nx", "nf"), [(16, 48), (48, 16), (12, 12)])
+def test_conv1d_converted_exact_and_transposed(nx, nf):
+    torch.manual_seed(5)
+    model = nn.Sequential(Conv1D(nf, nx), nn.GELU(), nn.Linear(nf, 3)).to(F64)
+    ref = copy.deepcopy(model)
+    result = to_low_rank(model)
+    assert converted_names(result) == ["0"]
+    layer = result["0"]
+    assert isinstance(layer, LowRankConv1D)
+    # the matrix view is the (in, out) weight itself: U (in, r), V (out, r)
+    assert (layer.nx, layer.nf) == (nx, nf) == (layer.in_features, layer.out_features)
+    assert tuple(layer.U.shape) == (nx, min(nx, nf)) and tuple(layer.V.shape) == (nf, min(nx, nf))
+    close(layer.weight, ref[0].weight)
+    for tokens in (1, 5, 40):  # the three association orders of the factorized path
+        x = torch.randn(tokens, 2, nx, dtype=F64)
+        for mode in ("factorized", "dense", "auto"):
+            layer.forward_mode = mode
+            close(model(x), ref(x))
+
+
+def test_conv1d_auto_rule_is_linears():
+    torch.manual_seed(6)
+    conv = Conv1D(64, 32).to(F64)
+    lin = nn.Linear(32, 64).to(F64)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.T)
+        lin.bias.copy_(conv.bias)
+    a = LowRankConv1D.from_dense(conv, 4)
+    b = LowRankLinear.from_dense(lin, 4)
+    for tokens in (1, 8, 64, 1000):
+        # same factorized cost; dense: the product plus rebuilding the (in, out) weight as (U S) V^T
+        assert a.flops(tokens)["factorized"] == b.flops(tokens)["factorized"]
+        assert a.flops(tokens)["dense"] == tokens * 32 * 64 + 32 * 4 * (4 + 64)
+        assert a.resolved_mode(tokens) == b.resolved_mode(tokens)
+    assert a.resolved_mode(1000) == "factorized"
+    full = LowRankConv1D.from_dense(conv)
+    assert full.resolved_mode(1000) == "dense"  # full rank: factorized is dearer
+    x = torch.randn(7, 32, dtype=F64)
+    close(a(x), b(x))
+
+
+def test_conv1d_min_aspect_applies():
+    model = nn.Sequential(Conv1D(3, 40), nn.Linear(3, 3))  # 40 x 3: thin
+    with pytest.warns(NoEligibleLayerWarning, match="Conv1D"):
+        assert eligible_names(model) == []
+    assert eligible_names(model, min_aspect=0.05) == ["0"]
+
+
+# --------------------------------------------------------------------------------------------------
+# tied and shared weights, modules used twice
+# --------------------------------------------------------------------------------------------------
+class TiedLM(nn.Module):
+    def __init__(self, vocab=20, dim=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.lm_head(torch.tanh(self.body(self.wte(ids))))
+
+
+def test_tied_head_stays_dense_and_named_request_is_refused():
+    torch.manual_seed(7)
+    model = TiedLM().to(F64)
+    ref = copy.deepcopy(model)
+    assert eligible_names(model, keep_last=False) == ["body"]
+    with pytest.raises(ConversionError, match=r"'lm_head'.*shared with wte\.weight") as info:
+        to_low_rank(model, keep_last=False, names=["body", "lm_head"])
+    assert isinstance(info.value, lc.LowRankError)
+    assert_same_model(model, ref)  # refused before anything changed (body too)
+    assert model.lm_head.weight is model.wte.weight
+    result = to_low_rank(model, keep_last=False)
+    assert converted_names(result) == ["body"]
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_parameter_shared_by_two_linears_stays_dense():
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), b, nn.Linear(6, 6), nn.Linear(6, 2))
+    assert eligible_names(model) == ["3"]
+    with pytest.raises(ConversionError, match=r"'0'.*shared with 2\.weight"):
+        to_low_rank(model, names=["0"])
+
+
+def test_module_used_twice_is_converted_once_at_every_place():
+    torch.manual_seed(8)
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(nn.Linear(4, 6), shared, nn.ReLU(), shared, nn.Linear(6, 2)).to(F64)
+    ref = copy.deepcopy(model)
+    assert eligible_names(model) == ["0", "1"]
+    result = to_low_rank(model, rank=3)
+    assert converted_names(result) == ["0", "1"]
+    assert model[1] is model[3] is result["1"]
+    assert sum(1 for p in model.parameters() if p is result["1"].sigma) == 1
+    full = copy.deepcopy(ref)
+    to_low_rank(full)
+    x = torch.randn(3, 4, dtype=F64)
+    close(full(x), ref(x))
+
+
+def test_module_used_inside_an_attention_and_elsewhere_stays_dense():
+    mha = nn.MultiheadAttention(8, 2)
+    model = nn.ModuleDict({"attn": mha, "proj": mha.out_proj, "head": nn.Linear(8, 2)})
+    with pytest.warns(NoEligibleLayerWarning):
+        assert eligible_names(model, include=(nn.Linear,)) == []
+    with pytest.warns(NoEligibleLayerWarning):  # the attention's out_proj is also "proj"
+        assert eligible_names(model) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# rank-one (depthwise) layers, RNNs, parametrized and lazy layers
+# --------------------------------------------------------------------------------------------------
+def depthwise_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: eight 1 x 9 matrices
+        nn.Conv2d(8, 16, 3, padding=1, groups=4),  # grouped, 4 x 18 per group: fine
+        nn.Conv2d(16, 4, 1),
+        nn.Flatten(),
+        nn.Linear(4 * 25, 2),
+    )
+
+
+def test_depthwise_not_eligible_by_default_opt_in():
+    model = depthwise_net()
+    assert eligible_names(model) == ["0", "2", "3"]
+    with pytest.raises(ConversionError, match=r"'1'.*rank at most 1.*allow_rank_one"):
+        to_low_rank(model, names=["1"])
+    assert eligible_names(model, allow_rank_one=True) == ["0", "1", "2", "3"]
+    torch.manual_seed(9)
+    model = depthwise_net().to(F64)
+    ref = copy.deepcopy(model)
+    result = to_low_rank(model, allow_rank_one=True)
+    assert result["1"].rank == 1 and result["1"].groups == 8
+    x = torch.randn(2, 3, 5, 5, dtype=F64)
+    close(model(x), ref(x))
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU, nn.RNN])
+def test_rnns_refused_by_rule_and_left_dense(rnn):
+    with pytest.raises(UnsupportedLayerError, match=r"RNN weights.*refused by rule") as info:
+        to_low_rank(nn.Sequential(rnn(4, 8)), include=(rnn,))
+    assert isinstance(info.value, lc.LowRankError) and isinstance(info.value, TypeError)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn(4, 8, num_layers=2, batch_first=True)
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.proj(self.rnn(x)[0])))
+
+    model = Tagger()
+    assert eligible_names(model) == ["proj"]
+
+
+def test_parametrized_and_lazy_layers_are_not_candidates():
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(6, 6)),
+        nn.LazyLinear(6),
+        nn.Linear(6, 6),
+        nn.Linear(6, 2),
+    )
+    assert eligible_names(model) == ["2"]
+    with pytest.raises(ConversionError, match=r"'0'.*parametrization"):
+        to_low_rank(model, names=["0"])
+    with pytest.raises(ConversionError, match=r"'1'.*lazy module"):
+        to_low_rank(model, names=["1"])
+
+
+# --------------------------------------------------------------------------------------------------
+# scaling (issue 9 defect 10): one pass over the modules per call
+# --------------------------------------------------------------------------------------------------
+def test_conversion_visits_each_module_a_bounded_number_of_times(monkeypatch):
+    # counts, not timings: the old scan compared every module name with every converted prefix
+    calls = {"n": 0}
+    original = nn.Module.named_modules
+
+    def counting(self, *args, **kwargs):
+        for item in original(self, *args, **kwargs):
+            calls["n"] += 1
+            yield item
+
+    def visits(layers):
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
+        names = eligible_names(model)
+        calls["n"] = 0
+        to_low_rank(model, names=names)
+        return calls["n"]
+
+    monkeypatch.setattr(nn.Module, "named_modules", counting)
+    small, large = visits(50), visits(200)
+    assert large <= 4.5 * small  # linear (x4 layers), with room for constant overhead

@@ -490,14 +490,25 @@ def test_bad_rank_raises(rank):
         LowRankConv1d.from_dense(nn.Conv1d(1, 5, 5), rank=rank)  # k = 5
 
 
+@pytest.mark.parametrize("nd", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["circular", "reflect", "replicate"])
-def test_unsupported_padding_mode(mode):
-    conv = nn.Conv2d(2, 4, 3, padding=1, padding_mode=mode)
-    with pytest.raises(NotImplementedError, match="padding_mode"):
-        LowRankConv2d.from_dense(conv)
+def test_non_zero_padding_modes_exact(mode, nd):
+    # every torch padding mode converts (issue 9 defect 6: circular used to fail at OIALR's switch)
+    torch.manual_seed(11)
+    conv = CONV[nd][0](2, 4, 3, padding=1, padding_mode=mode, stride=2).double()
+    x = torch.randn(2, 2, *([6] * nd), dtype=torch.float64)
+    want = conv(x)
+    layer = CONV[nd][1].from_dense(conv)
+    assert layer.padding_mode == mode and mode in repr(layer)
+    for forward_mode in ("dense", "factorized"):
+        layer.forward_mode = forward_mode
+        torch.testing.assert_close(layer(x), want, rtol=1e-10, atol=1e-10)
+    back = layer.to_dense()
+    assert back.padding_mode == mode
+    torch.testing.assert_close(back(x), want, rtol=1e-10, atol=1e-10)
     f = lc.factorize(lc.weight_to_matrix(conv.weight.detach()))
-    with pytest.raises(NotImplementedError, match="padding_mode"):
-        LowRankConv2d(*f, in_channels=2, kernel_size=3, padding=1, padding_mode=mode)
+    with pytest.raises(ValueError, match="padding_mode"):
+        CONV[nd][1](*f, in_channels=2, kernel_size=3, padding=1, padding_mode="mirror")
 
 
 def test_wrong_module_type():
