@@ -33,6 +33,7 @@ freshly built dense model.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,9 +42,12 @@ import torch
 from torch import Tensor, nn
 
 import lowrank_core as lc
+from lowrank_core._array import check_rank
+from lowrank_core._validate import check_bool, check_float, check_int, describe
+from lowrank_core.errors import ParameterError, ParameterTypeError
 
-from .convert import DEFAULT_INCLUDE, count_trainable, eligible_names, to_low_rank
-from .layers import LowRankLayer
+from .convert import DEFAULT_INCLUDE, _check_include, count_trainable, eligible_names, to_low_rank
+from .layers import LowRankLayer, dense_matrix_shape
 from .optim_state import (
     _find,
     dense_to_sigma_state,
@@ -52,7 +56,14 @@ from .optim_state import (
     truncate_sigma_state,
 )
 
-__all__ = ["OIALR", "OIALRConfig"]
+__all__ = ["OIALR", "CheckpointError", "OIALRConfig"]
+
+
+class CheckpointError(lc.LowRankError, ValueError):
+    """A checkpoint cannot be read, or does not fit the model / optimizer it is loaded into.
+
+    (Also importable from :mod:`lowrank_torch.checkpoint`.)
+    """
 
 
 @dataclass
@@ -85,23 +96,48 @@ class OIALRConfig:
 
     def __post_init__(self) -> None:
         if self.switch_step is None and self.stability_threshold is None:
-            raise ValueError("OIALRConfig needs `switch_step`, `stability_threshold`, or both")
-        if self.switch_step is not None and (
-            isinstance(self.switch_step, bool) or int(self.switch_step) < 0
-        ):
-            raise ValueError(f"`switch_step` must be a non-negative int, got {self.switch_step!r}")
-        if self.stability_threshold is not None and not 0.0 < self.stability_threshold <= 1.0:
-            raise ValueError(
-                f"`stability_threshold` must lie in (0, 1], got {self.stability_threshold}"
+            raise ParameterError("OIALRConfig needs `switch_step`, `stability_threshold`, or both")
+        self.switch_step = check_int("switch_step", self.switch_step, min=0, optional=True)
+        self.stability_threshold = check_float(
+            "stability_threshold",
+            self.stability_threshold,
+            min=0.0,
+            max=1.0,
+            min_open=True,
+            optional=True,
+        )
+        self.stability_every = check_int("stability_every", self.stability_every, min=1)
+        self.update_every = check_int("update_every", self.update_every, min=1)
+        if not callable(self.rule) or isinstance(self.rule, type):
+            raise ParameterTypeError(
+                f"`rule` must be a rank rule (e.g. lowrank_core.SigmaCutoff(0.1)), got "
+                f"{describe(self.rule)}"
             )
-        for name in ("stability_every", "update_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        if not callable(self.rule):
-            raise TypeError(f"`rule` must be a rank rule (callable), got {self.rule!r}")
-        self.include = tuple(self.include)
-        self.exclude_names = tuple(self.exclude_names)
+        self.progressive = check_bool("progressive", self.progressive)
+        self.keep_first = check_bool("keep_first", self.keep_first)
+        self.keep_last = check_bool("keep_last", self.keep_last)
+        self.min_aspect = check_float("min_aspect", self.min_aspect, min=0.0, max=1.0)
+        include: Any = self.include
+        if isinstance(include, type):
+            include = (include,)
+        if isinstance(include, str) or not isinstance(include, tuple | list):
+            raise ParameterTypeError(
+                f"`include` must be a tuple of module types, got {describe(self.include)}"
+            )
+        self.include = tuple(include)
+        try:
+            _check_include(self.include)
+        except TypeError as exc:
+            raise ParameterTypeError(str(exc)) from None
+        names: Any = self.exclude_names
+        if isinstance(names, str):
+            names = (names,)
+        if not isinstance(names, tuple | list) or not all(isinstance(n, str) for n in names):
+            raise ParameterTypeError(
+                f"`exclude_names` must be a tuple of name patterns (strings), got "
+                f"{describe(self.exclude_names)}"
+            )
+        self.exclude_names = tuple(names)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -143,6 +179,97 @@ def _weight_matrices(module: nn.Module) -> list[Tensor]:
     return [matrix]
 
 
+def _named(exc: lc.LowRankError, where: str) -> lc.LowRankError:
+    """``exc``'s kind of error with ``where`` in front of its message."""
+    try:
+        return type(exc)(f"{where}: {exc}")
+    except Exception:  # pragma: no cover - an error class with another signature
+        return lc.LowRankError(f"{where}: {exc}")
+
+
+def _restore_container(obj: Any, saved: Any) -> None:
+    """Put ``saved``'s items back into the (possibly mutated) container ``obj``, keeping its identity."""
+    obj.clear()
+    if isinstance(obj, list):
+        obj.extend(saved)
+    else:
+        obj.update(saved)
+
+
+class _Undo:
+    """A cheap record of what a structural change may touch, to put everything back on failure.
+
+    Records, shallowly (tensors are shared, not copied): every module of ``model`` (its class, its
+    attributes, its parameter / buffer / child dictionaries: conversions replace modules and
+    parametrize attentions), the optimizer's param groups (the group dicts, their parameter lists) and
+    state (the per-parameter dicts), the controller's fields, and any further objects' attributes
+    (``extra``, e.g. an LR scheduler). :meth:`restore` puts all of it back, object identities included.
+    Values written *into* existing tensors are not recorded: callers validate first and write in place
+    only once nothing can fail any more.
+    """
+
+    _CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *extra: object,
+    ) -> None:
+        self.modules = [
+            (
+                m,
+                m.__class__,
+                dict(m.__dict__),
+                {k: copy.copy(m.__dict__[k]) for k in self._CONTAINERS if k in m.__dict__},
+            )
+            for m in model.modules()
+        ]
+        self.optimizer = optimizer
+        if optimizer is not None:
+            groups = optimizer.param_groups
+            self.groups = (groups, list(groups), [(g, dict(g), list(g["params"])) for g in groups])
+            state = optimizer.state
+            self.state = (state, dict(state), [(d, dict(d)) for d in state.values()])
+        self.objects = [
+            (
+                obj,
+                dict(obj.__dict__),
+                {k: copy.copy(v) for k, v in obj.__dict__.items() if isinstance(v, dict | list)},
+            )
+            for obj in extra
+            if obj is not None
+        ]
+
+    def restore(self) -> None:
+        """Put every recorded module, the optimizer and the objects back as they were."""
+        for m, cls, attrs, containers in self.modules:
+            if m.__class__ is not cls:
+                m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for key, items in containers.items():
+                _restore_container(m.__dict__[key], items)
+        opt = self.optimizer
+        if opt is not None:
+            groups, group_list, group_items = self.groups
+            for g, items, params in group_items:
+                _restore_container(items["params"], params)
+                _restore_container(g, items)
+            opt.param_groups = groups
+            _restore_container(groups, group_list)
+            state, state_items, per_param = self.state
+            for d, items in per_param:
+                _restore_container(d, items)
+            opt.state = state
+            _restore_container(state, state_items)
+        for obj, attrs, containers in self.objects:
+            obj.__dict__.clear()
+            obj.__dict__.update(attrs)
+            for key, items in containers.items():
+                _restore_container(attrs[key], items)
+
+
 class OIALR:
     """Drives OIALR on ``model`` trained by ``optimizer``: call :meth:`step` after each optimizer step.
 
@@ -159,6 +286,14 @@ class OIALR:
         optimizer: torch.optim.Optimizer,
         config: OIALRConfig | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ParameterTypeError(f"`model` must be an nn.Module, got {describe(model)}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ParameterTypeError(
+                f"`optimizer` must be a torch.optim.Optimizer, got {describe(optimizer)}"
+            )
+        if config is not None and not isinstance(config, OIALRConfig):
+            raise ParameterTypeError(f"`config` must be an OIALRConfig, got {describe(config)}")
         self.config = config or OIALRConfig()
         self.model = _unwrap(model)
         self.optimizer = optimizer
@@ -174,7 +309,7 @@ class OIALR:
         for name in self.eligible:
             for role, p in _dense_params(self.model.get_submodule(name)).items():
                 if p.requires_grad and _find(optimizer, p) is None:
-                    raise ValueError(
+                    raise ParameterError(
                         f"parameter {name}.{role} is trainable but not in the optimizer; build the "
                         "optimizer from model.parameters() before creating OIALR"
                     )
@@ -212,24 +347,42 @@ class OIALR:
         Returns ``None``, like ``torch.optim.lr_scheduler.LRScheduler.step``. Whether this step replaced
         parameters or changed their shapes (so that a DDP wrapper must be rebuilt) is
         :attr:`structure_changed`.
+
+        All or nothing: when a due switch or rank update fails (a NaN in a layer, say), the error names
+        the layer, and the model, the optimizer and the controller (its step count included) are left
+        exactly as they were before the call.
         """
-        self.structure_changed = False
-        self.step_count += 1
-        t = self.step_count
+        t = self.step_count + 1
         c = self.config
-        changed = False
-        with torch.no_grad():
-            if self.pending:
+        stability_due = (
+            bool(self.pending) and c.stability_threshold is not None and t % c.stability_every == 0
+        )
+        switch_due = bool(self.pending) and c.switch_step is not None and t >= c.switch_step
+        update_due = bool(self.layers) and t % c.update_every == 0
+        if not (stability_due or switch_due or update_due):
+            self.step_count = t
+            self.structure_changed = False
+            return
+        undo = _Undo(self.model, self.optimizer, self)
+        try:
+            self.step_count = t
+            changed = False
+            with torch.no_grad():
+                # rank updates are computed (and checked) before anything changes
+                updates = self._plan_rank_updates(t) if update_due else None
                 to_switch: list[str] = []
-                if c.stability_threshold is not None and t % c.stability_every == 0:
+                if stability_due:
                     to_switch += self._check_stability(t)
-                if c.switch_step is not None and t >= c.switch_step:
+                if switch_due:
                     to_switch = list(self.pending)
                 if to_switch:
                     self._switch([n for n in self.eligible if n in set(to_switch)], t)
                     changed = True
-            if self.layers and t % c.update_every == 0:
-                changed |= self._update_ranks(t)
+                if updates is not None:
+                    changed |= self._apply_rank_updates(updates, t)
+        except BaseException:
+            undo.restore()
+            raise
         self.structure_changed = changed
 
     def _check_stability(self, t: int) -> list[str]:
@@ -309,40 +462,65 @@ class OIALR:
         if state is not None:
             opt.state[new] = state
 
-    def _update_ranks(self, t: int) -> bool:
+    def _plan_rank_updates(self, t: int) -> list[tuple[str, Any]] | None:
+        """Every due part's new factors, computed and checked before any layer changes.
+
+        Returns ``[(part, update)]`` (``None`` when no layer is due). A failure (NaN or Inf in a layer's
+        factors, a rank rule that misbehaves) raises the core's error, its message prefixed with the
+        layer's name.
+        """
         due = [n for n in self.switched if (t - self.switched[n]) > 0]
         if not due:
-            return False
-        self._updates += 1
+            return None
         if self.config.progressive:
             per_update = max(1, math.ceil(0.1 * len(self.eligible)))
-            k = min(len(self.eligible), per_update * self._updates)
+            k = min(len(self.eligible), per_update * (self._updates + 1))
             allowed = set(self.eligible[-k:])
             due = [n for n in due if n in allowed]
-        shape_changed = False
+        plan: list[tuple[str, Any]] = []
         for name in due:
             for part in self._parts[name]:
                 layer = self.layers[part]
-                old_rank = layer.rank
-                upd = lc.update_rank(
-                    layer.U,
-                    layer.sigma.detach(),
-                    layer.V,
-                    self.config.rule,
-                    shape=(layer.rows, layer.cols),
-                )
-                rd = upd.rediagonalized
-                old_sigma = layer.sigma
-                rotate_sigma_state(self.optimizer, old_sigma, rd.left, rd.right)
-                if upd.rank < old_rank:
-                    truncate_sigma_state(self.optimizer, old_sigma, upd.rank)
-                    shape_changed = True
-                layer.set_factors(*upd.factors)
-                if layer.sigma is not old_sigma:  # a new rank: a new Parameter, same optimizer slot
-                    self._replace_in_optimizer(old_sigma, layer.sigma)
-                self.history.append(
-                    {"step": t, "event": "rank", "layer": part, "old": old_rank, "new": upd.rank}
-                )
+                try:
+                    upd = lc.update_rank(
+                        layer.U,
+                        layer.sigma.detach(),
+                        layer.V,
+                        self.config.rule,
+                        shape=(layer.rows, layer.cols),
+                    )
+                    rd = upd.rediagonalized
+                    for fname, x in zip(("U", "sigma", "V"), upd.factors, strict=True):
+                        if not bool(torch.isfinite(x).all()):
+                            raise lc.NonFiniteError(f"the updated `{fname}` contains NaN or Inf")
+                    for fname, x in (("left", rd.left), ("right", rd.right)):
+                        if not bool(torch.isfinite(x).all()):
+                            raise lc.NonFiniteError(f"the rotation `{fname}` contains NaN or Inf")
+                    check_rank(upd.rank, layer.rank, name="new rank", what="the current rank")
+                except lc.LowRankError as exc:
+                    raise _named(exc, f"rank update of layer {part!r} at step {t}") from exc
+                plan.append((part, upd))
+        return plan
+
+    def _apply_rank_updates(self, plan: list[tuple[str, Any]], t: int) -> bool:
+        """Write the planned updates (layers, optimizer state, history); returns whether shapes changed."""
+        self._updates += 1
+        shape_changed = False
+        for part, upd in plan:
+            layer = self.layers[part]
+            old_rank = layer.rank
+            rd = upd.rediagonalized
+            old_sigma = layer.sigma
+            rotate_sigma_state(self.optimizer, old_sigma, rd.left, rd.right)
+            if upd.rank < old_rank:
+                truncate_sigma_state(self.optimizer, old_sigma, upd.rank)
+                shape_changed = True
+            layer.set_factors(*upd.factors)
+            if layer.sigma is not old_sigma:  # a new rank: a new Parameter, same optimizer slot
+                self._replace_in_optimizer(old_sigma, layer.sigma)
+            self.history.append(
+                {"step": t, "event": "rank", "layer": part, "old": old_rank, "new": upd.rank}
+            )
         self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
         return shape_changed
 
@@ -360,55 +538,173 @@ class OIALR:
             "history": [dict(e) for e in self.history],
         }
 
+    def _expected_parts(self, name: str) -> dict[str, int]:
+        """``{low-rank part name: its maximal rank}`` that converting the dense layer ``name`` creates."""
+        module = self.model.get_submodule(name)
+        if isinstance(module, nn.MultiheadAttention):
+            e = int(module.embed_dim)
+            parts = {f"{name}.out_proj": e}
+            if module._qkv_same_embed_dim and module.in_proj_weight is not None:
+                parts[f"{name}.parametrizations.in_proj_weight.0"] = e
+            return parts
+        return {name: min(dense_matrix_shape(module))}
+
+    def _check_state(self, state: Any) -> tuple[list[tuple[str, int]], dict[str, int]]:
+        """Validate a saved state against this controller and model; change nothing.
+
+        Returns the switch order ``[(layer, step)]`` and the saved rank of every part.
+        """
+        if not isinstance(state, dict) or state.get("format") != "lowrank_torch.OIALR/1":
+            raise CheckpointError("not an OIALR state (missing or unknown 'format' entry)")
+        missing = [
+            k
+            for k in (
+                "step_count",
+                "updates",
+                "switched",
+                "ranks",
+                "eligible",
+                "snapshots",
+                "history",
+            )
+            if k not in state
+        ]
+        if missing:
+            raise CheckpointError(f"the OIALR state lacks the entries {missing}")
+        if self.switched:
+            raise CheckpointError(
+                "load_state_dict needs a controller that has not switched any layer yet"
+            )
+        eligible = state["eligible"]
+        if not isinstance(eligible, list | tuple) or list(eligible) != self.eligible:
+            raise CheckpointError(
+                "the checkpoint was made for other eligible layers: saved "
+                f"{eligible!r}, this model has {self.eligible}"
+            )
+        try:
+            step_count = check_int("step_count", state["step_count"], min=0)
+            check_int("updates", state["updates"], min=0)
+        except lc.LowRankError as exc:
+            raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
+        switched, ranks, snapshots, history = (
+            state["switched"],
+            state["ranks"],
+            state["snapshots"],
+            state["history"],
+        )
+        for key, value, kind in (
+            ("switched", switched, dict),
+            ("ranks", ranks, dict),
+            ("snapshots", snapshots, dict),
+            ("history", history, list),
+        ):
+            if not isinstance(value, kind):
+                raise CheckpointError(
+                    f"the OIALR state's {key!r} must be a {kind.__name__}, got {describe(value)}"
+                )
+        if not all(isinstance(e, dict) for e in history):
+            raise CheckpointError("the OIALR state's 'history' must be a list of dicts")
+        order = {n: i for i, n in enumerate(self.eligible)}
+        expected: dict[str, int] = {}
+        steps: dict[str, int] = {}
+        for name, t in switched.items():
+            if name not in order:
+                raise CheckpointError(
+                    f"the checkpoint switched {name!r}, which is not eligible here"
+                )
+            try:
+                steps[name] = check_int(f"switched[{name!r}]", t, min=0, max=step_count)
+            except lc.LowRankError as exc:
+                raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
+            expected.update(self._expected_parts(name))
+        saved_ranks: dict[str, int] = {}
+        for part, upper in expected.items():
+            if part not in ranks:
+                raise CheckpointError(f"the checkpoint has no rank for {part!r}")
+            try:
+                saved_ranks[part] = check_int(
+                    f"ranks[{part!r}]", ranks[part], min=1, max=upper, max_name="min(m, n)"
+                )
+            except lc.LowRankError as exc:
+                raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
+        extra = sorted(set(ranks) - set(expected))
+        if extra:
+            raise CheckpointError(f"the checkpoint has ranks for layers it did not switch: {extra}")
+        for name, mats in snapshots.items():
+            if name not in order or name in switched:
+                raise CheckpointError(
+                    f"the checkpoint has a stability snapshot of {name!r}, which is not a pending "
+                    "eligible layer"
+                )
+            want = _weight_matrices(self.model.get_submodule(name))
+            if not isinstance(mats, list | tuple) or len(mats) != len(want):
+                raise CheckpointError(
+                    f"the stability snapshot of {name!r} must be a list of {len(want)} tensors"
+                )
+            for m, w in zip(mats, want, strict=True):
+                if not isinstance(m, Tensor) or m.shape != w.shape or not m.is_floating_point():
+                    got = tuple(m.shape) if isinstance(m, Tensor) else describe(m)
+                    raise CheckpointError(
+                        f"the stability snapshot of {name!r} does not fit: expected a floating "
+                        f"tensor of shape {tuple(w.shape)}, got {got}"
+                    )
+                if not bool(torch.isfinite(m).all()):
+                    raise CheckpointError(f"the stability snapshot of {name!r} contains NaN or Inf")
+        switch_order = sorted(steps.items(), key=lambda item: (item[1], order[item[0]]))
+        return switch_order, saved_ranks
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rebuild the saved structure on this (freshly built, dense) model and optimizer.
 
         Converts the saved layers at their saved ranks, in the saved order, moving their parameters into
         the optimizer exactly as training did, so that ``model.load_state_dict`` and
-        ``optimizer.load_state_dict`` of the same checkpoint fit afterwards. Raises ``ValueError`` naming
-        the problem when the state does not belong to this model.
+        ``optimizer.load_state_dict`` of the same checkpoint fit afterwards. The whole state is checked
+        against this model first (names, ranks, step counts, snapshot shapes); a state that does not
+        fit raises :class:`~lowrank_torch.checkpoint.CheckpointError` naming the problem, and the model,
+        the optimizer and the controller are left exactly as they were.
         """
-        if not isinstance(state, dict) or state.get("format") != "lowrank_torch.OIALR/1":
-            raise ValueError("not an OIALR state (missing or unknown 'format' entry)")
-        if self.switched:
-            raise ValueError(
-                "load_state_dict needs a controller that has not switched any layer yet"
-            )
-        if list(state["eligible"]) != self.eligible:
-            raise ValueError(
-                "the checkpoint was made for other eligible layers: saved "
-                f"{state['eligible']}, this model has {self.eligible}"
-            )
-        ranks: dict[str, int] = state["ranks"]
-        order = {n: i for i, n in enumerate(self.eligible)}
-        saved = state["switched"]
-        for name in sorted(saved, key=lambda n: (saved[n], order.get(n, -1))):
-            t = saved[name]
-            if name not in order:
-                raise ValueError(f"the checkpoint switched {name!r}, which is not eligible here")
-            module = self.model.get_submodule(name)
-            old = _dense_params(module)
-            parts = to_low_rank(
-                self.model,
-                include=self.config.include,
-                exclude_names=self.config.exclude_names,
-                keep_first=self.config.keep_first,
-                keep_last=self.config.keep_last,
-                min_aspect=self.config.min_aspect,
-                names=[name],
-            )
-            for part, layer in parts.items():
-                if part not in ranks:
-                    raise ValueError(f"the checkpoint has no rank for {part}")
-                r = int(ranks[part])
-                if r < layer.rank:
-                    layer.set_factors(*lc.truncate(layer.U, layer.sigma.detach(), layer.V, r))
-            self._adopt(name, old, parts)
-            self.switched[name] = int(t)
-        self.step_count = int(state["step_count"])
-        self._updates = int(state["updates"])
-        self._snapshots = {n: [m.clone() for m in ms] for n, ms in state["snapshots"].items()}
-        self.history = [dict(e) for e in state["history"]]
+        switch_order, ranks = self._check_state(state)
+        undo = _Undo(self.model, self.optimizer, self)
+        try:
+            with torch.no_grad():
+                for name, t in switch_order:
+                    old = _dense_params(self.model.get_submodule(name))
+                    expected = self._expected_parts(name)
+                    parts = to_low_rank(
+                        self.model,
+                        include=self.config.include,
+                        exclude_names=self.config.exclude_names,
+                        keep_first=self.config.keep_first,
+                        keep_last=self.config.keep_last,
+                        min_aspect=self.config.min_aspect,
+                        names=[name],
+                    )
+                    if set(parts) != set(expected):
+                        raise CheckpointError(
+                            f"converting {name!r} gave the parts {sorted(parts)}, the checkpoint "
+                            "expects others"
+                        )
+                    for part, layer in parts.items():
+                        r = ranks[part]
+                        if r < layer.rank:
+                            layer.set_factors(
+                                *lc.truncate(layer.U, layer.sigma.detach(), layer.V, r)
+                            )
+                    self._adopt(name, old, parts)
+                    self.switched[name] = t
+            self.step_count = int(state["step_count"])
+            self._updates = int(state["updates"])
+            self._snapshots = {
+                n: [m.detach().clone() for m in ms] for n, ms in state["snapshots"].items()
+            }
+            self.history = [dict(e) for e in state["history"]]
+        except BaseException as exc:
+            undo.restore()
+            if isinstance(exc, CheckpointError):
+                raise
+            if isinstance(exc, lc.LowRankError | ValueError | TypeError):
+                raise CheckpointError(f"the OIALR state does not fit this model: {exc}") from exc
+            raise
 
     # ------------------------------------------------------------------ convenience
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:

@@ -122,3 +122,269 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
         save_checkpoint(path, model=model, extra={"bad": lambda: None})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic loading: a checkpoint that does not fit changes nothing (issue 9, defect 4)
+# --------------------------------------------------------------------------------------------------
+def _tensor_tree(x):
+    if isinstance(x, torch.Tensor):
+        return ("tensor", x.dtype, tuple(x.shape), x.detach().clone())
+    if isinstance(x, dict):
+        return {k: _tensor_tree(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_tensor_tree(v) for v in x]
+    return x
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple) and a and a[0] == "tensor":
+        if not (isinstance(b, tuple) and a[:3] == b[:3]):
+            return False
+        x, y = a[3], b[3]
+        if x.is_floating_point():
+            return bool(torch.allclose(x, y, rtol=0.0, atol=0.0, equal_nan=True))
+        return torch.equal(x, y)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+def _full_state(model, opt, ctrl, sched=None):
+    """Everything a load may touch: structure, parameter identities, values, optimizer, controller."""
+    params = list(model.parameters())
+    pid = {id(p): i for i, p in enumerate(params)}
+    return {
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "param_ids": [id(p) for p in params],
+        "model": _tensor_tree(model.state_dict()),
+        "groups": [
+            (
+                [pid.get(id(p), -1) for p in g["params"]],
+                {k: v for k, v in g.items() if k != "params"},
+            )
+            for g in opt.param_groups
+        ],
+        "group_ids": [id(g) for g in opt.param_groups],
+        "opt_state": {pid.get(id(p), -1): _tensor_tree(dict(s)) for p, s in opt.state.items()},
+        "ctrl": _tensor_tree(ctrl.state_dict()) if ctrl is not None else None,
+        "ctrl_layers": sorted(ctrl.layers) if ctrl is not None else None,
+        "sched": dict(sched.state_dict()) if sched is not None else None,
+    }
+
+
+def _assert_unchanged(before, after):
+    for key in before:
+        assert _same(before[key], after[key]), f"{key} changed"
+
+
+def _rewrite(path, change):
+    """Rewrite a checkpoint with a change, sealed again with a valid digest (a consistent file)."""
+    from lowrank_torch import checkpoint as ck
+
+    blob = torch.load(path, weights_only=True)
+    change(blob)
+    if hasattr(ck, "_seal"):
+        blob = ck._seal({k: v for k, v in blob.items() if k not in ("format", "digest")})
+    torch.save(blob, path)
+    return path
+
+
+def _trained_checkpoint(tmp_path, name="c.pt", make_opt=None, steps=13):
+    model, opt, sched, ctrl = _build()
+    if make_opt is not None:
+        opt = make_opt(model)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+        ctrl = OIALR(model, opt, ctrl.config)
+    _run(model, opt, sched, ctrl, _batches(steps))
+    assert ctrl.switched and any(e["new"] < e["old"] for e in ctrl.events("rank"))
+    return save_checkpoint(
+        tmp_path / name, model=model, optimizer=opt, oialr=ctrl, scheduler=sched
+    ), ctrl
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def _mismatched_targets():
+    """(description, builder of a target (model, opt, sched, ctrl) the checkpoint does not fit)."""
+
+    def narrower():
+        torch.manual_seed(1)
+        model = nn.Sequential(
+            nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+        ).double()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+        return model, opt, sched, OIALR(model, opt, OIALRConfig(switch_step=4))
+
+    def other_head():  # same eligible layers, same shapes, but the dense head differs
+        torch.manual_seed(1)
+        model = nn.Sequential(
+            nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 6)
+        ).double()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+        return model, opt, sched, OIALR(model, opt, OIALRConfig(switch_step=4))
+
+    def sgd_target():
+        model, _, _, ctrl = _build()
+        opt = _sgd(model)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+        return model, opt, sched, OIALR(model, opt, ctrl.config)
+
+    return {"narrower": narrower, "other_head": other_head, "sgd_target": sgd_target}
+
+
+@pytest.mark.parametrize("target", ["narrower", "other_head", "sgd_target"])
+def test_a_checkpoint_of_another_model_or_optimizer_changes_nothing(tmp_path, target):
+    path, _ = _trained_checkpoint(tmp_path)
+    model, opt, sched, ctrl = _mismatched_targets()[target]()
+    before = _full_state(model, opt, ctrl, sched)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    _assert_unchanged(before, _full_state(model, opt, ctrl, sched))
+    assert not ctrl.switched and not ctrl.layers
+
+
+def test_sgd_state_into_adamw_is_refused_at_load(tmp_path):
+    path, _ = _trained_checkpoint(tmp_path, make_opt=_sgd)
+    model, opt, sched, ctrl = _build()  # AdamW
+    before = _full_state(model, opt, ctrl, sched)
+    with pytest.raises(CheckpointError, match="optimizer"):
+        load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    _assert_unchanged(before, _full_state(model, opt, ctrl, sched))
+
+
+def _tamper_rank(value):
+    def change(blob):
+        blob["oialr"]["ranks"]["2"] = value
+
+    return change
+
+
+def _tamper_shape(blob):
+    blob["model"]["2.sigma"] = torch.zeros(3, 3, dtype=torch.float64)
+
+
+def _tamper_u(blob):
+    u = blob["model"]["0.U"]
+    blob["model"]["0.U"] = torch.zeros(u.shape[0] + 1, u.shape[1], dtype=u.dtype)
+
+
+def _tamper_optimizer_shape(blob):
+    state = blob["optimizer"]["state"]
+    key = next(k for k, s in state.items() if s["exp_avg"].ndim == 2)
+    state[key]["exp_avg"] = torch.zeros(2, 3, dtype=torch.float64)
+
+
+def _tamper_optimizer_key(blob):
+    for s in blob["optimizer"]["state"].values():
+        s.pop("exp_avg_sq")
+
+
+def _tamper_switched(blob):
+    blob["oialr"]["switched"]["4"] = 3  # the head is not eligible
+
+
+def _tamper_step(blob):
+    blob["oialr"]["step_count"] = -5
+
+
+def _tamper_groups(blob):
+    blob["optimizer"]["param_groups"][0]["params"].pop()
+
+
+def _tamper_scheduler(blob):
+    blob["scheduler"] = {"not": "a StepLR state"}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _tamper_rank(0),
+        _tamper_rank(999),
+        _tamper_rank(2.5),
+        _tamper_shape,
+        _tamper_u,
+        _tamper_optimizer_shape,
+        _tamper_optimizer_key,
+        _tamper_switched,
+        _tamper_step,
+        _tamper_groups,
+        _tamper_scheduler,
+    ],
+    ids=[
+        "rank0",
+        "rank999",
+        "rank2.5",
+        "sigma_shape",
+        "U_shape",
+        "opt_shape",
+        "opt_key",
+        "switched_head",
+        "negative_step",
+        "group_size",
+        "scheduler",
+    ],
+)
+def test_a_tampered_checkpoint_changes_nothing(tmp_path, change):
+    path, _ = _trained_checkpoint(tmp_path)
+    _rewrite(path, change)
+    model, opt, sched, ctrl = _build()
+    before = _full_state(model, opt, ctrl, sched)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    _assert_unchanged(before, _full_state(model, opt, ctrl, sched))
+    assert not ctrl.switched and not ctrl.layers
+    # and the untampered run still loads into the same (unchanged) objects
+    good, _ = _trained_checkpoint(tmp_path, name="good.pt")
+    load_checkpoint(good, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    assert ctrl.switched
+
+
+def _tensor_data_spans(path):
+    """(offset, length) of every tensor's raw bytes inside a torch.save zip archive."""
+    import struct
+    import zipfile
+
+    spans = []
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if "/data/" not in info.filename or info.compress_type != zipfile.ZIP_STORED:
+                continue
+            start = info.header_offset
+            name_len, extra_len = struct.unpack("<HH", raw[start + 26 : start + 30])
+            spans.append((start + 30 + name_len + extra_len, info.file_size))
+    return spans
+
+
+def test_flipped_bytes_inside_tensor_data_are_detected(tmp_path):
+    path, _ = _trained_checkpoint(tmp_path)
+    spans = sorted(_tensor_data_spans(path), key=lambda s: -s[1])
+    offset, size = spans[0]
+    assert size >= 512
+    data = bytearray(path.read_bytes())
+    for i in range(64):
+        data[offset + 100 + 3 * i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    model, opt, sched, ctrl = _build()
+    before = _full_state(model, opt, ctrl, sched)
+    with pytest.raises(CheckpointError, match="digest"):
+        load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    _assert_unchanged(before, _full_state(model, opt, ctrl, sched))
+
+
+def test_oialr_load_state_dict_alone_is_atomic(tmp_path):
+    _, saved = _trained_checkpoint(tmp_path)
+    state = saved.state_dict()
+    state["ranks"]["2"] = 0  # the second switched layer cannot be rebuilt
+    model, opt, sched, ctrl = _build()
+    before = _full_state(model, opt, ctrl, sched)
+    with pytest.raises(lc.LowRankError, match="'2'"):
+        ctrl.load_state_dict(state)
+    _assert_unchanged(before, _full_state(model, opt, ctrl, sched))

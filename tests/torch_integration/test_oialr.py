@@ -295,3 +295,65 @@ def test_history_plot_is_written(tmp_path):
     path = plot_history(ctrl.history, tmp_path / "oialr.png", title="test")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _snapshot(model, opt, ctrl):
+    """Every value and identity a rank update may touch."""
+    return {
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "params": [id(p) for p in model.parameters()],
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "groups": [[id(p) for p in g["params"]] for g in opt.param_groups],
+        "state": {
+            id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+            for p, s in opt.state.items()
+        },
+        "ranks": ctrl.ranks(),
+        "step_count": ctrl.step_count,
+        "history": len(ctrl.history),
+        "updates": ctrl._updates,
+    }
+
+
+def _assert_same(before, after):
+    assert before.keys() == after.keys()
+    for key in before:
+        a, b = before[key], after[key]
+        if key == "model":
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.allclose(a[k], b[k], rtol=0, atol=0, equal_nan=True), k
+        elif key == "state":
+            assert a.keys() == b.keys()
+            for pid in a:
+                assert a[pid].keys() == b[pid].keys()
+                for k, v in a[pid].items():
+                    w = b[pid][k]
+                    if torch.is_tensor(v):
+                        assert torch.allclose(v, w, rtol=0, atol=0, equal_nan=True), k
+                    else:
+                        assert v == w, k
+        else:
+            assert a == b, key
+
+
+@pytest.mark.parametrize("bad", ["4", "2"])
+def test_a_nan_during_a_rank_update_changes_nothing_and_names_the_layer(bad):
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=2, update_every=4, rule=lc.FixedRank(rank=12)))
+    batches = _data()
+    _train(model, opt, ctrl, batches, stop=3)
+    assert ctrl.ranks() == {"0": 20, "2": 48, "4": 48}
+    with torch.no_grad():
+        model[int(bad)].sigma[1, 2] = float("nan")
+    before = _snapshot(model, opt, ctrl)
+    with pytest.raises(lc.LowRankError, match=f"layer '{bad}'"):
+        ctrl.step()  # step 4: the rank update meets the NaN
+    _assert_same(before, _snapshot(model, opt, ctrl))
+    # once the layer is repaired, the same step succeeds for every layer
+    with torch.no_grad():
+        model[int(bad)].sigma[1, 2] = 0.0
+    ctrl.step()
+    assert ctrl.structure_changed is True
+    assert ctrl.ranks() == {"0": 12, "2": 12, "4": 12}
