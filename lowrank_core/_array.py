@@ -10,7 +10,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._validate import check_int
+from ._validate import check_bool, check_int
 from .errors import (
     ArrayTypeError,
     DeviceMismatchError,
@@ -78,14 +78,22 @@ def check_finite(xp: Namespace, x: Array, name: str) -> None:
 def check_matrix(
     xp: Namespace, x: Array, name: str, *, finite: bool = True, allow_empty: bool = False
 ) -> None:
-    """A real floating array of shape ``(..., m, n)`` (m, n >= 1), optionally all finite."""
+    """A real floating array of shape ``(..., m, n)``, optionally all finite.
+
+    Unless ``allow_empty``, every dimension must be >= 1: ``m, n >= 1`` and no empty stack such as
+    ``(0, 4, 4)``. ``finite`` is the caller's ``check_finite`` argument and must be a bool.
+    """
+    finite = check_bool("check_finite", finite)
     if x.ndim < 2:
         raise ShapeError(
             f"`{name}` must be a matrix or a stack of matrices (..., m, n), got shape {tuple(x.shape)}"
         )
     check_floating(xp, x, name)
-    if not allow_empty and (x.shape[-1] == 0 or x.shape[-2] == 0):
-        raise ShapeError(f"`{name}` must have m, n >= 1, got shape {tuple(x.shape)}")
+    if not allow_empty and any(int(d) == 0 for d in x.shape):
+        what = "an empty stack" if x.ndim > 2 and min(x.shape[-2:]) > 0 else "m, n >= 1"
+        raise ShapeError(
+            f"`{name}` must have every dimension >= 1 (got {what}), shape {tuple(x.shape)}"
+        )
     if finite:
         check_finite(xp, x, name)
 

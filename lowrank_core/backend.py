@@ -28,6 +28,7 @@ import array_api_compat
 import numpy as np
 
 from ._array import Array, Namespace
+from .errors import ArrayTypeError, ParameterError, ParameterTypeError
 
 __all__ = ["Backend", "StandardBackend", "get_backend", "register_backend"]
 
@@ -95,6 +96,7 @@ class StandardBackend:
 Backend = StandardBackend
 """The backend interface (the base class a third-party backend subclasses)."""
 
+_METHODS = ("svd", "eigh", "all_finite", "random_normal", "synchronize", "to_numpy")
 _lock = threading.Lock()
 _registered: dict[str, StandardBackend | type[StandardBackend] | Any] = {}
 _by_type: dict[type, StandardBackend] = {}
@@ -106,9 +108,20 @@ def register_backend(module_name: str, backend: Any) -> None:
     ``backend`` is a :class:`StandardBackend` subclass (instantiated on first use) or an instance.
     Registration overrides entry points and built-ins; ``backend=None`` removes a registration.
     """
-    if not isinstance(module_name, str) or not module_name or "." in module_name:
-        raise ValueError(
+    if not isinstance(module_name, str):
+        raise ParameterTypeError(
             f"`module_name` must be a top-level module name such as 'torch', got {module_name!r}"
+        )
+    if not module_name or "." in module_name or not module_name.isidentifier():
+        raise ParameterError(
+            f"`module_name` must be a top-level module name such as 'torch', got {module_name!r}"
+        )
+    if backend is not None and not (
+        isinstance(backend, type) or any(callable(getattr(backend, m, None)) for m in _METHODS)
+    ):
+        raise ParameterTypeError(
+            "`backend` must be a backend class, an instance with backend methods "
+            f"({', '.join(_METHODS)}) or None, got {type(backend).__name__}"
         )
     with _lock:
         if backend is None:
@@ -116,9 +129,6 @@ def register_backend(module_name: str, backend: Any) -> None:
         else:
             _registered[module_name] = backend
         _by_type.clear()
-
-
-_METHODS = ("svd", "eigh", "all_finite", "random_normal", "synchronize", "to_numpy")
 
 
 def _instantiate(obj: Any, x: Array) -> StandardBackend:
@@ -174,11 +184,19 @@ def _from_builtin(module_name: str) -> Any | None:
 
 
 def get_backend(x: Array) -> StandardBackend:
-    """The backend serving arrays of ``x``'s type (cached per type)."""
+    """The backend serving arrays of ``x``'s type (cached per type).
+
+    Raises ``ArrayTypeError`` when ``x`` is not an array of an array-API-compatible library.
+    """
     t = type(x)
     backend = _by_type.get(t)
     if backend is not None:
         return backend
+    if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+        raise ArrayTypeError(
+            f"`x` must be an array (NumPy, PyTorch, CuPy, ...) to find its backend, "
+            f"got {type(x).__name__}"
+        )
     module_name = t.__module__.split(".")[0]
     with _lock:
         found = _registered.get(module_name)

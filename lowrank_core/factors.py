@@ -22,7 +22,8 @@ from ._array import (
     result_dtype,
     upcast,
 )
-from .errors import ShapeError
+from ._validate import check_shape_pair, describe
+from .errors import ParameterTypeError, RankError, ShapeError
 from .linalg import _svd
 from .rank import RankRule
 
@@ -174,11 +175,13 @@ def rotate_sigma(x: Array, left: Array, right: Array, *, check_finite: bool = Tr
 
 
 def truncate(
-    U: Array, Sigma: Array, V: Array, rank: int, *, check_finite: bool = False
+    U: Array, Sigma: Array, V: Array, rank: int, *, check_finite: bool = True
 ) -> LowRankFactors:
     """Keep the leading ``rank`` columns of ``U`` and ``V`` and the leading ``rank x rank`` block of Sigma.
 
     Meaningful after :func:`rediagonalize` (or :func:`factorize`), when Sigma is diagonal and sorted.
+    Raises ``NonFiniteError`` on NaN/Inf in a factor unless ``check_finite=False``. The results are
+    views (slices) of the inputs where the library allows.
     """
     _check_factors(U, Sigma, V, check_finite)
     r = check_rank(rank, min(int(Sigma.shape[-2]), int(Sigma.shape[-1])), what="the current rank")
@@ -197,10 +200,40 @@ def update_rank(
     """Re-diagonalize, choose a rank with ``rule`` and truncate: one OIALR rank update.
 
     ``shape`` is the ``(m, n)`` of the full weight matrix passed to the rule (default: from ``U`` and
-    ``V``). For a stack the largest per-matrix rank is kept, since a stack shares one shape.
+    ``V``), a pair of positive integers. For a stack the largest per-matrix rank is kept, since a
+    stack shares one shape. ``rule`` must return an integer in ``1..r`` (``r`` the current rank), or a
+    NumPy integer array of such ranks for a stack; anything else (None, a string, a float, NaN)
+    raises ``RankError`` naming the rule.
     """
+    if not callable(rule):
+        raise ParameterTypeError(
+            f"`rule` must be a rank rule (called as rule(s, shape=(m, n))), got {describe(rule)}"
+        )
     _, m, n, _ = _check_factors(U, Sigma, V, check_finite)
+    full = (m, n) if shape is None else check_shape_pair("shape", shape)
+    if Sigma.shape[-1] != Sigma.shape[-2]:
+        raise ShapeError(f"`Sigma` must be square (..., r, r), got shape {tuple(Sigma.shape)}")
+    k = int(Sigma.shape[-1])
     rd = rediagonalize(U, Sigma, V, check_finite=False)
-    chosen: Any = rule(rd.singular_values, shape=(m, n) if shape is None else shape)
-    rank = int(np.max(np.asarray(chosen)))
-    return RankUpdate(truncate(rd.U, rd.Sigma, rd.V, rank), rank, rd)
+    chosen: Any = rule(rd.singular_values, shape=full)
+    rank = _chosen_rank(chosen, k, rule)
+    return RankUpdate(truncate(rd.U, rd.Sigma, rd.V, rank, check_finite=False), rank, rd)
+
+
+def _chosen_rank(chosen: object, k: int, rule: object) -> int:
+    """The rank a rule returned (the largest, for a stack), validated to lie in ``1..k``."""
+    what = f"the current rank {k}"
+    label = getattr(rule, "__qualname__", None) or type(rule).__name__
+    name = f"rank returned by rule {label}"
+    if isinstance(chosen, np.ndarray):
+        if chosen.dtype == np.bool_ or not np.issubdtype(chosen.dtype, np.integer):
+            raise RankError(
+                f"{name} must be an integer (or an integer array for a stack), got an array of "
+                f"dtype {chosen.dtype}"
+            )
+        if chosen.size == 0:
+            raise RankError(f"{name} is an empty array")
+        low = int(np.min(chosen))
+        check_rank(low, k, name=name, what=what)
+        return check_rank(int(np.max(chosen)), k, name=name, what=what)
+    return check_rank(chosen, k, name=name, what=what)

@@ -46,11 +46,15 @@ from ._array import (
     diag_embed,
     namespace,
     result_dtype,
-    shape_tuple,
     upcast,
 )
-from ._array import (
-    check_finite as _check_finite,
+from ._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+    check_shape,
 )
 from .backend import get_backend
 from .errors import ShapeError
@@ -114,8 +118,19 @@ def _arc_cosine(xp: Namespace, cos: Array) -> tuple[Array, Array]:
 
 def _check_input(a: Array, name: str, check: bool) -> Namespace:
     xp = namespace(**{name: a})
-    check_matrix(xp, a, name, finite=check)
+    check_matrix(xp, a, name, finite=check_bool("check_finite", check))
     return xp
+
+
+def _max_abs(xp: Namespace, x: Array) -> Array:
+    """``max |x|`` over the last two axes, shape ``(..., 1, 1)``; 1 where ``x`` is all zero.
+
+    The closed forms below are homogeneous in the weights; computing them on ``x / max|x|`` keeps
+    the squared norms of extreme but finite weights (``1e154``, ``1e-170``) from over- or
+    underflowing.
+    """
+    top = xp.max(xp.max(xp.abs(x), axis=-1, keepdims=True), axis=-2, keepdims=True)
+    return xp.where(top > 0, top, xp.ones_like(top))
 
 
 def _rank_of(a: Array, rank: object) -> int:
@@ -166,6 +181,8 @@ def relu_function_error(
     ``relative=True`` divides by ``E ||ReLU(a x)||^2 = ||a||_F^2 / 2`` (inf or NaN when ``a`` is zero).
     """
     xp = namespace(a=a, b=b)
+    check_finite = check_bool("check_finite", check_finite)
+    relative = check_bool("relative", relative)
     check_matrix(xp, a, "a", finite=check_finite)
     check_matrix(xp, b, "b", finite=check_finite)
     if tuple(a.shape[-2:]) != tuple(b.shape[-2:]):
@@ -181,9 +198,15 @@ def relu_function_error(
         ) from None
     dt = result_dtype(xp, a, b)
     ac, bc = upcast(xp, cast_to(xp, a, dt)), upcast(xp, cast_to(xp, b, dt))
+    # The error is homogeneous of degree 2: evaluate it on (a, b) / c with c = max(|a|, |b|).
+    c = xp.maximum(_max_abs(xp, ac), _max_abs(xp, bc))
+    ac, bc = ac / c, bc / c
     err = xp.sum(_relu_error_rows(xp, ac, bc), axis=-1)
     if relative:
         err = err / (0.5 * xp.sum(xp.sum(ac * ac, axis=-1), axis=-1))
+    else:
+        scale = c[..., 0, 0]
+        err = (err * scale) * scale  # inf only when the true error exceeds the dtype's range
     return cast_to(xp, err, dt)
 
 
@@ -284,8 +307,14 @@ def _refine_subspace(
 
 
 def _nonlinear(xp: Namespace, a: Array, r: int, refine_steps: int) -> tuple[Array, Array, Array]:
-    """``(U, s, V)`` of the nonlinear init, in the compute dtype."""
+    """``(U, s, V)`` of the nonlinear init, in the compute dtype.
+
+    The result is homogeneous of degree 1 in ``a`` (the subspace does not depend on the scale, the rows
+    scale with it), so it is computed for ``a / max|a|`` and the singular values are scaled back.
+    """
     W = upcast(xp, a)
+    c = _max_abs(xp, W)
+    W = W / c
     _, _, Vfull = _svd(xp, W)
     Q = Vfull[..., :r]
     wn = _row_norms(xp, W)
@@ -295,13 +324,13 @@ def _nonlinear(xp: Namespace, a: Array, r: int, refine_steps: int) -> tuple[Arra
     # m_i = (||w_i|| J_i / pi) * P_S w_i / ||P_S w_i||  ->  M = diag(scale) Z Q^T
     scale = _safe_div(xp, wn * stats.J / math.pi, stats.zn)
     left0 = scale[..., None] * stats.Z
-    return _oialr_from(xp, left0, Q)
+    U, s, V = _oialr_from(xp, left0, Q)
+    return U, s * c[..., 0], V
 
 
 def _check_steps(refine_steps: object) -> int:
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
-        raise ValueError(f"`refine_steps` must be a non-negative int, got {refine_steps!r}")
-    return refine_steps
+    steps: int = check_int("refine_steps", refine_steps, min=0)
+    return steps
 
 
 def nonlinear_init(
@@ -338,16 +367,20 @@ def default_init_std(fan_in: int) -> float:
 
     (``kaiming_uniform_(a=sqrt(5))`` draws from ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.)
     """
-    if isinstance(fan_in, bool) or int(fan_in) < 1:
-        raise ValueError(f"`fan_in` must be a positive int, got {fan_in!r}")
-    return 1.0 / math.sqrt(3.0 * int(fan_in))
+    n: int = check_int("fan_in", fan_in, min=1)
+    return 1.0 / math.sqrt(3.0 * n)
 
 
 def _random_shape(like: Array, shape: Sequence[int] | None) -> tuple[int, ...]:
-    s = tuple(like.shape) if shape is None else shape_tuple(shape)
-    if len(s) < 2 or s[-1] < 1 or s[-2] < 1:
-        raise ShapeError(f"`shape` must be (..., m, n) with m, n >= 1, got {s}")
-    return s
+    if shape is None:
+        s = tuple(int(d) for d in like.shape)
+        if len(s) < 2 or min(s) < 1:
+            raise ShapeError(
+                f"`like` must have shape (..., m, n) with every dimension >= 1 (or pass `shape`), "
+                f"got {s}"
+            )
+        return s
+    return check_shape("shape", shape, min_ndim=2)
 
 
 def random_init(
@@ -371,9 +404,9 @@ def random_init(
     s = _random_shape(like, shape)
     m, n = s[-2], s[-1]
     r = check_rank(rank, min(m, n))
-    sd = default_init_std(n) if std is None else float(std)
-    if not (math.isfinite(sd) and sd >= 0):
-        raise ValueError(f"`std` must be a finite number >= 0, got {std!r}")
+    seed = check_seed("seed", seed)
+    sd_given = check_float("std", std, min=0.0, optional=True)
+    sd = default_init_std(n) if sd_given is None else sd_given
     dt = compute_dtype(xp, like.dtype)
     noise = get_backend(like).random_normal(
         (*s[:-2], m + n, r), dtype=dt, device=array_api_compat.device(like), seed=seed
@@ -403,6 +436,7 @@ def random_factors(
 # --------------------------------------------------------------------------------------------------
 def _check_pair(left: Array, right: Array, check: bool) -> Namespace:
     xp = namespace(left=left, right=right)
+    check = check_bool("check_finite", check)
     check_matrix(xp, left, "left", finite=check)
     check_matrix(xp, right, "right", finite=check)
     if left.shape[-1] != right.shape[-1]:
@@ -449,6 +483,7 @@ def factors_to_balanced(
     Balanced (``left^T left = right^T right = diag(s)``) when ``U`` and ``V`` have orthonormal columns.
     """
     xp = namespace(U=U, Sigma=Sigma, V=V)
+    check_finite = check_bool("check_finite", check_finite)
     for name, x in (("U", U), ("Sigma", Sigma), ("V", V)):
         check_matrix(xp, x, name, finite=check_finite)
     r = int(Sigma.shape[-1])
@@ -487,16 +522,17 @@ def init_weight_factors(
     ``LowRankFactors(U, Sigma, V)``: OIALR form by default, or with ``balanced=True`` the balanced factors
     as ``(left, I_r, right)``, the layout for training all factors from scratch.
     """
-    if method not in INIT_METHODS:
-        raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}")
+    method = check_choice("method", method, INIT_METHODS)
+    balanced = check_bool("balanced", balanced)
+    check_finite = check_bool("check_finite", check_finite)
+    refine_steps = _check_steps(refine_steps)
     xp = namespace(weight=weight)
     check_floating(xp, weight, "weight")
-    matrix = weight_to_matrix(weight, groups=groups)
+    check_finite_random = method != "random" and check_finite
+    matrix = weight_to_matrix(weight, groups=groups, check_finite=check_finite_random)
     if method == "random":
         bal = random_init(matrix, rank, std=std, seed=seed)
     else:
-        if check_finite:
-            _check_finite(xp, weight, "weight")
         if method == "spectral":
             bal = spectral_init(matrix, rank, check_finite=False)
         else:
@@ -520,11 +556,16 @@ def frobenius_decay(
     Computed as ``coefficient / 2 * sum((left^T left) * (right^T right))``: ``O((m + n) r^2)``.
     """
     xp = _check_pair(left, right, check_finite)
+    c = check_float("coefficient", coefficient, min=0.0)
     dt = result_dtype(xp, left, right)
     L, R = upcast(xp, cast_to(xp, left, dt)), upcast(xp, cast_to(xp, right, dt))
+    # Homogeneous in each factor: the Gram matrices of left / max|left| cannot overflow.
+    cl, cr = _max_abs(xp, L), _max_abs(xp, R)
+    L, R = L / cl, R / cr
     gl = xp.matrix_transpose(L) @ L
     gr = xp.matrix_transpose(R) @ R
-    value = 0.5 * float(coefficient) * xp.sum(xp.sum(gl * gr, axis=-1), axis=-1)
+    scale = cl[..., 0, 0] * cr[..., 0, 0]
+    value = ((0.5 * c) * xp.sum(xp.sum(gl * gr, axis=-1), axis=-1) * scale) * scale
     return cast_to(xp, value, dt)
 
 
@@ -533,9 +574,14 @@ def frobenius_decay_grad(
 ) -> tuple[Array, Array]:
     """Gradients of :func:`frobenius_decay`: ``(c left (right^T right), c right (left^T left))``."""
     xp = _check_pair(left, right, check_finite)
+    c = check_float("coefficient", coefficient, min=0.0)
     dt = result_dtype(xp, left, right)
     L, R = upcast(xp, cast_to(xp, left, dt)), upcast(xp, cast_to(xp, right, dt))
-    c = float(coefficient)
+    cl, cr = _max_abs(xp, L), _max_abs(xp, R)
+    L, R = L / cl, R / cr
     gl = xp.matrix_transpose(L) @ L
     gr = xp.matrix_transpose(R) @ R
-    return cast_to(xp, c * (L @ gr), dt), cast_to(xp, c * (R @ gl), dt)
+    # c * left (right^T right) = c * cl * cr^2 * L1 (R1^T R1), and symmetrically.
+    grad_left = (((c * (L @ gr)) * cl) * cr) * cr
+    grad_right = (((c * (R @ gl)) * cr) * cl) * cl
+    return cast_to(xp, grad_left, dt), cast_to(xp, grad_right, dt)

@@ -21,8 +21,9 @@ import array_api_compat
 import numpy as np
 
 from ._array import Array, Namespace, check_finite, check_floating, namespace
+from ._validate import check_float, check_int, check_shape_pair
 from .backend import get_backend
-from .errors import RankError, ShapeError, SpectrumError
+from .errors import ParameterError, RankError, ShapeError, SpectrumError
 
 __all__ = [
     "EffectiveRank",
@@ -41,9 +42,10 @@ __all__ = [
 
 # --------------------------------------------------------------------------- spectrum measures
 def _check_spectrum(xp: Namespace, s: Array, *, descending: bool) -> None:
-    if s.ndim < 1 or s.shape[-1] == 0:
+    if s.ndim < 1 or any(int(d) == 0 for d in s.shape):
         raise ShapeError(
-            f"`s` must be a non-empty spectrum of shape (..., k), got shape {tuple(s.shape)}"
+            f"`s` must be a non-empty spectrum (or stack of spectra) of shape (..., k), "
+            f"got shape {tuple(s.shape)}"
         )
     check_floating(xp, s, "s")
     check_finite(xp, s, "s")
@@ -55,7 +57,20 @@ def _check_spectrum(xp: Namespace, s: Array, *, descending: bool) -> None:
         )
 
 
+def _normalized(xp: Namespace, s: Array) -> tuple[Array, Array]:
+    """``(s / max(s), max(s) > 0)`` along the last axis (``s`` itself where the spectrum is all zero).
+
+    Every measure and rule is a ratio of sums (or a comparison with a multiple of ``s[0]``), so
+    dividing by the largest value first changes nothing mathematically; it keeps the squares of
+    extreme but finite spectra (``1e200``, ``1e-200``, float32 ``2e19``) from over- or underflowing.
+    """
+    top = xp.max(s, axis=-1, keepdims=True)
+    nonzero = top > 0
+    return s / xp.where(nonzero, top, xp.ones_like(top)), nonzero[..., 0]
+
+
 def _effective_rank(xp: Namespace, s: Array) -> Array:
+    s, _ = _normalized(xp, s)
     total = xp.sum(s, axis=-1, keepdims=True)
     nonzero = total > 0
     p = s / xp.where(nonzero, total, xp.ones_like(total))
@@ -66,10 +81,8 @@ def _effective_rank(xp: Namespace, s: Array) -> Array:
 
 
 def _stable_rank(xp: Namespace, s: Array) -> Array:
-    top = xp.max(s, axis=-1)
-    nonzero = top > 0
-    safe = xp.where(nonzero, top, xp.ones_like(top))
-    ratio = xp.sum(s * s, axis=-1) / (safe * safe)
+    scaled, nonzero = _normalized(xp, s)
+    ratio = xp.sum(scaled * scaled, axis=-1)
     return xp.where(nonzero, ratio, xp.zeros_like(ratio))
 
 
@@ -98,20 +111,21 @@ class RankRule(Protocol):
     def __call__(self, s: Array, *, shape: Sequence[int] | None = None) -> Any: ...
 
 
-def _check_bound(value: object, name: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise RankError(f"`{name}` must be a positive integer or None, got {value!r}")
-    if value < 1:
-        raise RankError(f"`{name}` must be >= 1, got {value}")
+def _set(rule: object, name: str, value: object) -> None:
+    """Store a validated, canonical value on a frozen dataclass."""
+    object.__setattr__(rule, name, value)
 
 
-def _check_unit_interval(value: float, name: str, *, open_low: bool) -> None:
-    ok = (0.0 < value <= 1.0) if open_low else (0.0 <= value <= 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        interval = "(0, 1]" if open_low else "[0, 1]"
-        raise ValueError(f"`{name}` must lie in {interval}, got {value!r}")
+def _check_bound(rule: object, name: str) -> None:
+    value = check_int(
+        name, getattr(rule, name), min=1, optional=True, error=RankError, type_error=RankError
+    )
+    _set(rule, name, value)
+
+
+def _check_unit_interval(rule: object, name: str, *, open_low: bool) -> None:
+    value = check_float(name, getattr(rule, name), min=0.0, max=1.0, min_open=open_low)
+    _set(rule, name, value)
 
 
 @dataclass(frozen=True)
@@ -123,8 +137,8 @@ class RankRuleBase:
     max_rank: int | None = None
 
     def __post_init__(self) -> None:
-        _check_bound(self.min_rank, "min_rank")
-        _check_bound(self.max_rank, "max_rank")
+        _check_bound(self, "min_rank")
+        _check_bound(self, "max_rank")
         if (
             self.min_rank is not None
             and self.max_rank is not None
@@ -144,11 +158,7 @@ class RankRuleBase:
         if shape is None:
             m, n = k, k
         else:
-            dims = tuple(int(d) for d in shape)
-            if len(dims) != 2:
-                raise ShapeError(
-                    f"`shape` must be the (m, n) of the weight matrix, got {tuple(shape)}"
-                )
+            dims = check_shape_pair("shape", shape)
             m, n = dims
             if min(m, n) < k:
                 raise ShapeError(
@@ -186,11 +196,12 @@ class SigmaCutoff(RankRuleBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_unit_interval(self.fraction, "fraction", open_low=False)
-        _check_unit_interval(self.floor_fraction, "floor_fraction", open_low=False)
+        _check_unit_interval(self, "fraction", open_low=False)
+        _check_unit_interval(self, "floor_fraction", open_low=False)
 
     def _raw(self, xp: Namespace, s: Array, k: int, m: int, n: int) -> Array:
-        j = _count(xp, s >= self.fraction * s[..., :1])
+        scaled, _ = _normalized(xp, s)  # s / s[0]: no underflow of fraction * s[0]
+        j = _count(xp, scaled >= self.fraction * scaled[..., :1])
         floor = max(1, int(self.floor_fraction * min(m, n)))
         if k > 2 * floor:  # k / 2 > floor
             below = xp.where(
@@ -211,10 +222,11 @@ class TailNorm(RankRuleBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_unit_interval(self.tol, "tol", open_low=True)
+        _check_unit_interval(self, "tol", open_low=True)
 
     def _raw(self, xp: Namespace, s: Array, k: int, m: int, n: int) -> Array:
-        sq = s * s
+        scaled, _ = _normalized(xp, s)
+        sq = scaled * scaled
         tail = xp.flip(
             xp.cumulative_sum(xp.flip(sq, axis=-1), axis=-1), axis=-1
         )  # tail[r] = sum_{i>=r}
@@ -232,10 +244,11 @@ class Energy(RankRuleBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_unit_interval(self.energy, "energy", open_low=True)
+        _check_unit_interval(self, "energy", open_low=True)
 
     def _raw(self, xp: Namespace, s: Array, k: int, m: int, n: int) -> Array:
-        cum = xp.cumulative_sum(s * s, axis=-1)
+        scaled, _ = _normalized(xp, s)
+        cum = xp.cumulative_sum(scaled * scaled, axis=-1)
         total = cum[..., -1:]
         short = cum[..., :-1] < self.energy * total  # r = 1..k-1 keeping too little
         return 1 + _count(xp, short)
@@ -253,14 +266,10 @@ class OptimalHardThreshold(RankRuleBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if (
-            isinstance(self.scale, bool)
-            or not isinstance(self.scale, (int, float))
-            or not (math.isfinite(self.scale) and self.scale > 0)
-        ):
-            raise ValueError(f"`scale` must be a positive finite number, got {self.scale!r}")
+        _set(self, "scale", check_float("scale", self.scale, min=0.0, min_open=True))
 
     def _raw(self, xp: Namespace, s: Array, k: int, m: int, n: int) -> Array:
+        s, _ = _normalized(xp, s)
         beta = min(m, n) / max(m, n)
         omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
         if k % 2:
@@ -300,11 +309,11 @@ class FixedRank(RankRuleBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         if (self.rank is None) == (self.fraction is None):
-            raise ValueError("FixedRank needs exactly one of `rank` and `fraction`")
+            raise ParameterError("FixedRank needs exactly one of `rank` and `fraction`")
         if self.rank is not None:
-            _check_bound(self.rank, "rank")
+            _check_bound(self, "rank")
         if self.fraction is not None:
-            _check_unit_interval(self.fraction, "fraction", open_low=True)
+            _check_unit_interval(self, "fraction", open_low=True)
 
     def _raw(self, xp: Namespace, s: Array, k: int, m: int, n: int) -> Array:
         if self.rank is not None:

@@ -10,37 +10,28 @@ group of a grouped convolution, or the separate q/k/v projections of a packed at
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
-from ._array import Array, namespace, shape_tuple
+from ._array import Array, check_floating, namespace
+from ._array import check_finite as _check_finite
+from ._validate import check_bool, check_int, check_shape
 from .errors import ShapeError
 
 __all__ = ["matrix_shape", "matrix_to_weight", "weight_to_matrix"]
 
 
 def _check_groups(groups: object) -> int:
-    if isinstance(groups, bool):
-        raise ValueError("`groups` must be a positive integer, got a bool")
-    try:
-        g = operator.index(groups)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(
-            f"`groups` must be a positive integer, got {type(groups).__name__}"
-        ) from None
-    if g < 1:
-        raise ValueError(f"`groups` must be >= 1, got {g}")
+    g: int = check_int("groups", groups, min=1)
     return g
 
 
 def matrix_shape(weight_shape: Sequence[int], *, groups: int = 1) -> tuple[int, ...]:
-    """The shape :func:`weight_to_matrix` gives a weight of ``weight_shape``."""
-    shape = shape_tuple(weight_shape)
+    """The shape :func:`weight_to_matrix` gives a weight of ``weight_shape``.
+
+    ``weight_shape`` is a tuple (or list, ``torch.Size``) of at least 2 positive integers.
+    """
+    shape = check_shape("weight_shape", weight_shape, min_ndim=2)
     g = _check_groups(groups)
-    if len(shape) < 2:
-        raise ShapeError(
-            f"a weight must have at least 2 dimensions (out, in, ...), got shape {shape}"
-        )
     out, cols = shape[0], math.prod(shape[1:])
     if out % g:
         raise ShapeError(
@@ -49,21 +40,38 @@ def matrix_shape(weight_shape: Sequence[int], *, groups: int = 1) -> tuple[int, 
     return (out, cols) if g == 1 else (g, out // g, cols)
 
 
-def weight_to_matrix(weight: Array, *, groups: int = 1) -> Array:
-    """Reshape a weight ``(out, *rest)`` to ``(out, prod(rest))`` or ``(groups, out/groups, prod(rest))``."""
+def weight_to_matrix(weight: Array, *, groups: int = 1, check_finite: bool = True) -> Array:
+    """Reshape a weight ``(out, *rest)`` to ``(out, prod(rest))`` or ``(groups, out/groups, prod(rest))``.
+
+    ``weight`` must be a real floating array with every dimension >= 1. Raises ``NonFiniteError`` on
+    NaN/Inf unless ``check_finite=False`` (hot paths that reshape every step pass False).
+    """
     xp = namespace(weight=weight)
-    target = matrix_shape(tuple(weight.shape), groups=groups)
+    finite = check_bool("check_finite", check_finite)
+    shape = tuple(int(d) for d in weight.shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ShapeError(
+            f"`weight` must have at least 2 dimensions (out, in, ...), each >= 1, got shape {shape}"
+        )
+    target = matrix_shape(shape, groups=groups)
+    check_floating(xp, weight, "weight")
+    if finite:
+        _check_finite(xp, weight, "weight")
     return xp.reshape(weight, target)
 
 
-def matrix_to_weight(matrix: Array, weight_shape: Sequence[int]) -> Array:
-    """Inverse of :func:`weight_to_matrix`: reshape ``matrix`` back to ``weight_shape``."""
+def matrix_to_weight(
+    matrix: Array, weight_shape: Sequence[int], *, check_finite: bool = True
+) -> Array:
+    """Inverse of :func:`weight_to_matrix`: reshape ``matrix`` back to ``weight_shape``.
+
+    Raises ``NonFiniteError`` on NaN/Inf unless ``check_finite=False``.
+    """
     xp = namespace(matrix=matrix)
-    shape = shape_tuple(weight_shape)
-    if len(shape) < 2:
-        raise ShapeError(f"`weight_shape` must have at least 2 dimensions, got {shape}")
+    finite = check_bool("check_finite", check_finite)
+    shape = check_shape("weight_shape", weight_shape, min_ndim=2)
     out, cols = shape[0], math.prod(shape[1:])
-    mshape = tuple(matrix.shape)
+    mshape = tuple(int(d) for d in matrix.shape)
     ok = (len(mshape) == 2 and mshape == (out, cols)) or (
         len(mshape) == 3 and mshape[0] * mshape[1] == out and mshape[2] == cols
     )
@@ -72,4 +80,7 @@ def matrix_to_weight(matrix: Array, weight_shape: Sequence[int]) -> Array:
             f"a matrix of shape {mshape} is not a view of a weight of shape {shape} "
             f"(expected ({out}, {cols}) or (groups, {out}/groups, {cols}))"
         )
+    check_floating(xp, matrix, "matrix")
+    if finite:
+        _check_finite(xp, matrix, "matrix")
     return xp.reshape(matrix, shape)

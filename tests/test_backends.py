@@ -249,3 +249,19 @@ def test_entry_point_backend_is_found(tmp_path):
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("value", [[1.0], 1.0, "x", None, (1, 2)])
+def test_get_backend_refuses_non_arrays(value):
+    with pytest.raises(lc.ArrayTypeError, match="must be an array"):
+        lc.get_backend(value)
+
+
+@pytest.mark.parametrize(
+    ("module_name", "backend", "error"),
+    [(3, None, lc.ParameterTypeError), ("a.b", None, lc.ParameterError),
+     ("", None, lc.ParameterError), ("mylib", 3, lc.ParameterTypeError)],
+)  # fmt: skip
+def test_register_backend_validates(module_name, backend, error):
+    with pytest.raises(error):
+        lc.register_backend(module_name, backend)

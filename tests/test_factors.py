@@ -405,3 +405,75 @@ def test_truncate_bad_rank(backend, rank):
     with pytest.raises(lc.RankError, match=r"(?i)rank"):
         lc.truncate(U, S, V, rank)
     assert_unchanged(backend, before, U, S, V)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 9: truncate checks finiteness by default; update_rank validates shape and the rule's answer
+# --------------------------------------------------------------------------------------------------
+def _factors(backend, m=6, n=5):
+    a = np.random.default_rng(1).standard_normal((m, n))
+    return lc.factorize(backend.asarray(a))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_truncate_refuses_non_finite_factors_by_default(backend, bad):
+    U, S, V = (backend.to_numpy(x) for x in _factors(backend))
+    S[0, 0] = bad
+    args = [backend.asarray(U), backend.asarray(S), backend.asarray(V)]
+    with pytest.raises(lc.NonFiniteError, match="`Sigma`"):
+        lc.truncate(*args, 2)
+    out = lc.truncate(*args, 2, check_finite=False)
+    assert tuple(out.Sigma.shape) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "answer", [None, "2", float("nan"), 2.5, 2.0, True, np.array([np.nan]), np.array([1.5]),
+               np.array([], dtype=np.int64), 0, 99, np.array([0, 2])],
+)  # fmt: skip
+def test_update_rank_refuses_bad_rule_answers(backend, answer):
+    f = _factors(backend)
+    before = snapshot(backend, *f)
+
+    def rule(s, *, shape=None):
+        return answer
+
+    with pytest.raises(lc.RankError, match="rank returned by rule"):
+        lc.update_rank(*f, rule)
+    assert_unchanged(backend, before, *f)
+
+
+def test_update_rank_accepts_numpy_integer_answers(backend):
+    f = _factors(backend)
+    out = lc.update_rank(*f, lambda s, *, shape=None: np.int64(3))
+    assert out.rank == 3 and type(out.rank) is int
+
+
+@pytest.mark.parametrize(
+    ("shape", "error"),
+    [((8.5, 10), lc.ParameterTypeError), ((6,), lc.ShapeError), ((0, 5), lc.ShapeError),
+     ("ab", lc.ParameterTypeError), ((6, 5, 1), lc.ShapeError)],
+)  # fmt: skip
+def test_update_rank_refuses_bad_shapes(backend, shape, error):
+    f = _factors(backend)
+    with pytest.raises(error, match="`shape"):
+        lc.update_rank(*f, lc.Energy(), shape=shape)
+
+
+def test_update_rank_refuses_a_non_callable_rule(backend):
+    with pytest.raises(lc.ParameterTypeError, match="`rule`"):
+        lc.update_rank(*_factors(backend), 0.9)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 4), (2, 0, 4, 4)])
+def test_empty_stacks_are_refused(backend, shape):
+    a = backend.asarray(np.ones(shape))
+    for fn in (lc.factorize, lc.svd, lc.qr, lambda x: lc.rediagonalize(x, x, x)):
+        with pytest.raises(lc.ShapeError, match="every dimension >= 1"):
+            fn(a)
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, None])
+def test_check_finite_must_be_a_bool(backend, flag):
+    a = backend.asarray(np.ones((3, 3)))
+    with pytest.raises(lc.ParameterTypeError, match="`check_finite`"):
+        lc.factorize(a, check_finite=flag)

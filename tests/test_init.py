@@ -464,3 +464,110 @@ def test_reference_rejects_bad_input():
         ref.nonlinear_init(np.full((3, 2), np.nan), 1)
     with pytest.raises(ValueError, match="shapes"):
         ref.relu_function_error(np.ones((3, 2)), np.ones((2, 3)))
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 9, defect 8: extreme but finite scales; parameter validation
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [1.34e154, 1e200, 1e-170, 1e-300])
+@pytest.mark.parametrize("refine_steps", [0, 3])
+def test_nonlinear_init_is_homogeneous_at_extreme_scales(backend, scale, refine_steps):
+    """nonlinear_init(c a) = c nonlinear_init(a): the closed form is evaluated on a / max|a|."""
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((6, 5))
+    base = li.nonlinear_factors(backend.asarray(a), 2, refine_steps=refine_steps)
+    big = li.nonlinear_factors(backend.asarray(a * scale), 2, refine_steps=refine_steps)
+    s0 = np.diagonal(backend.to_numpy(base.Sigma))
+    s1 = np.diagonal(backend.to_numpy(big.Sigma))
+    assert np.isfinite(s1).all() and (s1 > 0).all()
+    np.testing.assert_allclose(s1 / scale, s0, rtol=1e-10)
+    np.testing.assert_allclose(backend.to_numpy(big.U), backend.to_numpy(base.U), atol=1e-10)
+
+
+def test_nonlinear_init_one_by_one_huge(backend):
+    f = lc.nonlinear_init(backend.asarray(np.array([[1.34e154]])), 1)
+    prod = backend.to_numpy(f.left) * backend.to_numpy(f.right)
+    np.testing.assert_allclose(prod, [[1.34e154]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e-160])
+def test_relu_error_and_frobenius_decay_scale_exactly(backend, scale):
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    e0 = float(backend.to_numpy(lc.relu_function_error(backend.asarray(a), backend.asarray(b))))
+    e1 = float(
+        backend.to_numpy(
+            lc.relu_function_error(backend.asarray(a * scale), backend.asarray(b * scale))
+        )
+    )
+    assert e1 == pytest.approx(e0 * scale * scale, rel=1e-12)
+    rel = lc.relu_function_error(
+        backend.asarray(a * scale), backend.asarray(b * scale), relative=True
+    )
+    rel0 = lc.relu_function_error(backend.asarray(a), backend.asarray(b), relative=True)
+    assert float(backend.to_numpy(rel)) == pytest.approx(float(backend.to_numpy(rel0)), rel=1e-12)
+    left, right = rng.standard_normal((5, 2)), rng.standard_normal((4, 2))
+    d0 = float(backend.to_numpy(li.frobenius_decay(backend.asarray(left), backend.asarray(right))))
+    d1 = li.frobenius_decay(backend.asarray(left * scale), backend.asarray(right / scale))
+    assert float(backend.to_numpy(d1)) == pytest.approx(d0, rel=1e-12)
+    g0 = li.frobenius_decay_grad(backend.asarray(left), backend.asarray(right))
+    g1 = li.frobenius_decay_grad(backend.asarray(left * scale), backend.asarray(right / scale))
+    np.testing.assert_allclose(backend.to_numpy(g1[0]) * scale, backend.to_numpy(g0[0]), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(g1[1]) / scale, backend.to_numpy(g0[1]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("coefficient", [float("nan"), float("inf"), -1.0, "1", None, True])
+def test_frobenius_decay_refuses_bad_coefficients(backend, coefficient):
+    left, right = backend.asarray(np.ones((3, 2))), backend.asarray(np.ones((4, 2)))
+    for fn in (li.frobenius_decay, li.frobenius_decay_grad):
+        with pytest.raises(lc.ParameterError, match="`coefficient`"):
+            fn(left, right, coefficient=coefficient)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [({"shape": (8.5, 10)}, lc.ParameterTypeError, "shape"),
+     ({"shape": (3,)}, lc.ShapeError, "shape"),
+     ({"shape": (0, 4)}, lc.ShapeError, "shape"),
+     ({"shape": "ab"}, lc.ParameterTypeError, "shape"),
+     ({"seed": -1}, lc.ParameterError, "seed"),
+     ({"seed": 1.5}, lc.ParameterTypeError, "seed"),
+     ({"seed": "1"}, lc.ParameterTypeError, "seed"),
+     ({"std": float("nan")}, lc.ParameterError, "std"),
+     ({"std": "1"}, lc.ParameterTypeError, "std"),
+     ({"std": -1.0}, lc.ParameterError, "std")],
+)  # fmt: skip
+def test_random_init_validates_keywords(backend, kwargs, error, name):
+    like = backend.asarray(np.zeros((4, 5)))
+    with pytest.raises(error, match=f"`{name}"):
+        lc.random_init(like, 2, **kwargs)
+
+
+def test_random_init_accepts_numpy_scalars(backend):
+    like = backend.asarray(np.zeros((4, 5)))
+    a = lc.random_init(
+        like, np.int64(2), shape=(np.int64(4), 5), std=np.float32(0.5), seed=np.int64(3)
+    )
+    b = lc.random_init(like, 2, shape=(4, 5), std=0.5, seed=3)
+    np.testing.assert_array_equal(backend.to_numpy(a.left), backend.to_numpy(b.left))
+
+
+@pytest.mark.parametrize("rank", [2.5, 2.0, True, "2", None])
+def test_init_ranks_are_never_coerced(backend, rank):
+    a = backend.asarray(np.random.default_rng(0).standard_normal((4, 5)))
+    for fn in (lc.spectral_init, lc.nonlinear_init, lc.random_init):
+        with pytest.raises(lc.RankError, match="`rank`"):
+            fn(a, rank)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"method": 3}, lc.ParameterTypeError), ({"method": "svd"}, lc.ParameterError),
+     ({"balanced": 1}, lc.ParameterTypeError), ({"refine_steps": 1.5}, lc.ParameterTypeError),
+     ({"refine_steps": -1}, lc.ParameterError), ({"check_finite": "yes"}, lc.ParameterTypeError),
+     ({"groups": 2.0}, lc.ParameterTypeError), ({"groups": 0}, lc.ParameterError)],
+)  # fmt: skip
+def test_init_weight_factors_validates_keywords(backend, kwargs, error):
+    w = backend.asarray(np.random.default_rng(0).standard_normal((4, 2, 3)))
+    with pytest.raises(error):
+        li.init_weight_factors(w, 2, **kwargs)

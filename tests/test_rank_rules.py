@@ -391,3 +391,117 @@ def test_rules_are_frozen_dataclasses():
     for spec in RULES:
         for field, value in defaults.get(spec.name, {}).items():
             assert getattr(spec.make(), field) == value, (spec.name, field)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 9, defect 8: extreme but finite scales (rules are scale-invariant)
+# --------------------------------------------------------------------------------------------------
+SCALE_CASES = [
+    # (rule, spectrum at scale 1, the rank at every scale)
+    (lambda: lc.StableRank(), [1.0] * 6, 6),
+    (lambda: lc.TailNorm(0.1), [1.0] * 7, 7),
+    (lambda: lc.Energy(0.9), [1.0] * 7, 7),
+    (lambda: lc.Energy(0.8), [4.0, 3.0, 2.0, 1.0], 2),
+    (lambda: lc.TailNorm(0.5), [4.0, 3.0, 2.0, 1.0], 2),
+    (lambda: lc.EffectiveRank(), [1.0] * 5, 5),
+    (lambda: lc.SigmaCutoff(0.5, floor_fraction=0.0), [4.0, 3.0, 2.0, 1.0], 3),
+    (lambda: lc.OptimalHardThreshold(), [10.0, 9.0, 1.0, 1.0, 1.0], 2),
+]
+
+
+@pytest.mark.parametrize(("make", "s", "expected"), SCALE_CASES)
+@pytest.mark.parametrize(
+    ("dtype_name", "scale"),
+    [("float64", 1e200), ("float64", 5e153), ("float64", 1e-200), ("float64", 1e-310),
+     ("float32", 2e19), ("float32", 1e-30), ("float64", 1.0)],
+)  # fmt: skip
+def test_rules_are_scale_invariant(backend, make, s, expected, dtype_name, scale):
+    """Squares of 1e200 overflow and of 1e-200 underflow: the rules normalize by s[0] first."""
+    x = backend.asarray(np.array(s) * scale, dtype_name)
+    assert float(backend.to_numpy(x)[0]) > 0 and np.isfinite(backend.to_numpy(x)).all()
+    rule = make()
+    assert rule(x) == expected, f"{rule!r} at scale {scale:g} ({dtype_name})"
+
+
+@pytest.mark.parametrize(
+    ("s", "expected"), [([1e200, 6e199], 1.36), ([1e-200] * 6, 6.0), ([2e19] * 3, 3.0)]
+)
+def test_stable_rank_extreme_scales(backend, s, expected):
+    dt = "float32" if s[0] == 2e19 else "float64"
+    got = float(backend.to_numpy(lc.stable_rank(backend.asarray(np.array(s), dt))))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 9: parameter validation (types at construction; NumPy scalars accepted, canonicalized)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["0.5", None, 0.5j, True, np.array(0.5), [0.5]])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: lc.SigmaCutoff(fraction=v),
+        lambda v: lc.SigmaCutoff(floor_fraction=v),
+        lambda v: lc.TailNorm(tol=v),
+        lambda v: lc.Energy(energy=v),
+        lambda v: lc.OptimalHardThreshold(scale=v),
+    ],
+    ids=["fraction", "floor_fraction", "tol", "energy", "scale"],
+)
+def test_rule_parameter_of_wrong_type_raises_at_construction(make, value):
+    with pytest.raises(
+        lc.ParameterTypeError, match=r"`(fraction|floor_fraction|tol|energy|scale)`"
+    ):
+        make(value)
+
+
+@pytest.mark.parametrize("value", ["0.5", 0.5j, True, np.array(0.5)])
+def test_fixed_rank_fraction_of_wrong_type_raises(value):
+    with pytest.raises(lc.ParameterTypeError, match="`fraction`"):
+        lc.FixedRank(fraction=value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_rule_parameter_not_finite_raises(value):
+    for make in (lc.SigmaCutoff, lc.TailNorm, lc.Energy, lc.OptimalHardThreshold):
+        with pytest.raises(lc.ParameterError):
+            make(value)
+
+
+@pytest.mark.parametrize("value", [2.5, 2.0, True, "2", 1j, np.array(2)])
+@pytest.mark.parametrize("field", ["min_rank", "max_rank", "rank"])
+def test_rule_ranks_of_wrong_type_are_refused(field, value):
+    """No silent truncation (2.5 -> 2) and no bool taken as 1."""
+    with pytest.raises(lc.RankError, match=f"`{field}`"):
+        lc.FixedRank(**{"rank": 1, field: value})
+
+
+def test_rule_numpy_scalars_are_accepted_and_canonical():
+    rule = lc.SigmaCutoff(fraction=np.float32(0.5), min_rank=np.int64(2), max_rank=np.int32(5))
+    assert rule == lc.SigmaCutoff(fraction=0.5, min_rank=2, max_rank=5)
+    assert type(rule.fraction) is float and type(rule.min_rank) is int
+    assert lc.Energy(np.float32(0.9)).energy == pytest.approx(0.9, rel=1e-7)
+    assert lc.TailNorm(np.float64(0.1)).tol == 0.1
+    assert lc.FixedRank(rank=np.int64(3))(np.array([3.0, 2.0, 1.0])) == 3
+
+
+@pytest.mark.parametrize(
+    ("shape", "error"),
+    [((8.5, 10), lc.ParameterTypeError), ((3,), lc.ShapeError), ((4, 5, 6), lc.ShapeError),
+     ((0, 4), lc.ShapeError), ((-4, 5), lc.ShapeError), ("ab", lc.ParameterTypeError),
+     (5, lc.ParameterTypeError), ((True, 4), lc.ParameterTypeError)],
+)  # fmt: skip
+def test_rule_shape_must_be_a_pair_of_positive_ints(backend, shape, error):
+    x = backend.asarray(np.array([3.0, 2.0, 1.0]))
+    for spec in RULES:
+        rule = spec.make(**({"rank": 1} if spec.name == "FixedRank" else {}))
+        with pytest.raises(error, match="`shape"):
+            rule(x, shape=shape)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0), (0, 0, 4)])
+def test_rule_refuses_empty_stacks(backend, shape):
+    x = backend.asarray(np.ones(shape))
+    with pytest.raises(lc.ShapeError, match="non-empty"):
+        lc.Energy()(x)
+    with pytest.raises(lc.ShapeError, match="non-empty"):
+        lc.stable_rank(x)

@@ -118,3 +118,65 @@ def test_matrix_to_weight_size_mismatch(backend, matrix_shape, weight_shape):
     with pytest.raises(lc.ShapeError, match=r"(?i)(size|shape|dim)"):
         lc.matrix_to_weight(m, weight_shape)
     assert_unchanged(backend, before, m)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 9: validation of shapes and values
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("weight_shape", "error"),
+    [((-6, -2, 3), lc.ShapeError), ((6, 0), lc.ShapeError), ((6,), lc.ShapeError),
+     ((8.5, 10), lc.ParameterTypeError), ("ab", lc.ParameterTypeError), (6, lc.ParameterTypeError),
+     ((True, 2), lc.ParameterTypeError)],
+)  # fmt: skip
+def test_matrix_shape_refuses_bad_shapes(weight_shape, error):
+    with pytest.raises(error, match="`weight_shape"):
+        lc.matrix_shape(weight_shape, groups=2)
+
+
+def test_matrix_shape_accepts_numpy_ints_and_lists():
+    assert lc.matrix_shape([np.int64(6), 2, 3], groups=np.int64(2)) == (2, 3, 6)
+
+
+@pytest.mark.parametrize("groups", [2.0, True, "2", None, 0, -1])
+def test_groups_must_be_a_positive_int(backend, groups):
+    w = backend.asarray(np.ones((6, 2, 3)))
+    with pytest.raises(lc.ParameterError, match="`groups`"):
+        lc.weight_to_matrix(w, groups=groups)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_views_refuse_non_finite_values(backend, bad):
+    w = np.ones((6, 2, 3))
+    w[1, 1, 1] = bad
+    x = backend.asarray(w)
+    before = snapshot(backend, x)
+    with pytest.raises(lc.NonFiniteError, match="`weight`"):
+        lc.weight_to_matrix(x)
+    m = backend.asarray(w.reshape(6, 6))
+    with pytest.raises(lc.NonFiniteError, match="`matrix`"):
+        lc.matrix_to_weight(m, (6, 2, 3))
+    assert_unchanged(backend, before, x)
+    # the hot path opts out explicitly
+    out = lc.weight_to_matrix(x, check_finite=False)
+    assert tuple(out.shape) == (6, 6)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_views_refuse_non_float_dtypes(backend, dtype):
+    x = backend.asarray(np.ones((6, 6)), dtype)
+    with pytest.raises(lc.DTypeError):
+        lc.weight_to_matrix(x)
+    with pytest.raises(lc.DTypeError):
+        lc.matrix_to_weight(x, (6, 2, 3))
+
+
+def test_matrix_to_weight_refuses_bad_weight_shapes(backend):
+    m = backend.asarray(np.ones((6, 6)))
+    for shape, error in [
+        ((6.0, 6), lc.ParameterTypeError),
+        ((-6, -6), lc.ShapeError),
+        ((36,), lc.ShapeError),
+    ]:
+        with pytest.raises(error, match="`weight_shape"):
+            lc.matrix_to_weight(m, shape)
