@@ -192,7 +192,7 @@ def get_backend(x: Array) -> StandardBackend:
     backend = _by_type.get(t)
     if backend is not None:
         return backend
-    if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
+    if not array_api_compat.is_array_api_obj(x) or t in (bool, int, float, complex):
         raise ArrayTypeError(
             f"`x` must be an array (NumPy, PyTorch, CuPy, ...) to find its backend, "
             f"got {type(x).__name__}"
