@@ -195,6 +195,7 @@ def low_rank_model(
     keep_first: bool = False,
     keep_last: bool = True,
     min_aspect: float = 0.1,
+    allow_rank_one: bool = False,
 ) -> dict[str, LowRankLayer]:
     """Convert ``model``'s eligible layers to fixed-rank factorized layers and initialize them; in place.
 
@@ -222,6 +223,7 @@ def low_rank_model(
         keep_first=keep_first,
         keep_last=keep_last,
         min_aspect=min_aspect,
+        allow_rank_one=allow_rank_one,
     )
     result: dict[str, LowRankLayer] = {}
     index = 0
@@ -241,6 +243,7 @@ def low_rank_model(
             keep_first=keep_first,
             keep_last=keep_last,
             min_aspect=min_aspect,
+            allow_rank_one=allow_rank_one,
         )
         for sub, layer in new_layers.items():
             dense, old_weight, old_bias = kept[sub]

@@ -78,8 +78,8 @@ class OIALRConfig:
     - ``update_every``: steps between rank updates of a low-rank layer.
     - ``rule``: rank rule applied at each update (any :class:`lowrank_core.RankRule`).
     - ``progressive``: update only the last layers first, 10% more layers per update.
-    - ``include``, ``exclude_names``, ``keep_first``, ``keep_last``, ``min_aspect``: which layers are
-      eligible (see :func:`lowrank_torch.convert.to_low_rank`).
+    - ``include``, ``exclude_names``, ``keep_first``, ``keep_last``, ``min_aspect``, ``allow_rank_one``:
+      which layers are eligible (see :mod:`lowrank_torch.convert`).
     """
 
     switch_step: int | None = 1000
@@ -93,6 +93,7 @@ class OIALRConfig:
     keep_first: bool = False
     keep_last: bool = True
     min_aspect: float = 0.1
+    allow_rank_one: bool = False
 
     def __post_init__(self) -> None:
         if self.switch_step is None and self.stability_threshold is None:
@@ -117,6 +118,7 @@ class OIALRConfig:
         self.keep_first = check_bool("keep_first", self.keep_first)
         self.keep_last = check_bool("keep_last", self.keep_last)
         self.min_aspect = check_float("min_aspect", self.min_aspect, min=0.0, max=1.0)
+        self.allow_rank_one = check_bool("allow_rank_one", self.allow_rank_one)
         include: Any = self.include
         if isinstance(include, type):
             include = (include,)
@@ -305,6 +307,7 @@ class OIALR:
             keep_first=c.keep_first,
             keep_last=c.keep_last,
             min_aspect=c.min_aspect,
+            allow_rank_one=c.allow_rank_one,
         )
         for name in self.eligible:
             for role, p in _dense_params(self.model.get_submodule(name)).items():
@@ -408,19 +411,22 @@ class OIALR:
         return ready
 
     def _switch(self, names: list[str], t: int) -> None:
+        # one conversion call for all layers due (one pass over the model, not one per layer)
+        olds = {name: _dense_params(self.model.get_submodule(name)) for name in names}
+        converted = to_low_rank(
+            self.model,
+            include=self.config.include,
+            exclude_names=self.config.exclude_names,
+            keep_first=self.config.keep_first,
+            keep_last=self.config.keep_last,
+            min_aspect=self.config.min_aspect,
+            allow_rank_one=self.config.allow_rank_one,
+            names=names,
+        )
         for name in names:
-            module = self.model.get_submodule(name)
-            old = _dense_params(module)
-            parts = to_low_rank(
-                self.model,
-                include=self.config.include,
-                exclude_names=self.config.exclude_names,
-                keep_first=self.config.keep_first,
-                keep_last=self.config.keep_last,
-                min_aspect=self.config.min_aspect,
-                names=[name],
-            )
-            self._adopt(name, old, parts)
+            own = (name, f"{name}.out_proj", f"{name}.parametrizations.in_proj_weight.0")
+            parts = {k: converted[k] for k in own if k in converted}
+            self._adopt(name, olds[name], parts)
             self.switched[name] = t
             self._snapshots.pop(name, None)
             for part, layer in parts.items():
@@ -677,6 +683,7 @@ class OIALR:
                         keep_first=self.config.keep_first,
                         keep_last=self.config.keep_last,
                         min_aspect=self.config.min_aspect,
+                        allow_rank_one=self.config.allow_rank_one,
                         names=[name],
                     )
                     if set(parts) != set(expected):

@@ -608,6 +608,18 @@ def test_conversion_visits_each_module_a_bounded_number_of_times(monkeypatch):
         to_low_rank(model, names=names)
         return calls["n"]
 
+    def switch_visits(layers):
+        from lowrank_torch.oialr import OIALR, OIALRConfig
+
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
+        ctrl = OIALR(model, torch.optim.SGD(model.parameters(), lr=0.1), OIALRConfig(switch_step=1))
+        calls["n"] = 0
+        ctrl.step()  # switches every eligible layer
+        assert len(ctrl.switched) == layers - 1
+        return calls["n"]
+
     monkeypatch.setattr(nn.Module, "named_modules", counting)
     small, large = visits(50), visits(200)
     assert large <= 4.5 * small  # linear (x4 layers), with room for constant overhead
+    small, large = switch_visits(50), switch_visits(200)
+    assert large <= 4.5 * small  # OIALR's switch: one conversion pass, not one per layer
