@@ -69,3 +69,23 @@ def test_sharded_cmd_equals_single_process(sharded_reports):
     # the references come from both ranks (so the per-epoch all-reduce of their values is exercised)
     assert [r["cmd_references_held"] > 0 for r in sharded_reports] == [True, True]
     assert held == len(sharded_reports[0]["cmd_references"])
+
+
+def test_oialr_under_fsdp2_matches_single_process_with_identical_factors(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    reports = run_workers("fsdp_oialr_worker.py", tmp_path, timeout=300)
+    for rep in reports:
+        assert rep["max_across_ranks"] == 0.0, rep  # the same factors on every rank, every step
+        # the switch (by the stability rule) and the rank updates equal the unsharded OIALR's, with the
+        # optimizer state carried the same way (otherwise the trajectories would part by far more)
+        assert rep["switched"] == rep["switched_ref"] == {"0": 6, "2": 6}, rep
+        assert rep["max_vs_reference"] <= TOL, rep
+        assert rep["output_diff"] <= TOL, rep
+        assert rep["share"] == pytest.approx(rep["share_ref"], rel=0, abs=0)
+        assert rep["stability_events"] == 2 and rep["rank_events"] >= 4, rep
+        assert rep["sigma_sharded"] and rep["state_sharded"], rep  # re-sharded after every change
+        assert rep["optimizer_holds_model_params"], rep  # no stale parameter left in the optimizer
+        seen = [r["2"] for r in rep["ranks_seen"] if r]
+        assert seen[0] == 24 and seen[-1] < 24  # a truncating update really changed a shape
+    assert reports[0]["ranks_seen"] == reports[1]["ranks_seen"]

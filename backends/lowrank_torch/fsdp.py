@@ -1,0 +1,319 @@
+"""OIALR on a model sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+:class:`FSDPOIALR` runs the schedule of :class:`~lowrank_torch.oialr.OIALR` (same config, same
+decisions, same optimizer-state transforms) on sharded weights:
+
+* **Switch.** Each eligible layer must be its own FSDP unit (``fully_shard(layer)`` before
+  ``fully_shard(model)``). Its weight is gathered (``unshard``: every rank gets the full tensor) for
+  the SVD, the low-rank layer is built from the full weight, and ``fully_shard`` is applied to it, so
+  ``sigma`` and the bias are sharded like every other parameter. The optimizer state of the weight is
+  gathered, mapped into Sigma's coordinates by :func:`lowrank_torch.optim_state.dense_to_sigma_state`
+  and re-sharded like ``sigma``.
+* **Rank update.** ``sigma`` is gathered (``full_tensor``); :func:`lowrank_core.update_rank` runs on the
+  full factors; the layer is rebuilt at the new rank and sharded again, its state rotated / truncated
+  by :mod:`lowrank_torch.optim_state` on the gathered state and re-sharded.
+* **Stability checks** gather one weight at a time.
+
+Every rank computes the same SVDs of the same (all-gathered, bit-identical) matrices, so the factors
+are identical on every rank, as under DDP; the tests check this. ``U`` and ``V`` are frozen buffers,
+which FSDP2 does not shard: every rank holds them whole (``r (m + n)`` numbers per layer, against the
+dense ``m n``), while ``sigma`` (``r x r``) and the bias are sharded.
+
+After a switch or update the module tree has new FSDP units; the root's lazy initialization (which
+collects the units at the first forward) is reset so that the next forward sees them. This uses FSDP2's
+internal state (``torch.distributed.fsdp._fully_shard``; tested with torch 2.13). The optimizer is
+updated in place; :attr:`~lowrank_torch.oialr.OIALR.structure_changed` is ``True`` after such a step,
+but nothing has to be rebuilt by the caller. Not supported here: ``nn.MultiheadAttention`` (its packed
+in-projection is a parametrization; exclude it, e.g. with ``include=(nn.Linear,)``) and restoring an
+FSDP OIALR state with ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import lowrank_core as lc
+
+from .convert import _set_submodule, to_low_rank
+from .distributed import ShardingError, _is_dtensor
+from .layers import (
+    LowRankConv1d,
+    LowRankConv2d,
+    LowRankConv3d,
+    LowRankConvNd,
+    LowRankLayer,
+    LowRankLinear,
+)
+from .oialr import OIALR, OIALRConfig, _dense_params
+from .optim_state import (
+    _find,
+    dense_to_sigma_state,
+    rotate_sigma_state,
+    swap_parameter,
+    truncate_sigma_state,
+)
+
+__all__ = ["FSDPOIALR"]
+
+
+def _fsdp() -> Any:
+    from torch.distributed import fsdp
+
+    return fsdp
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    return isinstance(module, _fsdp().FSDPModule)
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor (all-gathered when it is a DTensor)."""
+    if _is_dtensor(t):
+        out: Tensor = t.full_tensor()  # type: ignore[attr-defined]
+        return out
+    return t
+
+
+def _state_to_full(optimizer: torch.optim.Optimizer, p: Tensor) -> dict[str, Any]:
+    """``p``'s optimizer state with every DTensor entry gathered (removed from the optimizer)."""
+    state = optimizer.state.pop(p, None) or {}
+    return {k: _full(v) if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def _shard_state(optimizer: torch.optim.Optimizer, placeholder: Tensor, p: Tensor) -> None:
+    """Move ``placeholder``'s (full) state to the sharded parameter ``p``, sharded like ``p``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    state = optimizer.state.pop(placeholder, None)
+    swap_parameter(optimizer, placeholder, p)  # type: ignore[arg-type]
+    if not state:
+        return
+    mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+    optimizer.state[p] = {
+        k: distribute_tensor(v, mesh, placements)
+        if isinstance(v, Tensor) and v.shape == p.shape and not _is_dtensor(v)
+        else v
+        for k, v in state.items()
+    }
+
+
+def _placeholder(optimizer: torch.optim.Optimizer, p: Tensor) -> nn.Parameter:
+    """A plain full-size parameter in ``p``'s optimizer slot, holding ``p``'s gathered state."""
+    state = _state_to_full(optimizer, p)
+    plain = nn.Parameter(_full(p.detach()), requires_grad=p.requires_grad)
+    swap_parameter(optimizer, p, plain)  # type: ignore[arg-type]
+    if state:
+        optimizer.state[plain] = state
+    return plain
+
+
+def _rebuild(
+    layer: LowRankLayer, U: Tensor, S: Tensor, V: Tensor, bias: Tensor | None
+) -> LowRankLayer:
+    """A new, unsharded layer of ``layer``'s kind and settings with the given factors and bias."""
+    if isinstance(layer, LowRankLinear):
+        return LowRankLinear(U, S, V, bias, forward_mode=layer.forward_mode)
+    if isinstance(layer, LowRankConvNd):
+        cls = next(
+            c for c in type(layer).__mro__ if c in (LowRankConv1d, LowRankConv2d, LowRankConv3d)
+        )
+        return cls(
+            U,
+            S,
+            V,
+            bias,
+            in_channels=layer.in_channels,
+            kernel_size=layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            padding_mode=layer.padding_mode,
+            forward_mode=layer.forward_mode,
+        )
+    raise ShardingError(f"FSDP OIALR cannot rebuild a {type(layer).__name__}")
+
+
+class FSDPOIALR(OIALR):
+    """OIALR on a model sharded with ``fully_shard`` (see the module docstring).
+
+    ``model``: the root FSDP module; every eligible layer must be an FSDP unit of its own.
+    ``optimizer``: built from ``model.parameters()`` (the sharded DTensors). ``fsdp_kwargs``: passed to
+    ``fully_shard`` for every new low-rank layer (``mesh`` defaults to the replaced weight's mesh).
+    Call :meth:`step` on every rank after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: OIALRConfig | None = None,
+        *,
+        fsdp_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ShardingError("FSDPOIALR needs an initialized torch.distributed process group")
+        if not _is_fsdp_unit(model):
+            raise ShardingError("FSDPOIALR needs the root module sharded with fully_shard")
+        super().__init__(model, optimizer, config)
+        for name in self.eligible:
+            module = self.model.get_submodule(name)
+            if isinstance(module, nn.MultiheadAttention):
+                raise ShardingError(
+                    f"{name}: nn.MultiheadAttention is not supported under FSDP OIALR; leave it dense "
+                    "(include=(nn.Linear, nn.Conv2d, ...) or exclude_names)"
+                )
+            if not _is_fsdp_unit(module):
+                raise ShardingError(
+                    f"{name} is eligible for OIALR but not an FSDP unit of its own; apply "
+                    f"fully_shard to it before fully_shard of the model (or exclude it)"
+                )
+        self.fsdp_kwargs = dict(fsdp_kwargs or {})
+
+    # ------------------------------------------------------------------ FSDP plumbing
+    def _shard(self, layer: nn.Module, like: Tensor) -> None:
+        kwargs = dict(self.fsdp_kwargs)
+        kwargs.setdefault("mesh", like.device_mesh)  # type: ignore[attr-defined]
+        _fsdp().fully_shard(layer, **kwargs)
+
+    def _reset_lazy_init(self) -> None:
+        """Let the root collect its (new) FSDP units again at the next forward."""
+        from torch.distributed.fsdp._fully_shard._fsdp_state import (
+            FSDPStateContext,
+            _get_module_fsdp_state,
+        )
+
+        for module in self.model.modules():
+            state = _get_module_fsdp_state(module)
+            if state is not None:
+                state._is_root = None
+                state._state_ctx = FSDPStateContext()
+
+    # ------------------------------------------------------------------ the schedule, sharded
+    def _check_stability(self, t: int) -> list[str]:
+        ready: list[str] = []
+        for name in self.pending:
+            module = self.model.get_submodule(name)
+            weight: Any = module.weight
+            groups = int(getattr(module, "groups", 1))
+            matrix = lc.weight_to_matrix(_full(weight.detach()), groups=groups)
+            polars = [lc.orthogonal_factor(matrix)]
+            prev = self._snapshots.get(name)
+            self._snapshots[name] = polars
+            if prev is None:
+                continue
+            value = float(torch.mean(lc.polar_stability(prev[0], polars[0])))
+            self.history.append({"step": t, "event": "stability", "layer": name, "value": value})
+            assert self.config.stability_threshold is not None
+            if value >= self.config.stability_threshold:
+                ready.append(name)
+        return ready
+
+    def _switch(self, names: list[str], t: int) -> None:
+        opt = self.optimizer
+        for name in names:
+            module: Any = self.model.get_submodule(name)
+            old = _dense_params(module)  # the sharded DTensors the optimizer holds
+            weight, bias = old["weight"], old.get("bias")
+            module.unshard()  # every rank: the full weight, for the SVD
+            try:
+                parts = to_low_rank(
+                    self.model,
+                    include=self.config.include,
+                    exclude_names=self.config.exclude_names,
+                    keep_first=self.config.keep_first,
+                    keep_last=self.config.keep_last,
+                    min_aspect=self.config.min_aspect,
+                    names=[name],
+                )
+            finally:
+                module.reshard()
+            layer = parts[name]
+            w_plain = _placeholder(opt, weight) if _find(opt, weight) is not None else None
+            sigma_plain = layer.sigma
+            if w_plain is not None:
+                dense_to_sigma_state(
+                    opt, w_plain, sigma_plain, layer.U, layer.V, groups=layer.groups
+                )
+            b_state = opt.state.pop(bias, None) if bias is not None else None
+            self._shard(layer, weight)
+            if w_plain is not None:
+                _shard_state(opt, sigma_plain, layer.sigma)
+            if bias is not None and layer.bias is not None and _find(opt, bias) is not None:
+                swap_parameter(opt, bias, layer.bias)  # same shape, same sharding: state as it is
+                if b_state is not None:
+                    opt.state[layer.bias] = b_state
+            self._parts[name] = [name]
+            self.layers[name] = layer
+            self.switched[name] = t
+            self._snapshots.pop(name, None)
+            self.history.append({"step": t, "event": "switch", "layer": name, "rank": layer.rank})
+        self._reset_lazy_init()
+        self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
+
+    def _update_ranks(self, t: int) -> bool:
+        due = self._due(t)
+        if not due:
+            return False
+        opt = self.optimizer
+        for name in due:
+            for part in self._parts[name]:
+                layer = self.layers[part]
+                old_rank = layer.rank
+                sigma_sh = layer.sigma
+                upd = lc.update_rank(
+                    layer.U,
+                    _full(sigma_sh.detach()),
+                    layer.V,
+                    self.config.rule,
+                    shape=(layer.rows, layer.cols),
+                )
+                rd = upd.rediagonalized
+                bias = layer.bias
+                new = _rebuild(
+                    layer, *upd.factors, _full(bias.detach()) if bias is not None else None
+                )
+                trained = _find(opt, sigma_sh) is not None
+                if trained:
+                    plain = _placeholder(opt, sigma_sh)
+                    rotate_sigma_state(opt, plain, rd.left, rd.right)
+                    if upd.rank < old_rank:
+                        truncate_sigma_state(opt, plain, upd.rank)
+                b_state = opt.state.pop(bias, None) if bias is not None else None
+                self._shard(new, sigma_sh)
+                _set_submodule(self.model, part, new)
+                if trained:
+                    _shard_state(opt, plain, new.sigma)
+                if bias is not None and new.bias is not None and _find(opt, bias) is not None:
+                    swap_parameter(opt, bias, new.bias)
+                    if b_state is not None:
+                        opt.state[new.bias] = b_state
+                self.layers[part] = new
+                self.history.append(
+                    {"step": t, "event": "rank", "layer": part, "old": old_rank, "new": upd.rank}
+                )
+        self._reset_lazy_init()
+        self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
+        return True  # every updated layer is a new FSDP unit with new parameters
+
+    def _due(self, t: int) -> list[str]:
+        """The switched layers whose update is due at step ``t`` (progressive order as in OIALR)."""
+        due = [n for n in self.switched if (t - self.switched[n]) > 0]
+        if not due:
+            return []
+        self._updates += 1
+        if self.config.progressive:
+            per_update = max(1, math.ceil(0.1 * len(self.eligible)))
+            k = min(len(self.eligible), per_update * self._updates)
+            allowed = set(self.eligible[-k:])
+            due = [n for n in due if n in allowed]
+        return due
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Not supported under FSDP (restore a dense checkpoint and switch again, or use DDP)."""
+        raise NotImplementedError("restoring an OIALR state into an FSDP model is not supported")
