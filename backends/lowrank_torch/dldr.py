@@ -22,6 +22,7 @@ rank accepts the same step length and the steps stay identical.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,12 +31,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lowrank_core._validate import check_bool, check_float, check_int, describe
 from lowrank_core.dldr import (
     SnapshotStore,
     Subspace,
     armijo_backtracking,
     bfgs_direction,
     bfgs_update,
+)
+from lowrank_core.errors import (
+    DeviceMismatchError,
+    DTypeError,
+    NonFiniteError,
+    ParameterError,
+    ParameterTypeError,
+    ShapeError,
 )
 
 __all__ = [
@@ -120,12 +130,16 @@ class SnapshotRecorder:
         every: int = 1,
         include_buffers: bool = False,
     ) -> None:
-        if every < 1:
-            raise ValueError(f"`every` must be >= 1, got {every}")
+        if not isinstance(model, nn.Module):
+            raise ParameterTypeError(f"`model` must be an nn.Module, got {describe(model)}")
+        if store is not None and not isinstance(store, SnapshotStore):
+            raise ParameterTypeError(
+                f"`store` must be a SnapshotStore or None, got {describe(store)}"
+            )
+        self.every = check_int("every", every, min=1)
+        self.include_buffers = check_bool("include_buffers", include_buffers)
         self.model = model
         self.store = SnapshotStore() if store is None else store
-        self.every = int(every)
-        self.include_buffers = bool(include_buffers)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._calls = 0
 
@@ -166,12 +180,14 @@ class SubspaceParametrization:
     def __init__(
         self, params: Iterable[Tensor], subspace: Subspace, origin: Tensor | None = None
     ) -> None:
-        self.params = list(params)
-        if not self.params:
-            raise ValueError("no parameters given")
+        self.params = _tensor_list(params)
+        if not isinstance(subspace, Subspace):
+            raise ParameterTypeError(
+                f"`subspace` must be a lowrank_core.dldr.Subspace, got {describe(subspace)}"
+            )
         total = sum(p.numel() for p in self.params)
         if subspace.dim != total:
-            raise ValueError(
+            raise ShapeError(
                 f"the subspace has dimension D = {subspace.dim}, but the parameters have {total} "
                 "entries (was it recorded with include_buffers=True, or from another model?)"
             )
@@ -180,10 +196,24 @@ class SubspaceParametrization:
         basis = torch.as_tensor(subspace.basis).to(device=dev, dtype=dt)
         centre = torch.as_tensor(subspace.centre).to(device=dev, dtype=dt)
         ev = torch.as_tensor(subspace.explained_variance).to(device=dev, dtype=dt)
+        for name, x in (("basis", basis), ("centre", centre)):
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError(f"the subspace's `{name}` contains NaN or Inf")
         self.subspace = Subspace(centre, basis, ev, subspace.total_variance, subspace.num_snapshots)
-        self.origin = flatten(self.params).clone() if origin is None else origin.to(dev, dt)
-        if self.origin.shape != (total,):
-            raise ValueError(f"`origin` must have shape ({total},), got {tuple(self.origin.shape)}")
+        if origin is None:
+            self.origin = flatten(self.params).clone()
+        else:
+            if not isinstance(origin, Tensor):
+                raise ParameterTypeError(
+                    f"`origin` must be a tensor or None, got {describe(origin)}"
+                )
+            if tuple(origin.shape) != (total,):
+                raise ShapeError(f"`origin` must have shape ({total},), got {tuple(origin.shape)}")
+            if not origin.is_floating_point():
+                raise DTypeError(f"`origin` must be a floating tensor, got {origin.dtype}")
+            if not bool(torch.isfinite(origin).all()):
+                raise NonFiniteError("`origin` contains NaN or Inf")
+            self.origin = origin.detach().to(dev, dt)
 
     @property
     def d(self) -> int:
@@ -209,10 +239,61 @@ class SubspaceParametrization:
         return out
 
 
+def _param_input(params: Any) -> list[Any]:
+    """What ``torch.optim.Optimizer`` takes (tensors, or one param-group dict), as a list."""
+    if isinstance(params, Tensor):
+        raise ParameterTypeError(
+            "`params` must be an iterable of tensors (e.g. model.parameters()), got a single tensor; "
+            "wrap it in a list"
+        )
+    try:
+        out = list(params)
+    except TypeError:
+        raise ParameterTypeError(
+            f"`params` must be an iterable of tensors, got {describe(params)}"
+        ) from None
+    if not out:
+        raise ParameterError("`params` is empty: no parameters given")
+    return out
+
+
+def _tensor_list(params: Any) -> list[Tensor]:
+    """``params`` as a list of floating tensors on one device (refusing what the subspace cannot hold)."""
+    out = _param_input(params)
+    for i, p in enumerate(out):
+        if not isinstance(p, Tensor):
+            raise ParameterTypeError(f"`params[{i}]` must be a tensor, got {describe(p)}")
+        if not p.is_floating_point():
+            raise DTypeError(f"`params[{i}]` must be a floating tensor, got {p.dtype}")
+        if p.device != out[0].device:
+            raise DeviceMismatchError(
+                f"every parameter must live on one device: `params[0]` is on {out[0].device}, "
+                f"`params[{i}]` on {p.device}"
+            )
+    return out
+
+
 def _single_group(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     if len(optimizer.param_groups) != 1:
-        raise ValueError("P-SGD / P-BFGS take a single parameter group")
+        raise ParameterError(
+            f"{type(optimizer).__name__} takes a single parameter group, got "
+            f"{len(optimizer.param_groups)}"
+        )
     return list(optimizer.param_groups[0]["params"])
+
+
+def _check_sgd_group(group: dict[str, Any]) -> None:
+    """The hyper-parameters of a SubspaceSGD group (also when changed later, e.g. by a scheduler)."""
+    check_float("lr", group["lr"], min=0.0)
+    check_float("momentum", group["momentum"], min=0.0, max=1.0, max_open=True)
+    check_float("weight_decay", group["weight_decay"], min=0.0)
+
+
+def _check_bfgs_group(group: dict[str, Any]) -> None:
+    check_float("alpha0 (the group's lr)", group["lr"], min=0.0, min_open=True)
+    check_float("shrink", group["shrink"], min=0.0, max=1.0, min_open=True, max_open=True)
+    check_float("c1", group["c1"], min=0.0, max=1.0, min_open=True, max_open=True)
+    check_int("max_trials", group["max_trials"], min=1)
 
 
 class SubspaceSGD(torch.optim.Optimizer):
@@ -233,12 +314,17 @@ class SubspaceSGD(torch.optim.Optimizer):
         nesterov: bool = False,
         origin: Tensor | None = None,
     ) -> None:
-        if lr <= 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
-            raise ValueError("need lr > 0, 0 <= momentum < 1, weight_decay >= 0")
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
-        self.nesterov = bool(nesterov)
-        plist = _single_group(self)
+        defaults = {
+            "lr": check_float("lr", lr, min=0.0, min_open=True),
+            "momentum": check_float("momentum", momentum, min=0.0, max=1.0, max_open=True),
+            "weight_decay": check_float("weight_decay", weight_decay, min=0.0),
+        }
+        self.nesterov = check_bool("nesterov", nesterov)
+        if self.nesterov and defaults["momentum"] == 0.0:
+            raise ParameterError("`nesterov=True` needs a momentum > 0")
+        super().__init__(_param_input(params), defaults)
+        plist = _tensor_list(_single_group(self))
+        _check_sgd_group(self.param_groups[0])
         self.param = SubspaceParametrization(plist, subspace, origin)
         st = self.state[plist[0]]
         st["c"] = self.param.coordinates()
@@ -247,11 +333,14 @@ class SubspaceSGD(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One step; ``closure`` (optional) recomputes the loss and gradients first."""
+        group = self.param_groups[0]
+        _check_sgd_group(group)
+        if closure is not None and not callable(closure):
+            raise ParameterTypeError(f"`closure` must be callable or None, got {describe(closure)}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
         st = self.state[group["params"][0]]
         g = flat_grad(self.param.params)
         if group["weight_decay"]:
@@ -297,12 +386,22 @@ class SubspaceBFGS(torch.optim.Optimizer):
         average_loss: bool | None = None,
         origin: Tensor | None = None,
     ) -> None:
-        defaults = {"lr": alpha0, "shrink": shrink, "c1": c1, "max_trials": max_trials}
-        super().__init__(params, defaults)
-        plist = _single_group(self)
+        defaults = {
+            "lr": check_float("alpha0", alpha0, min=0.0, min_open=True),
+            "shrink": check_float("shrink", shrink, min=0.0, max=1.0, min_open=True, max_open=True),
+            "c1": check_float("c1", c1, min=0.0, max=1.0, min_open=True, max_open=True),
+            "max_trials": check_int("max_trials", max_trials, min=1),
+        }
+        self.curvature_eps = check_float("curvature_eps", curvature_eps, min=0.0)
+        if model is not None and not isinstance(model, nn.Module):
+            raise ParameterTypeError(f"`model` must be an nn.Module or None, got {describe(model)}")
+        if average_loss is not None:
+            average_loss = check_bool("average_loss", average_loss)
+        super().__init__(_param_input(params), defaults)
+        plist = _tensor_list(_single_group(self))
+        _check_bfgs_group(self.param_groups[0])
         self.param = SubspaceParametrization(plist, subspace, origin)
         self.model = model
-        self.curvature_eps = float(curvature_eps)
         self.average_loss = average_loss
         first = plist[0]
         d = self.param.d
@@ -316,29 +415,62 @@ class SubspaceBFGS(torch.optim.Optimizer):
         st["failed_searches"] = 0
         st["trials"] = 0
 
-    def _value(self, loss: Tensor) -> float:
+    def _value(self, loss: Any, what: str = "closure") -> float:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ShapeError(
+                    f"the {what} must return the loss as a scalar, got shape {tuple(loss.shape)}"
+                )
+            loss = loss.detach().reshape(())
+        elif isinstance(loss, int | float) and not isinstance(loss, bool):
+            loss = torch.tensor(float(loss))
+        else:
+            raise ParameterTypeError(f"the {what} must return the loss, got {describe(loss)}")
         average = self.average_loss
         if average is None:
             average = dist.is_available() and dist.is_initialized()
         if average:
-            v = loss.detach().clone().to(torch.float64)
+            v = loss.clone().to(torch.float64)
             dist.all_reduce(v)
             return float(v) / dist.get_world_size()
-        return float(loss.detach())
+        return float(loss)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
-        """One P-BFGS step; returns the loss at the weights before the step."""
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor] | None = None,
+        *,
+        evaluate: Callable[[], Tensor] | None = None,
+    ) -> Tensor:
+        """One P-BFGS step; returns the loss at the weights before the step.
+
+        ``closure`` zeroes the gradients, computes the minibatch loss, back-propagates and returns the
+        loss (it gives the gradient at the current point). ``evaluate`` (optional) computes the same
+        minibatch loss *without* back-propagating: the line-search trials need only the loss, so with it
+        they run under ``torch.no_grad()`` and a step costs one backward pass instead of one per trial.
+        Without it every trial calls ``closure`` (one backward pass each).
+        """
         if closure is None:
-            raise ValueError(
+            raise ParameterError(
                 "SubspaceBFGS.step needs a closure (loss and gradients of the minibatch)"
             )
+        if not callable(closure):
+            raise ParameterTypeError(f"`closure` must be callable, got {describe(closure)}")
+        if evaluate is not None and not callable(evaluate):
+            raise ParameterTypeError(
+                f"`evaluate` must be callable or None, got {describe(evaluate)}"
+            )
         group = self.param_groups[0]
+        _check_bfgs_group(group)
         st = self.state[group["params"][0]]
         with torch.enable_grad():
             loss0 = closure()
         f0 = self._value(loss0)
         g = self.param.coordinate_grad()
+        if not math.isfinite(f0) or not bool(torch.isfinite(g).all()):
+            raise NonFiniteError(
+                f"the loss ({f0}) or its gradient in the subspace contains NaN or Inf; no step taken"
+            )
         H = st["H"]
         if st["g_prev"] is not None and st["s_prev"] is not None:
             H, updated = bfgs_update(H, st["s_prev"], g - st["g_prev"], eps=self.curvature_eps)
@@ -360,8 +492,11 @@ class SubspaceBFGS(torch.optim.Optimizer):
 
             def trial(alpha: float) -> float:
                 self.param.set(c + alpha * p)
-                with torch.enable_grad():
-                    value = self._value(closure())
+                if evaluate is not None:
+                    value = self._value(evaluate(), "evaluate function")  # no_grad: the loss only
+                else:
+                    with torch.enable_grad():
+                        value = self._value(closure())
                 restore()
                 return value
 

@@ -258,3 +258,195 @@ def test_demo_methods_switch_into_the_subspace_and_stay_there(name):
     w = flatten(par.params)
     assert not torch.equal(w, par.origin)  # it did take steps
     torch.testing.assert_close(par.weights(par.coordinates()), w, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation at construction (issue 9): bad settings are refused before any step
+# --------------------------------------------------------------------------------------------------
+def _small():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    D = sum(p.numel() for p in model.parameters())
+    return model, _identity_subspace(D)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": float("nan")},
+        {"lr": float("inf")},
+        {"lr": 0.0},
+        {"lr": -0.1},
+        {"lr": "0.1"},
+        {"lr": True},
+        {"lr": None},
+        {"lr": 1 + 2j},
+        {"momentum": float("nan")},
+        {"momentum": 1.0},
+        {"momentum": -0.5},
+        {"weight_decay": float("nan")},
+        {"weight_decay": -1.0},
+        {"nesterov": 1},
+        {"nesterov": True, "momentum": 0.0},
+    ],
+    ids=repr,
+)
+def test_subspace_sgd_refuses_bad_settings(kwargs):
+    import lowrank_core as lc
+
+    model, sub = _small()
+    before = flatten(model.parameters()).clone()
+    with pytest.raises(lc.LowRankError):
+        SubspaceSGD(model.parameters(), sub, **kwargs)
+    assert torch.equal(flatten(model.parameters()), before)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha0": float("nan")},
+        {"alpha0": 0.0},
+        {"shrink": 1.0},
+        {"shrink": 0.0},
+        {"shrink": float("nan")},
+        {"c1": 1.5},
+        {"c1": float("nan")},
+        {"max_trials": 0},
+        {"max_trials": 2.5},
+        {"max_trials": True},
+        {"curvature_eps": -1.0},
+        {"curvature_eps": float("nan")},
+        {"model": "not a module"},
+        {"average_loss": 1},
+        {"origin": [0.0] * 8},
+        {"origin": torch.zeros(5, dtype=torch.float64)},
+        {"origin": torch.full((8,), float("nan"), dtype=torch.float64)},
+    ],
+    ids=repr,
+)
+def test_subspace_bfgs_refuses_bad_settings(kwargs):
+    import lowrank_core as lc
+
+    model, sub = _small()
+    with pytest.raises(lc.LowRankError):
+        SubspaceBFGS(model.parameters(), sub, **kwargs)
+
+
+def test_bad_parameters_and_subspaces_get_library_errors():
+    import lowrank_core as lc
+
+    model, sub = _small()
+    with pytest.raises(lc.LowRankError, match="single tensor"):
+        SubspaceSGD(model.weight, sub)
+    with pytest.raises(lc.LowRankError, match="empty"):
+        SubspaceSGD([], sub)
+    with pytest.raises(lc.LowRankError, match="Subspace"):
+        SubspaceSGD(model.parameters(), "subspace")
+    with pytest.raises(lc.ShapeError, match="dimension"):
+        SubspaceSGD(nn.Linear(4, 2).parameters(), sub)
+    with pytest.raises(lc.LowRankError, match="single parameter group"):
+        SubspaceSGD([{"params": [model.weight]}, {"params": [model.bias]}], sub)
+    with pytest.raises(lc.DTypeError):
+        SubspaceSGD([torch.zeros(8, dtype=torch.int64)], sub)
+    bad = Subspace(
+        sub.centre, torch.full_like(sub.basis, float("nan")), sub.explained_variance, 8, 8
+    )
+    with pytest.raises(lc.NonFiniteError, match="basis"):
+        SubspaceSGD(model.parameters(), bad)
+    with pytest.raises(lc.LowRankError, match="every"):
+        SnapshotRecorder(model, every=0)
+    with pytest.raises(lc.LowRankError, match="every"):
+        SnapshotRecorder(model, every=1.5)
+    with pytest.raises(lc.LowRankError, match="model"):
+        SnapshotRecorder("model")
+    with pytest.raises(lc.LowRankError, match="closure"):
+        SubspaceBFGS(model.parameters(), sub).step()
+    # a group lr changed later (by hand or by a scheduler) is checked at the step, before any change
+    opt = SubspaceSGD(model.parameters(), sub, lr=0.1)
+    opt.param_groups[0]["lr"] = float("nan")
+    model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    before = flatten(model.parameters()).clone()
+    with pytest.raises(lc.LowRankError, match="lr"):
+        opt.step()
+    assert torch.equal(flatten(model.parameters()), before)
+    # NumPy scalars are accepted
+    SubspaceSGD(model.parameters(), sub, lr=np.float32(0.1), momentum=np.float64(0.5))
+    SubspaceBFGS(model.parameters(), sub, max_trials=np.int64(3))
+
+
+def test_subspace_bfgs_refuses_a_nan_loss_without_changing_anything():
+    import lowrank_core as lc
+
+    model, sub = _small()
+    opt = SubspaceBFGS(model.parameters(), sub)
+    x = torch.ones(4, 3, dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).sum() * float("nan")
+        loss.backward()
+        return loss
+
+    before = flatten(model.parameters()).clone()
+    state = {k: v for k, v in opt.state[next(iter(model.parameters()))].items()}
+    with pytest.raises(lc.NonFiniteError):
+        opt.step(closure)
+    assert torch.equal(flatten(model.parameters()), before)
+    after = opt.state[next(iter(model.parameters()))]
+    assert after.keys() == state.keys() and all(after[k] is state[k] for k in state)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 12: line-search trials need only the loss
+# --------------------------------------------------------------------------------------------------
+def _count_backward(model):
+    count = {"n": 0}
+
+    def hook(_grad):
+        count["n"] += 1
+
+    next(iter(model.parameters())).register_hook(hook)
+    return count
+
+
+def test_pbfgs_trials_with_evaluate_run_one_backward_per_step():
+    torch.manual_seed(0)
+    x, y = _regression()
+    results = {}
+    for mode in ("closure", "evaluate"):
+        model = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1))
+        torch.manual_seed(1)
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.3)
+        D = sum(p.numel() for p in model.parameters())
+        g = torch.Generator().manual_seed(2)
+        P = torch.linalg.qr(torch.randn(D, 6, generator=g))[0].T.contiguous()
+        sub = Subspace(torch.zeros(D), P, torch.ones(6), 6.0, 7)
+        opt = SubspaceBFGS(model.parameters(), sub, alpha0=4.0)  # a long first trial: backtracking
+        count = _count_backward(model)
+
+        def closure(model=model, opt=opt):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        def evaluate(model=model):
+            return nn.functional.mse_loss(model(x), y)
+
+        losses = []
+        for _ in range(10):
+            if mode == "evaluate":
+                losses.append(float(opt.step(closure, evaluate=evaluate)))
+            else:
+                losses.append(float(opt.step(closure)))
+        st = opt.state[next(iter(model.parameters()))]
+        results[mode] = (count["n"], st["trials"], losses, flatten(model.parameters()))
+    n_closure, trials, losses_closure, w_closure = results["closure"]
+    n_eval, trials_eval, losses_eval, w_eval = results["evaluate"]
+    assert trials == trials_eval > 10  # the searches backtracked
+    assert n_closure == 10 + trials  # today: one backward per step and one per trial
+    assert n_eval == 10  # with `evaluate`: only the step's own backward
+    # the same trajectory: trials evaluate the same loss either way
+    assert losses_eval == pytest.approx(losses_closure, rel=1e-6)
+    torch.testing.assert_close(w_eval, w_closure, rtol=1e-6, atol=1e-7)
