@@ -6,6 +6,7 @@
     nox -s gpu                # torch CUDA + CuPy, with the current interpreter (no installs)
     nox -s demo               # the main job: MNIST-1D, dense vs OIALR, result table
     nox -s bench -- --quick   # benchmarks/run.py
+    nox -s fuzz               # bad-input sweep + property suite with random seeds (not in CI)
 
 Every session that installs torch passes ``-c constraints/cpu.txt``: an unpinned torch would pull
 the multi-GB CUDA build. The constraints file is passed to every install, so no session can drift.
@@ -167,3 +168,47 @@ def bench(session: nox.Session) -> None:
     """benchmarks/run.py on torch CPU (arguments after -- go to the runner, e.g. --quick)."""
     install(session, "-e", ".[demo]", *group("bench"))
     session.run("python", "benchmarks/run.py", *session.posargs)
+
+
+# The property tests the fuzz session reruns with random Hypothesis seeds and more examples.
+FUZZ_PROPERTY_TESTS = (
+    "tests/test_rank_rules.py",
+    "tests/test_spectrum.py",
+    "tests/test_factors.py",
+    "tests/test_linalg.py",
+    "tests/test_init.py",
+    "tests/test_weights.py",
+    "tests/test_subspace.py",
+    "tests/test_cmd.py",
+    "tests/test_dldr.py",
+)
+
+
+@nox.session(venv_backend="none")
+def fuzz(session: nox.Session) -> None:
+    """Bad-input sweep (fuzz/sweep.py), then the property suite with random Hypothesis seeds.
+
+    Runs with the current interpreter (it needs numpy, torch, pytest and hypothesis; nothing is
+    installed), the source trees on PYTHONPATH. The sweep fails unless every bad input gets a
+    LowRankError, every valid variant succeeds and no input is changed. The property suite runs on
+    NumPy under the ``fuzz`` Hypothesis profile (more examples, not derandomized) with a fresh seed,
+    printed so that a failure can be replayed with ``--hypothesis-seed``. ``-- --sweep-only`` skips
+    the property suite; other arguments after ``--`` go to pytest.
+    """
+    pythonpath = [str(ROOT), str(ROOT / "backends"), str(ROOT / "reference")]
+    if os.environ.get("PYTHONPATH"):
+        pythonpath.append(os.environ["PYTHONPATH"])
+    env = {"PYTHONPATH": os.pathsep.join(pythonpath), "OMP_NUM_THREADS": "1"}
+    args = list(session.posargs)
+    sweep_only = "--sweep-only" in args
+    args = [a for a in args if a != "--sweep-only"]
+    session.run(sys.executable, "-m", "fuzz.sweep", env=env, external=True)
+    if sweep_only:
+        return
+    seed = int.from_bytes(os.urandom(4), "little")
+    session.log(f"property suite: HYPOTHESIS_PROFILE=fuzz, --hypothesis-seed={seed}")
+    env.update(LOWRANK_TEST_BACKENDS="numpy", HYPOTHESIS_PROFILE="fuzz")
+    session.run(
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        f"--hypothesis-seed={seed}", *FUZZ_PROPERTY_TESTS, *args, env=env, external=True,
+    )  # fmt: skip

@@ -28,6 +28,7 @@ import array_api_compat
 import numpy as np
 
 from ._array import Array, Namespace
+from ._validate import check_seed, check_shape
 from .errors import ArrayTypeError, ParameterError, ParameterTypeError
 
 __all__ = ["Backend", "StandardBackend", "get_backend", "register_backend"]
@@ -45,6 +46,11 @@ class StandardBackend:
     name: str = "standard"
 
     def __init__(self, xp: Namespace) -> None:
+        if not all(hasattr(xp, attr) for attr in ("asarray", "linalg", "isdtype")):
+            raise ParameterTypeError(
+                "`xp` must be an array API namespace (such as array_api_compat.numpy), "
+                f"got {type(xp).__name__}"
+            )
         self.xp = xp
 
     def __repr__(self) -> str:
@@ -74,7 +80,12 @@ class StandardBackend:
         device: Any = None,
         seed: int | None = None,
     ) -> Array:
-        """Standard normal samples of this backend's library (drawn by NumPy, then moved)."""
+        """Standard normal samples of this backend's library (drawn by NumPy, then moved).
+
+        ``shape`` is a tuple of non-negative integers, ``seed`` None or a non-negative integer.
+        """
+        shape = check_shape("shape", shape, min=0)
+        seed = check_seed("seed", seed)
         xp = self.xp
         if dtype is None:
             dtype = xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]

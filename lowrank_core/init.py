@@ -526,6 +526,9 @@ def init_weight_factors(
     balanced = check_bool("balanced", balanced)
     check_finite = check_bool("check_finite", check_finite)
     refine_steps = _check_steps(refine_steps)
+    # validated whatever the method (a bad value must not pass unnoticed because it is unused)
+    std = check_float("std", std, min=0.0, optional=True)
+    seed = check_seed("seed", seed)
     xp = namespace(weight=weight)
     check_floating(xp, weight, "weight")
     check_finite_random = method != "random" and check_finite

@@ -1,0 +1,1269 @@
+"""What the sweep calls: one spec per public callable, with its valid call and argument kinds.
+
+Owners (for the findings file): lowrank_core/cmd.py -> a1, lowrank_core/dldr.py -> a2,
+backends/lowrank_torch/* -> c, every other lowrank_core file -> b.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fuzz.framework import Arg, Case, Junk, Spec, expand, to_lib
+
+# --------------------------------------------------------------------------------------------------
+# valid data (fixed seeds)
+# --------------------------------------------------------------------------------------------------
+_rng = np.random.default_rng(20261201)
+M = _rng.standard_normal((6, 5))
+_u, _s, _vh = np.linalg.svd(M, full_matrices=False)
+U, S, V = _u, np.diag(_s), np.ascontiguousarray(_vh.T)
+SPEC = np.array([4.0, 3.0, 2.0, 1.0, 0.5])
+B1 = np.linalg.qr(_rng.standard_normal((6, 3)))[0]
+B2 = np.linalg.qr(_rng.standard_normal((6, 2)))[0]
+W3 = _rng.standard_normal((6, 2, 3))
+LEFT, RIGHT = _rng.standard_normal((6, 2)), _rng.standard_normal((5, 2))
+# a CMD-like trajectory: t = 8 epochs, D = 24 parameters following 3 profiles
+_prof = np.cumsum(_rng.standard_normal((3, 8)), axis=1)
+TRAJ = (
+    _prof[_rng.integers(0, 3, 24)] * _rng.uniform(0.5, 2, (24, 1)) + _rng.standard_normal((24, 1))
+).T
+TRAJ = np.ascontiguousarray((TRAJ + 0.01 * _rng.standard_normal(TRAJ.shape)).T)  # (N=24, T=8)
+SNAP = np.cumsum(_rng.standard_normal((8, 30)), axis=0)  # DLDR snapshots (t, D)
+
+B = "lowrank_core (helper b)"
+A1 = "lowrank_core/cmd.py (a1)"
+A2 = "lowrank_core/dldr.py (a2)"
+C = "backends/lowrank_torch (c)"
+
+FLAG = {"kind": "bool"}
+
+
+def arr(name: str, value: np.ndarray, **opts: Any) -> Arg:
+    return Arg(name, "array", value, keyword=opts.pop("keyword", False), opts=opts)
+
+
+def kw(name: str, kind: str, value: Any, **opts: Any) -> Arg:
+    return Arg(name, kind, value, keyword=True, opts=opts)
+
+
+def pos(name: str, kind: str, value: Any, **opts: Any) -> Arg:
+    return Arg(name, kind, value, keyword=False, opts=opts)
+
+
+def check_finite() -> Arg:
+    return kw("check_finite", "bool", True)
+
+
+def fn(path: str) -> Callable[[str], Callable[..., Any]]:
+    """``target`` resolving a dotted name at call time."""
+
+    def target(lib: str) -> Callable[..., Any]:
+        import importlib
+
+        mod, _, attr = path.rpartition(".")
+        obj: Any = importlib.import_module(mod)
+        for part in attr.split("/"):
+            obj = getattr(obj, part)
+        return obj  # type: ignore[no-any-return]
+
+    return target
+
+
+def method(build: Callable[[str], Any], name: str) -> Callable[[str], Callable[..., Any]]:
+    def target(lib: str) -> Callable[..., Any]:
+        return getattr(build(lib), name)  # type: ignore[no-any-return]
+
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# lowrank_core (helper b's files)
+# --------------------------------------------------------------------------------------------------
+def core_specs() -> list[Spec]:
+    mat = functools.partial(arr, ndims=(2, 3, 4))
+    specs = [
+        Spec("svd", B, fn("lowrank_core.svd"), [mat("a", M), check_finite()]),
+        Spec("qr", B, fn("lowrank_core.qr"), [mat("a", M), check_finite()]),
+        Spec(
+            "orthogonal_factor",
+            B,
+            fn("lowrank_core.orthogonal_factor"),
+            [mat("a", M), check_finite()],
+        ),
+        Spec(
+            "polar",
+            B,
+            fn("lowrank_core.polar"),
+            [
+                mat("a", M),
+                kw("side", "choice", "right", valid_alt=[("left", "left")]),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "factorize",
+            B,
+            fn("lowrank_core.factorize"),
+            [
+                mat("a", M),
+                pos(
+                    "rank",
+                    "rank",
+                    3,
+                    upper=5,
+                    optional=True,
+                    valid_alt=[("np.int64", np.int64(3)), ("None", None)],
+                ),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "reconstruct",
+            B,
+            fn("lowrank_core.reconstruct"),
+            [mat("U", U), mat("Sigma", S), mat("V", V), check_finite()],
+        ),
+        Spec(
+            "rediagonalize",
+            B,
+            fn("lowrank_core.rediagonalize"),
+            [mat("U", U), mat("Sigma", S), mat("V", V), check_finite()],
+        ),
+        Spec(
+            "rotate_sigma",
+            B,
+            fn("lowrank_core.rotate_sigma"),
+            [mat("x", S), mat("left", np.eye(5)), mat("right", np.eye(5)), check_finite()],
+        ),
+        Spec(
+            "truncate",
+            B,
+            fn("lowrank_core.truncate"),
+            [
+                mat("U", U),
+                mat("Sigma", S),
+                mat("V", V),
+                pos("rank", "rank", 2, upper=5, valid_alt=[("np.int64", np.int64(2))]),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "update_rank",
+            B,
+            fn("lowrank_core.update_rank"),
+            [
+                mat("U", U),
+                mat("Sigma", S),
+                mat("V", V),
+                pos("rule", "callable", __import__("lowrank_core").Energy(0.9)),
+                kw(
+                    "shape",
+                    "shape2",
+                    (6, 5),
+                    valid_alt=[("list", [6, 5]), ("np.int64", (np.int64(6), 5))],
+                ),
+                check_finite(),
+            ],
+            extra=[
+                (f"rule-returns-{label}", functools.partial(_update_rank_returning, value))
+                for label, value in [
+                    ("None", None),
+                    ("str", "2"),
+                    ("nan", math.nan),
+                    ("2.5", 2.5),
+                    ("bool", True),
+                    ("0", 0),
+                    ("99", 99),
+                ]
+            ],
+        ),
+        Spec(
+            "effective_rank",
+            B,
+            fn("lowrank_core.effective_rank"),
+            [
+                arr(
+                    "s",
+                    SPEC,
+                    ndims=(1, 2, 3),
+                    stack=False,
+                    nan_index=1,
+                    extra_bad=[("negative", -SPEC)],
+                )
+            ],
+        ),
+        Spec(
+            "stable_rank",
+            B,
+            fn("lowrank_core.stable_rank"),
+            [
+                arr(
+                    "s",
+                    SPEC,
+                    ndims=(1, 2, 3),
+                    stack=False,
+                    nan_index=1,
+                    extra_bad=[("negative", -SPEC)],
+                )
+            ],
+        ),
+        Spec(
+            "basis_stability",
+            B,
+            fn("lowrank_core.basis_stability"),
+            [mat("previous", M), mat("current", M + 0.1), check_finite()],
+        ),
+        Spec(
+            "polar_stability",
+            B,
+            fn("lowrank_core.polar_stability"),
+            [mat("previous_polar", B1), mat("current_polar", B1), check_finite()],
+        ),
+        Spec(
+            "principal_angle_cosines",
+            B,
+            fn("lowrank_core.principal_angle_cosines"),
+            [mat("a", B1), mat("b", B2), check_finite()],
+        ),
+        Spec(
+            "projector_distance",
+            B,
+            fn("lowrank_core.projector_distance"),
+            [mat("a", B1), mat("b", B2), check_finite()],
+        ),
+        Spec(
+            "matrix_shape",
+            B,
+            fn("lowrank_core.matrix_shape"),
+            [
+                pos("weight_shape", "shape", (6, 2, 3), valid_alt=[("list", [6, 2, 3])]),
+                kw("groups", "int", 2, min=1, valid_alt=[("np.int64", np.int64(2))]),
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "weight_to_matrix",
+            B,
+            fn("lowrank_core.weight_to_matrix"),
+            [
+                arr("weight", W3, ndims=(2, 3, 4, 5), stack=False),
+                kw("groups", "int", 2, min=1),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "matrix_to_weight",
+            B,
+            fn("lowrank_core.matrix_to_weight"),
+            [
+                arr("matrix", W3.reshape(6, 6), ndims=(2, 3), stack=False),
+                pos("weight_shape", "shape", (6, 2, 3)),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "get_backend",
+            B,
+            fn("lowrank_core.get_backend"),
+            [
+                pos(
+                    "x",
+                    "object",
+                    M,
+                    convert=True,
+                    bad=[
+                        ("list", [1.0]),
+                        ("float", 1.0),
+                        ("None", None),
+                        ("str", "x"),
+                        ("junk", Junk()),
+                    ],
+                )
+            ],
+        ),
+        Spec(
+            "register_backend",
+            B,
+            fn("lowrank_core.register_backend"),
+            [
+                pos(
+                    "module_name",
+                    "object",
+                    "fuzz_no_such_lib",
+                    bad=[("int", 3), ("dotted", "a.b"), ("empty", ""), ("None", None)],
+                ),
+                pos("backend", "object", None, bad=[("int", 3), ("str", "x")]),
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "StandardBackend",
+            B,
+            fn("lowrank_core.StandardBackend"),
+            [
+                pos(
+                    "xp",
+                    "object",
+                    __import__("array_api_compat").array_namespace(M),
+                    bad=[("int", 3), ("str", "numpy"), ("None", None), ("array", M)],
+                )
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "StandardBackend.random_normal",
+            B,
+            method(
+                lambda lib: __import__("lowrank_core").get_backend(to_lib(M, lib)), "random_normal"
+            ),
+            [pos("shape", "shape", (3, 4), not_bad=("zero", "one-dim")), kw("seed", "seed", 1)],
+            libs=("numpy",),
+        ),
+    ]
+    # rank rules: construction and call
+    lc = __import__("lowrank_core")
+    bounds = [
+        kw("min_rank", "rank", None, optional=True, min=1),
+        kw("max_rank", "rank", None, optional=True, min=1),
+    ]
+    unit = {"min": 0.0, "max": 1.0, "valid_alt": [("np.float32", np.float32(0.5))]}
+    rules: list[tuple[str, list[Arg]]] = [
+        (
+            "SigmaCutoff",
+            [pos("fraction", "float", 0.1, **unit), pos("floor_fraction", "float", 0.01, **unit)],
+        ),
+        ("TailNorm", [pos("tol", "float", 0.1, min_open=True, **unit)]),
+        ("Energy", [pos("energy", "float", 0.9, min_open=True, **unit)]),
+        ("OptimalHardThreshold", [pos("scale", "float", 1.0, min=0.0, min_open=True)]),
+        ("FixedRank", [pos("rank", "rank", 2, min=1, valid_alt=[("np.int64", np.int64(2))])]),
+        ("EffectiveRank", []),
+        ("StableRank", []),
+    ]
+    for name, params in rules:
+        specs.append(Spec(name, B, fn(f"lowrank_core.{name}"), [*params, *bounds], libs=("numpy",)))
+        rule = getattr(lc, name)(**({"rank": 2} if name == "FixedRank" else {}))
+        specs.append(
+            Spec(
+                f"{name}.__call__",
+                B,
+                lambda lib, rule=rule: rule,
+                [
+                    arr(
+                        "s",
+                        SPEC,
+                        ndims=(1, 2, 3),
+                        stack=False,
+                        nan_index=1,
+                        extra_bad=[("negative", -SPEC), ("increasing", SPEC[::-1].copy())],
+                    ),
+                    kw("shape", "shape2", (6, 5)),
+                ],
+            )
+        )
+    # init (lowrank_core.init)
+    rank5 = {"upper": 5, "valid_alt": [("np.int64", np.int64(2))]}
+    specs += [
+        Spec(
+            "spectral_init",
+            B,
+            fn("lowrank_core.init.spectral_init"),
+            [mat("a", M), pos("rank", "rank", 2, **rank5), check_finite()],
+        ),
+        Spec(
+            "spectral_factors",
+            B,
+            fn("lowrank_core.init.spectral_factors"),
+            [mat("a", M), pos("rank", "rank", 2, **rank5), check_finite()],
+        ),
+        Spec(
+            "nonlinear_init",
+            B,
+            fn("lowrank_core.init.nonlinear_init"),
+            [
+                mat("a", M),
+                pos("rank", "rank", 2, **rank5),
+                kw("refine_steps", "int", 1, min=0),
+                check_finite(),
+            ],
+            extra_valid=[
+                (
+                    "a=1.34e154",
+                    lambda lib: (
+                        fn("lowrank_core.init.nonlinear_init")(lib),
+                        [to_lib(np.array([[1.34e154]]), lib), 1],
+                        {},
+                    ),
+                )
+            ],
+        ),
+        Spec(
+            "nonlinear_factors",
+            B,
+            fn("lowrank_core.init.nonlinear_factors"),
+            [
+                mat("a", M),
+                pos("rank", "rank", 2, **rank5),
+                kw("refine_steps", "int", 0, min=0),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "random_init",
+            B,
+            fn("lowrank_core.init.random_init"),
+            [
+                arr("like", M, finite=False, noncontig=False),
+                pos("rank", "rank", 2, **rank5),
+                kw("shape", "shape", None, valid_alt=[("tuple", (6, 5)), ("list", [6, 5])]),
+                kw("std", "float", 0.1, min=0.0, optional=True),
+                kw("seed", "seed", 0),
+            ],
+        ),
+        Spec(
+            "random_factors",
+            B,
+            fn("lowrank_core.init.random_factors"),
+            [
+                arr("like", M, finite=False, noncontig=False),
+                pos("rank", "rank", 2, **rank5),
+                kw("shape", "shape", None, valid_alt=[("tuple", (6, 5)), ("list", [6, 5])]),
+                kw("std", "float", 0.1, min=0.0, optional=True),
+                kw("seed", "seed", 0),
+            ],
+        ),
+        Spec(
+            "relu_function_error",
+            B,
+            fn("lowrank_core.init.relu_function_error"),
+            [mat("a", M), mat("b", M * 0.5), kw("relative", "bool", False), check_finite()],
+        ),
+        Spec(
+            "init_weight_factors",
+            B,
+            fn("lowrank_core.init.init_weight_factors"),
+            [
+                arr("weight", W3, ndims=(2, 3, 4, 5), stack=False),
+                pos("rank", "rank", 2, upper=3),
+                kw("method", "choice", "spectral"),
+                kw("groups", "int", 2, min=1),
+                kw("balanced", "bool", False),
+                kw("refine_steps", "int", 0, min=0),
+                kw("std", "float", None, min=0.0, optional=True),
+                kw("seed", "seed", 0),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "balanced_to_factors",
+            B,
+            fn("lowrank_core.init.balanced_to_factors"),
+            [mat("left", LEFT), mat("right", RIGHT), check_finite()],
+        ),
+        Spec(
+            "factors_to_balanced",
+            B,
+            fn("lowrank_core.init.factors_to_balanced"),
+            [mat("U", U), mat("Sigma", S), mat("V", V), check_finite()],
+        ),
+        Spec(
+            "frobenius_decay",
+            B,
+            fn("lowrank_core.init.frobenius_decay"),
+            [
+                mat("left", LEFT),
+                mat("right", RIGHT),
+                kw("coefficient", "float", 1.0, min=0.0),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "frobenius_decay_grad",
+            B,
+            fn("lowrank_core.init.frobenius_decay_grad"),
+            [
+                mat("left", LEFT),
+                mat("right", RIGHT),
+                kw("coefficient", "float", 1.0, min=0.0),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "default_init_std",
+            B,
+            fn("lowrank_core.init.default_init_std"),
+            [pos("fan_in", "int", 5, min=1)],
+            libs=("numpy",),
+        ),
+    ]
+    return specs
+
+
+def _update_rank_returning(
+    value: Any, lib: str
+) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
+    import lowrank_core as lc
+
+    def rule(s: Any, *, shape: Any = None) -> Any:
+        return value
+
+    return lc.update_rank, [to_lib(U, lib), to_lib(S, lib), to_lib(V, lib), rule], {}
+
+
+# --------------------------------------------------------------------------------------------------
+# lowrank_core.cmd (helper a1)
+# --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _cmd_fit(lib: str) -> Any:
+    import lowrank_core as lc
+
+    return lc.fit_cmd(to_lib(TRAJ, lib), 3, num_samples=12, seed=0)
+
+
+def _online(lib: str) -> Any:
+    import lowrank_core as lc
+
+    return lc.OnlineCMD.from_trajectory(to_lib(TRAJ, lib), 3, num_samples=12, seed=0)
+
+
+def cmd_specs() -> list[Spec]:
+    traj = functools.partial(arr, ndims=(2,), stack=False)
+    common = [
+        kw("num_samples", "int", 12, min=1),
+        kw("seed", "seed", 0),
+        kw("metric", "choice", "correlation", valid_alt=[("euclidean", "euclidean")]),
+        kw("chunk_size", "int", 7, min=1),
+        check_finite(),
+    ]
+    import lowrank_core.cmd as cm
+
+    fit = _cmd_fit("numpy")
+    sample = np.asarray(TRAJ[:12])
+    specs = [
+        Spec(
+            "fit_cmd",
+            A1,
+            fn("lowrank_core.fit_cmd"),
+            [traj("trajectory", TRAJ), pos("max_modes", "int", 3, min=1), *common],
+        ),
+        Spec(
+            "choose_num_modes",
+            A1,
+            fn("lowrank_core.choose_num_modes"),
+            [
+                traj("sample", sample),
+                pos("tol", "float", 0.1, min=0.0),
+                kw("max_modes", "int", 4, min=1, optional=True),
+                kw("metric", "choice", "correlation"),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "cmd.abs_correlation",
+            A1,
+            fn("lowrank_core.cmd.abs_correlation"),
+            [traj("x", sample), check_finite()],
+        ),
+        Spec(
+            "cmd.find_modes",
+            A1,
+            fn("lowrank_core.cmd.find_modes"),
+            [
+                traj("sample", sample),
+                pos("max_modes", "int", 3, min=1),
+                kw("metric", "choice", "correlation"),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "cmd.cluster",
+            A1,
+            fn("lowrank_core.cmd.cluster"),
+            [
+                traj("distance", 1.0 - np.eye(5) * 1.0 + 0.0 * np.ones((5, 5)), noncontig=False),
+                pos("max_clusters", "int", 2, min=1),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "cmd.assign_modes",
+            A1,
+            fn("lowrank_core.cmd.assign_modes"),
+            [
+                traj("trajectory", TRAJ),
+                traj("profiles", np.asarray(fit.profiles)),
+                kw("chunk_size", "int", 7, min=1),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "cmd.fit_coefficients",
+            A1,
+            fn("lowrank_core.cmd.fit_coefficients"),
+            [
+                traj("trajectory", TRAJ),
+                traj("profiles", np.asarray(fit.profiles)),
+                arr(
+                    "assignment", np.asarray(fit.assignment), ndims=(1,), float=False, finite=False
+                ),
+                kw("chunk_size", "int", 7, min=1),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "cmd.reconstruct_trajectory",
+            A1,
+            fn("lowrank_core.cmd.reconstruct_trajectory"),
+            [
+                traj("profiles", np.asarray(fit.profiles)),
+                arr(
+                    "assignment", np.asarray(fit.assignment), ndims=(1,), float=False, finite=False
+                ),
+                arr("a", np.asarray(fit.a), ndims=(1,)),
+                arr("b", np.asarray(fit.b), ndims=(1,)),
+                kw("start", "int", 0, min=0),
+                kw("stop", "int", None, min=0, optional=True),
+            ],
+        ),
+        Spec(
+            "cmd.relative_error",
+            A1,
+            fn("lowrank_core.cmd.relative_error"),
+            [
+                traj("trajectory", TRAJ),
+                pos("fit", "object", fit, bad=[("None", None), ("junk", Junk())]),
+                kw("centered", "bool", True),
+                kw("chunk_size", "int", 7, min=1),
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "cmd.sample_indices",
+            A1,
+            fn("lowrank_core.cmd.sample_indices"),
+            [
+                pos("sizes", "shape", (10, 14)),
+                pos("num_samples", "int", 5, min=1),
+                kw("seed", "seed", 0),
+            ],
+            libs=("numpy",),
+        ),
+        Spec("CMDFit.reconstruct", A1, method(_cmd_fit, "reconstruct"), []),
+        Spec(
+            "OnlineCMD.from_trajectory",
+            A1,
+            fn("lowrank_core.OnlineCMD/from_trajectory"),
+            [
+                traj("trajectory", TRAJ),
+                pos("max_modes", "int", 3, min=1),
+                kw("num_samples", "int", 12, min=1),
+                kw("seed", "seed", 0),
+            ],
+        ),
+        Spec(
+            "OnlineCMD.update",
+            A1,
+            method(_online, "update"),
+            [
+                arr("weights", np.ascontiguousarray(TRAJ[:, -1]), ndims=(1,), stack=False),
+                check_finite(),
+            ],
+            inplace=True,
+        ),
+        Spec(
+            "OnlineCMD.weights",
+            A1,
+            method(_online, "weights"),
+            [pos("epoch", "int", -1, min=None, upper=7)],
+        ),
+        Spec(
+            "OnlineCMD.from_state_dict",
+            A1,
+            fn("lowrank_core.OnlineCMD/from_state_dict"),
+            [
+                Arg(
+                    "state",
+                    "object",
+                    lambda: dict(_online("numpy").state_dict()),
+                    opts={"factory": True, "bad": [("None", None), ("int", 3), ("empty", {})]},
+                )
+            ],
+            extra=[
+                (f"state[{k}]={label}", functools.partial(_state_with, k, v))
+                for k in ("profiles", "assignment", "references", "w_mean")
+                for label, v in (("None", None), ("nan", "nan"), ("str", "x"), ("3-d", "3d"))
+            ],
+        ),
+    ]
+    _ = cm
+    return specs
+
+
+def _state_with(
+    key: str, value: Any, lib: str
+) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
+    import lowrank_core as lc
+
+    state = dict(_online(lib).state_dict())
+    if key in state:
+        v = state[key]
+        if value == "nan":
+            x = np.array(np.asarray(v), dtype=np.float64, copy=True)
+            x.reshape(-1)[0] = np.nan
+            value = to_lib(x, lib)
+        elif value == "3d":
+            value = to_lib(np.stack([np.asarray(v)] * 2)[None], lib)
+        state[key] = value
+    return lc.OnlineCMD.from_state_dict, [state], {}
+
+
+# --------------------------------------------------------------------------------------------------
+# lowrank_core.dldr (helper a2)
+# --------------------------------------------------------------------------------------------------
+def _subspace(lib: str) -> Any:
+    import lowrank_core as lc
+
+    return lc.fit_subspace(to_lib(SNAP, lib), 3)
+
+
+def _store(lib: str) -> Any:
+    import lowrank_core as lc
+
+    st = lc.SnapshotStore()
+    for row in SNAP:
+        st.add(to_lib(np.array(row), lib))
+    return st
+
+
+def dldr_specs() -> list[Spec]:
+    vec = functools.partial(arr, ndims=(1,), stack=False)
+    H = np.eye(3)
+    specs = [
+        Spec(
+            "fit_subspace",
+            A2,
+            fn("lowrank_core.fit_subspace"),
+            [
+                arr("snapshots", SNAP, ndims=(2,), stack=False),
+                pos("d", "rank", 3, upper=7),
+                kw("method", "choice", "exact", valid_alt=[("randomized", "randomized")]),
+                kw("oversample", "int", 5, min=0),
+                kw("power_iterations", "int", 1, min=0),
+                kw("seed", "seed", 0),
+                kw("orthonormalize", "bool", True),
+                check_finite(),
+            ],
+        ),
+        Spec(
+            "dldr.gram_matrix",
+            A2,
+            fn("lowrank_core.dldr.gram_matrix"),
+            [arr("snapshots", SNAP, ndims=(2,), stack=False), check_finite()],
+        ),
+        Spec(
+            "dldr.centred_gram",
+            A2,
+            fn("lowrank_core.dldr.centred_gram"),
+            [arr("gram", SNAP @ SNAP.T, ndims=(2,), stack=False)],
+        ),
+        Spec("Subspace.project", A2, method(_subspace, "project"), [vec("w", SNAP[-1])]),
+        Spec(
+            "Subspace.project_direction",
+            A2,
+            method(_subspace, "project_direction"),
+            [vec("v", SNAP[-1])],
+        ),
+        Spec("Subspace.lift", A2, method(_subspace, "lift"), [vec("c", np.ones(3))]),
+        Spec(
+            "Subspace.lift_direction",
+            A2,
+            method(_subspace, "lift_direction"),
+            [vec("c", np.ones(3))],
+        ),
+        Spec(
+            "SnapshotStore",
+            A2,
+            fn("lowrank_core.SnapshotStore"),
+            [
+                kw(
+                    "path",
+                    "object",
+                    None,
+                    bad=[("dir", tempfile.gettempdir()), ("int", 3), ("junk", Junk())],
+                ),
+                kw("shift", "bool", True),
+                kw("block_rows", "int", 4, min=1),
+                check_finite(),
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "SnapshotStore.add",
+            A2,
+            method(lambda lib: _store(lib), "add"),
+            [vec("w", SNAP[0])],
+            inplace=True,
+        ),
+        Spec(
+            "SnapshotStore.fit",
+            A2,
+            method(_store, "fit"),
+            [
+                pos("d", "rank", 3, upper=7),
+                kw("method", "choice", "exact"),
+                kw("oversample", "int", 5, min=0),
+                kw("power_iterations", "int", 1, min=0),
+                kw("seed", "seed", 0),
+                kw("orthonormalize", "bool", True),
+            ],
+        ),
+        Spec(
+            "SnapshotStore.vector",
+            A2,
+            method(_store, "vector"),
+            [pos("i", "int", 0, min=None, upper=7)],
+        ),
+        Spec(
+            "dldr.curvature_ok",
+            A2,
+            fn("lowrank_core.dldr.curvature_ok"),
+            [vec("s", np.ones(3)), vec("y", np.ones(3)), kw("eps", "float", 1e-8, min=0.0)],
+        ),
+        Spec(
+            "dldr.bfgs_update",
+            A2,
+            fn("lowrank_core.dldr.bfgs_update"),
+            [
+                arr("H", H, ndims=(2,), stack=False),
+                vec("s", np.ones(3)),
+                vec("y", np.ones(3) * 2),
+                kw("eps", "float", 1e-8, min=0.0),
+            ],
+        ),
+        Spec(
+            "dldr.bfgs_direction",
+            A2,
+            fn("lowrank_core.dldr.bfgs_direction"),
+            [arr("H", H, ndims=(2,), stack=False), vec("g", np.ones(3))],
+        ),
+        Spec(
+            "dldr.armijo_condition",
+            A2,
+            fn("lowrank_core.dldr.armijo_condition"),
+            [
+                pos("f_new", "float", 0.5),
+                pos("f0", "float", 1.0),
+                pos("alpha", "float", 1.0, min=0.0),
+                pos("slope", "float", -1.0),
+                kw("c1", "float", 0.4, min=0.0, max=1.0),
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "dldr.armijo_backtracking",
+            A2,
+            fn("lowrank_core.dldr.armijo_backtracking"),
+            [
+                pos("f", "callable", lambda a: 1.0 - a),
+                pos("f0", "float", 1.0),
+                pos("slope", "float", -1.0),
+                kw("alpha0", "float", 1.0, min=0.0),
+                kw("shrink", "float", 0.4, min=0.0, max=1.0),
+                kw("c1", "float", 0.4, min=0.0, max=1.0),
+                kw("max_trials", "int", 5, min=1),
+            ],
+            libs=("numpy",),
+        ),
+    ]
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------
+# lowrank_torch (helper c and others)
+# --------------------------------------------------------------------------------------------------
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _mlp(lib: str = "torch") -> Any:
+    torch = _torch()
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+
+def _oialr(lib: str) -> Any:
+    import lowrank_torch.oialr as lo
+
+    torch = _torch()
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return lo.OIALR(model, opt, lo.OIALRConfig(switch_step=1, update_every=1, keep_last=False))
+
+
+def _lr_linear(lib: str) -> Any:
+    import lowrank_torch as lt
+
+    torch = _torch()
+    torch.manual_seed(0)
+    return lt.LowRankLinear.from_dense(torch.nn.Linear(6, 5), rank=3)
+
+
+def torch_specs() -> list[Spec]:
+    T = ("torch",)
+    MODEL = [("None", None), ("int", 3), ("tensor", np.ones(3)), ("junk", Junk())]
+    mod = lambda name, build: Arg(name, "object", build, opts={"factory": True, "bad": MODEL})  # noqa: E731
+    tU, tS, tV = U[:, :3], S[:3, :3], V[:, :3]
+    specs = [
+        Spec(
+            "LowRankLinear",
+            C,
+            fn("lowrank_torch.LowRankLinear"),
+            [
+                arr("U", tU, ndims=(2,), stack=False),
+                arr("Sigma", tS, ndims=(2,), stack=False),
+                arr("V", tV, ndims=(2,), stack=False),
+                arr("bias", np.zeros(6), ndims=(1,), stack=False, keyword=True),
+                kw("forward_mode", "choice", "auto"),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "LowRankLinear.set_factors",
+            C,
+            method(_lr_linear, "set_factors"),
+            [
+                arr("U", np.linalg.qr(M[:5, :3])[0], ndims=(2,), stack=False),
+                arr("Sigma", tS, ndims=(2,), stack=False),
+                arr("V", tU, ndims=(2,), stack=False),
+            ],
+            libs=T,
+            inplace=True,
+        ),
+        Spec(
+            "LowRankLinear.from_dense",
+            C,
+            fn("lowrank_torch.LowRankLinear/from_dense"),
+            [
+                mod("dense", lambda: _torch().nn.Linear(6, 5)),
+                kw("rank", "rank", 3, upper=5, optional=True),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "LowRankWeight",
+            C,
+            fn("lowrank_torch.LowRankWeight"),
+            [
+                arr("U", tU, ndims=(2, 3), stack=False),
+                arr("Sigma", tS, ndims=(2, 3), stack=False),
+                arr("V", tV, ndims=(2, 3), stack=False),
+                kw("weight_shape", "shape", (6, 5)),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "to_low_rank",
+            C,
+            fn("lowrank_torch.to_low_rank"),
+            [mod("model", _mlp), kw("rank", "rank", 2, optional=True, upper=4)],
+            libs=T,
+            inplace=True,
+        ),
+        Spec(
+            "low_rank_model",
+            C,
+            fn("lowrank_torch.low_rank_model"),
+            [
+                mod("model", _mlp),
+                pos("rank_fraction", "float", 0.5, min=0.0, max=1.0, min_open=True),
+                kw("init", "choice", "spectral"),
+                kw("train_bases", "bool", True),
+                kw("refine_steps", "int", 0, min=0),
+                kw("from_scratch", "bool", False),
+                kw("seed", "seed", 0),
+                kw("keep_first", "bool", False),
+                kw("keep_last", "bool", False),
+                kw("min_aspect", "float", 0.1, min=0.0),
+            ],
+            libs=T,
+            inplace=True,
+        ),
+        Spec(
+            "count_trainable", C, fn("lowrank_torch.count_trainable"), [mod("model", _mlp)], libs=T
+        ),
+        Spec(
+            "trainable_share",
+            C,
+            fn("lowrank_torch.trainable_share"),
+            [mod("model", _mlp), pos("dense_count", "int", 90, min=1)],
+            libs=T,
+        ),
+        Spec(
+            "low_rank_attention_",
+            C,
+            fn("lowrank_torch.low_rank_attention_"),
+            [
+                mod("mha", lambda: _torch().nn.MultiheadAttention(8, 2)),
+                pos("rank", "rank", 2, optional=True, upper=8),
+            ],
+            libs=T,
+            inplace=True,
+        ),
+        Spec(
+            "frobenius_decay_penalty",
+            C,
+            fn("lowrank_torch.frobenius_decay_penalty"),
+            [mod("model", _mlp), pos("coefficient", "float", 1.0, min=0.0)],
+            libs=T,
+        ),
+        Spec(
+            "init.layer_rank",
+            C,
+            fn("lowrank_torch.init.layer_rank"),
+            [
+                pos("shape", "shape", (6, 5)),
+                pos("rank_fraction", "float", 0.5, min=0.0, max=1.0, min_open=True),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "OIALRConfig",
+            C,
+            fn("lowrank_torch.oialr.OIALRConfig"),
+            [
+                kw("switch_step", "int", 10, min=0, optional=True),
+                kw("stability_threshold", "float", None, min=0.0, max=1.0, optional=True),
+                kw("stability_every", "int", 10, min=1),
+                kw("update_every", "int", 10, min=1),
+                kw("rule", "callable", __import__("lowrank_core").SigmaCutoff()),
+                kw("progressive", "bool", False),
+                kw("keep_first", "bool", False),
+                kw("keep_last", "bool", True),
+                kw("min_aspect", "float", 0.1, min=0.0),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "OIALR",
+            C,
+            fn("lowrank_torch.oialr.OIALR"),
+            [mod("model", _mlp), Arg("optimizer", "object", None, opts={"bad": MODEL})],
+            libs=T,
+            extra_valid=[],
+        ),
+        Spec(
+            "CMDConfig",
+            C,
+            fn("lowrank_torch.cmd.CMDConfig"),
+            [
+                kw("warmup_epochs", "int", 5, min=1),
+                kw("max_modes", "int", 3, min=1, optional=True),
+                kw("tol", "float", None, min=0.0, optional=True),
+                kw("num_samples", "int", 10, min=1),
+                kw("seed", "seed", 0),
+                kw("metric", "choice", "correlation"),
+                kw("chunk_size", "int", 64, min=1),
+                kw("embed", "bool", False),
+                kw("embed_every", "int", 10, min=1),
+                kw("embed_fraction", "float", 0.1, min=0.0, max=1.0, min_open=True),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "CMDTracker",
+            C,
+            fn("lowrank_torch.cmd.CMDTracker"),
+            [mod("model", _mlp), pos("config", "object", None, bad=[("int", 3), ("junk", Junk())])],
+            libs=T,
+        ),
+        Spec(
+            "SnapshotRecorder",
+            C,
+            fn("lowrank_torch.dldr.SnapshotRecorder"),
+            [
+                mod("model", _mlp),
+                pos("store", "object", None, bad=[("int", 3), ("junk", Junk())]),
+                kw("every", "int", 1, min=1),
+                kw("include_buffers", "bool", False),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "SubspaceSGD",
+            C,
+            fn("lowrank_torch.dldr.SubspaceSGD"),
+            [
+                Arg(
+                    "params",
+                    "object",
+                    lambda: list(_mlp().parameters()),
+                    opts={"factory": True, "bad": [("None", None), ("int", 3)]},
+                ),
+                Arg(
+                    "subspace",
+                    "object",
+                    lambda: _model_subspace(),
+                    opts={"factory": True, "bad": [("None", None), ("junk", Junk())]},
+                ),
+                pos("lr", "float", 0.01, min=0.0),
+                pos("momentum", "float", 0.9, min=0.0, max=1.0),
+                pos("weight_decay", "float", 0.0, min=0.0),
+                pos("nesterov", "bool", False),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "SubspaceBFGS",
+            C,
+            fn("lowrank_torch.dldr.SubspaceBFGS"),
+            [
+                Arg(
+                    "params",
+                    "object",
+                    lambda: list(_mlp().parameters()),
+                    opts={"factory": True, "bad": [("None", None), ("int", 3)]},
+                ),
+                Arg(
+                    "subspace",
+                    "object",
+                    lambda: _model_subspace(),
+                    opts={"factory": True, "bad": [("None", None), ("junk", Junk())]},
+                ),
+                kw("alpha0", "float", 1.0, min=0.0, min_open=True),
+                kw("shrink", "float", 0.4, min=0.0, max=1.0),
+                kw("c1", "float", 0.4, min=0.0, max=1.0),
+                kw("max_trials", "int", 5, min=1),
+                kw("curvature_eps", "float", 1e-8, min=0.0),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "dldr.flatten",
+            C,
+            fn("lowrank_torch.dldr.flatten"),
+            [
+                pos(
+                    "tensors",
+                    "object",
+                    None,
+                    bad=[("None", None), ("int", 3), ("junk", Junk()), ("empty", [])],
+                )
+            ],
+            libs=T,
+        ),
+        Spec(
+            "swap_parameter",
+            C,
+            fn("lowrank_torch.swap_parameter"),
+            [
+                pos("optimizer", "object", None, bad=[("None", None), ("int", 3)]),
+                pos("old", "object", None, bad=[("None", None)]),
+                pos("new", "object", None, bad=[("None", None)]),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "truncate_sigma_state",
+            C,
+            fn("lowrank_torch.truncate_sigma_state"),
+            [
+                pos("optimizer", "object", None, bad=[("None", None), ("int", 3)]),
+                pos("sigma", "object", None, bad=[("None", None)]),
+                pos("rank", "rank", 2),
+            ],
+            libs=T,
+        ),
+        Spec(
+            "checkpoint.save_checkpoint",
+            C,
+            fn("lowrank_torch.checkpoint.save_checkpoint"),
+            [
+                pos(
+                    "path",
+                    "object",
+                    None,
+                    bad=[("None", None), ("int", 3), ("dir", tempfile.gettempdir())],
+                ),
+                Arg("model", "object", _mlp, keyword=True, opts={"factory": True, "bad": MODEL}),
+            ],
+            libs=T,
+        ),
+    ]
+    # the valid calls of objects built from None placeholders are not meaningful: drop them
+    for s in specs:
+        if s.name in (
+            "OIALR",
+            "dldr.flatten",
+            "swap_parameter",
+            "truncate_sigma_state",
+            "checkpoint.save_checkpoint",
+        ):
+            s.skip_valid = True  # type: ignore[attr-defined]
+    specs.append(
+        Spec(
+            "TorchBackend.random_normal",
+            C,
+            method(
+                lambda lib: __import__("lowrank_core").get_backend(to_lib(M, lib)), "random_normal"
+            ),
+            [pos("shape", "shape", (3, 4), not_bad=("zero", "one-dim")), kw("seed", "seed", 1)],
+            libs=T,
+        )
+    )
+    specs.append(
+        Spec(
+            "OIALR.step",
+            C,
+            method(_oialr, "step"),
+            [],
+            libs=T,
+            inplace=True,
+            extra=[("nan-weights", _oialr_nan_step)],
+        )
+    )
+    return specs
+
+
+def _model_subspace() -> Any:
+    import lowrank_core as lc
+
+    torch = _torch()
+    n = sum(p.numel() for p in _mlp().parameters())
+    snaps = torch.from_numpy(np.cumsum(np.random.default_rng(1).standard_normal((6, n)), axis=0))
+    return lc.fit_subspace(snaps.float(), 2)
+
+
+def _oialr_nan_step(lib: str) -> tuple[Callable[..., Any], list[Any], dict[str, Any]]:
+    o = _oialr(lib)
+    torch = _torch()
+    with torch.no_grad():
+        for p in o.model.parameters() if hasattr(o, "model") else []:
+            p.fill_(float("nan"))
+    return o.step, [], {}
+
+
+# --------------------------------------------------------------------------------------------------
+def all_specs(only: str | None = None) -> list[Spec]:
+    specs = core_specs() + cmd_specs() + dldr_specs() + torch_specs()
+    if only:
+        specs = [s for s in specs if only in s.name or only in s.owner]
+    return specs
+
+
+def all_cases(only: str | None = None) -> list[Case]:
+    cases: list[Case] = []
+    for spec in all_specs(only):
+        for c in expand(spec):
+            if c.label == "valid" and getattr(spec, "skip_valid", False):
+                continue
+            if c.label.endswith("=non-contiguous") and getattr(spec, "skip_valid", False):
+                continue
+            cases.append(c)
+    return cases
