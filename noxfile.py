@@ -202,9 +202,17 @@ def fuzz(session: nox.Session) -> None:
     args = list(session.posargs)
     sweep_only = "--sweep-only" in args
     args = [a for a in args if a != "--sweep-only"]
-    session.run(sys.executable, "-m", "fuzz.sweep", env=env, external=True)
-    if sweep_only:
-        return
+    session.log("bad-input sweep: python -m fuzz.sweep")
+    sweep = subprocess.run(
+        [sys.executable, "-m", "fuzz.sweep"], cwd=ROOT, env={**os.environ, **env}, check=False
+    )
+    if not sweep_only:
+        _fuzz_properties(session, env, args)
+    if sweep.returncode != 0:
+        session.error("the bad-input sweep found inputs without a clear LowRankError (table above)")
+
+
+def _fuzz_properties(session: nox.Session, env: dict[str, str], args: list[str]) -> None:
     seed = int.from_bytes(os.urandom(4), "little")
     session.log(f"property suite: HYPOTHESIS_PROFILE=fuzz, --hypothesis-seed={seed}")
     env.update(LOWRANK_TEST_BACKENDS="numpy", HYPOTHESIS_PROFILE="fuzz")

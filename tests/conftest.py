@@ -5,7 +5,8 @@ The ``backend`` fixture is parametrized over the array namespaces named in the e
 ``cupy``). When it is unset, every CPU namespace that can be imported is used. A backend that was asked for
 but cannot run here (library missing, no CUDA device) is skipped with the reason, never an error.
 
-Hypothesis profiles: ``ci`` (chosen when ``CI`` is set) and ``dev`` (otherwise); ``HYPOTHESIS_PROFILE``
+Hypothesis profiles: ``ci`` (chosen when ``CI`` is set) and ``dev`` (otherwise), ``thorough`` and ``fuzz``
+(random seeds, more examples; used by ``nox -s fuzz``); ``HYPOTHESIS_PROFILE``
 overrides the choice.
 """
 
@@ -46,6 +47,17 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=_HEALTH,
     print_blob=True,
+)
+# ``nox -s fuzz``: random seeds (the session passes --hypothesis-seed and prints it), more examples,
+# no example database (every run explores afresh).
+settings.register_profile(
+    "fuzz",
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=_HEALTH,
+    print_blob=True,
+    derandomize=False,
+    database=None,
 )
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
