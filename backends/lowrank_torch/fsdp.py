@@ -30,7 +30,6 @@ FSDP OIALR state with ``load_state_dict``.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -229,6 +228,7 @@ class FSDPOIALR(OIALR):
                     keep_first=self.config.keep_first,
                     keep_last=self.config.keep_last,
                     min_aspect=self.config.min_aspect,
+                    allow_rank_one=self.config.allow_rank_one,
                     names=[name],
                 )
             finally:
@@ -256,63 +256,44 @@ class FSDPOIALR(OIALR):
         self._reset_lazy_init()
         self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
 
-    def _update_ranks(self, t: int) -> bool:
-        due = self._due(t)
-        if not due:
-            return False
+    def _full_sigma(self, layer: LowRankLayer) -> Tensor:
+        """The layer's ``sigma`` gathered from its shards (every rank gets the same full tensor)."""
+        return _full(layer.sigma.detach())
+
+    def _apply_rank_updates(self, plan: list[tuple[str, Any]], t: int) -> bool:
+        """Each planned layer is rebuilt at its new rank and sharded again; the state follows."""
+        self._updates += 1
         opt = self.optimizer
-        for name in due:
-            for part in self._parts[name]:
-                layer = self.layers[part]
-                old_rank = layer.rank
-                sigma_sh = layer.sigma
-                upd = lc.update_rank(
-                    layer.U,
-                    _full(sigma_sh.detach()),
-                    layer.V,
-                    self.config.rule,
-                    shape=(layer.rows, layer.cols),
-                )
-                rd = upd.rediagonalized
-                bias = layer.bias
-                new = _rebuild(
-                    layer, *upd.factors, _full(bias.detach()) if bias is not None else None
-                )
-                trained = _find(opt, sigma_sh) is not None
-                if trained:
-                    plain = _placeholder(opt, sigma_sh)
-                    rotate_sigma_state(opt, plain, rd.left, rd.right)
-                    if upd.rank < old_rank:
-                        truncate_sigma_state(opt, plain, upd.rank)
-                b_state = opt.state.pop(bias, None) if bias is not None else None
-                self._shard(new, sigma_sh)
-                _set_submodule(self.model, part, new)
-                if trained:
-                    _shard_state(opt, plain, new.sigma)
-                if bias is not None and new.bias is not None and _find(opt, bias) is not None:
-                    swap_parameter(opt, bias, new.bias)
-                    if b_state is not None:
-                        opt.state[new.bias] = b_state
-                self.layers[part] = new
-                self.history.append(
-                    {"step": t, "event": "rank", "layer": part, "old": old_rank, "new": upd.rank}
-                )
+        for part, upd in plan:
+            layer = self.layers[part]
+            old_rank = layer.rank
+            sigma_sh = layer.sigma
+            rd = upd.rediagonalized
+            bias = layer.bias
+            U, S, V = upd.factors
+            new = _rebuild(layer, U, S, V, _full(bias.detach()) if bias is not None else None)
+            trained = _find(opt, sigma_sh) is not None
+            if trained:
+                plain = _placeholder(opt, sigma_sh)
+                rotate_sigma_state(opt, plain, rd.left, rd.right)
+                if upd.rank < old_rank:
+                    truncate_sigma_state(opt, plain, upd.rank)
+            b_state = opt.state.pop(bias, None) if bias is not None else None
+            self._shard(new, sigma_sh)
+            _set_submodule(self.model, part, new)
+            if trained:
+                _shard_state(opt, plain, new.sigma)
+            if bias is not None and new.bias is not None and _find(opt, bias) is not None:
+                swap_parameter(opt, bias, new.bias)
+                if b_state is not None:
+                    opt.state[new.bias] = b_state
+            self.layers[part] = new
+            self.history.append(
+                {"step": t, "event": "rank", "layer": part, "old": old_rank, "new": upd.rank}
+            )
         self._reset_lazy_init()
         self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
-        return True  # every updated layer is a new FSDP unit with new parameters
-
-    def _due(self, t: int) -> list[str]:
-        """The switched layers whose update is due at step ``t`` (progressive order as in OIALR)."""
-        due = [n for n in self.switched if (t - self.switched[n]) > 0]
-        if not due:
-            return []
-        self._updates += 1
-        if self.config.progressive:
-            per_update = max(1, math.ceil(0.1 * len(self.eligible)))
-            k = min(len(self.eligible), per_update * self._updates)
-            allowed = set(self.eligible[-k:])
-            due = [n for n in due if n in allowed]
-        return due
+        return bool(plan)  # every updated layer is a new FSDP unit with new parameters
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Not supported under FSDP (restore a dense checkpoint and switch again, or use DDP)."""

@@ -490,7 +490,7 @@ class OIALR:
                 try:
                     upd = lc.update_rank(
                         layer.U,
-                        layer.sigma.detach(),
+                        self._full_sigma(layer),
                         layer.V,
                         self.config.rule,
                         shape=(layer.rows, layer.cols),
@@ -507,6 +507,10 @@ class OIALR:
                     raise _named(exc, f"rank update of layer {part!r} at step {t}") from exc
                 plan.append((part, upd))
         return plan
+
+    def _full_sigma(self, layer: LowRankLayer) -> Tensor:
+        """The layer's whole ``sigma`` for a rank update (a sharded controller gathers it here)."""
+        return layer.sigma.detach()
 
     def _apply_rank_updates(self, plan: list[tuple[str, Any]], t: int) -> bool:
         """Write the planned updates (layers, optimizer state, history); returns whether shapes changed."""
