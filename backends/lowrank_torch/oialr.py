@@ -46,6 +46,7 @@ from lowrank_core._array import check_rank
 from lowrank_core._validate import check_bool, check_float, check_int, describe
 from lowrank_core.errors import ParameterError, ParameterTypeError
 
+from .amp import full_precision
 from .convert import DEFAULT_INCLUDE, _check_include, count_trainable, eligible_names, to_low_rank
 from .layers import LowRankLayer, dense_matrix_shape
 from .optim_state import (
@@ -370,7 +371,8 @@ class OIALR:
         try:
             self.step_count = t
             changed = False
-            with torch.no_grad():
+            # full precision even when called inside an autocast region (lowrank_torch.amp)
+            with torch.no_grad(), full_precision(self.model):
                 # rank updates are computed (and checked) before anything changes
                 updates = self._plan_rank_updates(t) if update_due else None
                 to_switch: list[str] = []
@@ -676,7 +678,7 @@ class OIALR:
         switch_order, ranks = self._check_state(state)
         undo = _Undo(self.model, self.optimizer, self)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), full_precision(self.model):
                 for name, t in switch_order:
                     old = _dense_params(self.model.get_submodule(name))
                     expected = self._expected_parts(name)
