@@ -185,7 +185,7 @@ class LowRankLayer(nn.Module):
     def weight(self) -> Tensor:
         """The dense weight, rebuilt from the factors (differentiable with respect to ``sigma``)."""
         matrix = lc.reconstruct(self.U, self.sigma, self.V, check_finite=False)
-        weight: Tensor = lc.matrix_to_weight(matrix, self.weight_shape)
+        weight: Tensor = lc.matrix_to_weight(matrix, self.weight_shape, check_finite=False)
         return weight
 
     @property
@@ -677,9 +677,13 @@ class LowRankConvNd(LowRankLayer):
         conv = self._conv()
         x, padding = self._padded(x)
         # the g*r filters V[..., :, j], each (in/g, *kernel): lowrank_core's view of V^T as a weight
-        filters = lc.matrix_to_weight(self.V.mT, (g * r, self.in_channels // g, *self.kernel_size))
+        filters = lc.matrix_to_weight(
+            self.V.mT, (g * r, self.in_channels // g, *self.kernel_size), check_finite=False
+        )
         h = conv(x, filters, None, self.stride, padding, self.dilation, g)
-        mix = lc.matrix_to_weight(self.U @ self.sigma, (self.out_channels, r, *((1,) * nd)))
+        mix = lc.matrix_to_weight(
+            self.U @ self.sigma, (self.out_channels, r, *((1,) * nd)), check_finite=False
+        )
         y: Tensor = conv(h, mix, self.bias, 1, 0, 1, g)
         return y
 
