@@ -220,3 +220,16 @@ def _fuzz_properties(session: nox.Session, env: dict[str, str], args: list[str])
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
         f"--hypothesis-seed={seed}", *FUZZ_PROPERTY_TESTS, *args, env=env, external=True,
     )  # fmt: skip
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (MkDocs + Material + mkdocstrings), strict: any warning fails the build.
+
+    First the generated pages: the figures of the tutorials from real short runs (docs/figures.py)
+    and the per-function backend table from the test matrix (docs/backend_matrix.py)."""
+    install(session, "-e", ".[demo]", *group("docs", "test"))
+    env = {"OMP_NUM_THREADS": "1", "NO_MKDOCS_2_WARNING": "1"}
+    session.run("python", "docs/figures.py", env=env)
+    session.run("python", "docs/backend_matrix.py", env=env)
+    session.run("mkdocs", "build", "--strict", *session.posargs, env=env)

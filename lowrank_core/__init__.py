@@ -2,7 +2,7 @@
 
 The functions here take arrays of any array-API-compatible library (NumPy, PyTorch, CuPy,
 array_api_strict, ...) and return arrays of the same library, device and floating dtype.
-See ``docs/SPEC.md`` for the exact semantics of each function.
+See ``docs/spec.md`` (the documentation site's "Semantics" page) for the exact semantics of each function.
 """
 
 from __future__ import annotations

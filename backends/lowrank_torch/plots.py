@@ -24,6 +24,11 @@ def _series(
     return dict(out)
 
 
+def _short(layer: str) -> str:
+    """A legend label: the packed attention projection's parametrization path shortened."""
+    return layer.replace(".parametrizations.in_proj_weight.0", ".in_proj")
+
+
 def plot_history(
     history: Iterable[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str | None = None
 ) -> Path:
@@ -47,19 +52,19 @@ def plot_history(
     ranks = _series(events, "switch", "rank")
     for layer, pts in _series(events, "rank", "new").items():
         ranks.setdefault(layer, []).extend(pts)
-    fig, (ax_s, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, (ax_s, ax_r) = plt.subplots(1, 2, figsize=(11, 4.6), constrained_layout=True)
     for layer, pts in sorted(stability.items()):
         steps, values = zip(*pts, strict=True)
-        ax_s.plot(steps, values, marker="o", ms=3, label=layer)
+        ax_s.plot(steps, values, marker="o", ms=3, label=_short(layer))
     ax_s.set(xlabel="step", ylabel="basis stability", title="stability before the switch")
     for layer, pts in sorted(ranks.items()):
         pts.sort()
         steps, values = zip(*pts, strict=True)
-        ax_r.step(steps, values, where="post", marker="o", ms=3, label=layer)
+        ax_r.step(steps, values, where="post", marker="o", ms=3, label=_short(layer))
     ax_r.set(xlabel="step", ylabel="rank", title="rank of each low-rank layer")
     for ax, data in ((ax_s, stability), (ax_r, ranks)):
         if data:
-            ax.legend(fontsize="small", ncol=2)
+            ax.legend(fontsize="x-small", ncol=2, loc="best", framealpha=0.6)
         else:
             ax.text(0.5, 0.5, "no events", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
