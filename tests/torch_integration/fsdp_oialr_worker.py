@@ -16,6 +16,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import lowrank_core as lc
+from lowrank_torch.distributed import ShardingError
 from lowrank_torch.fsdp import FSDPOIALR, _full
 from lowrank_torch.oialr import OIALR, OIALRConfig
 
@@ -94,7 +95,23 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         "share": ctrl.trainable_share(),
         "share_ref": ctrl_ref.trainable_share(),
     }
-    del model, opt, ctrl
+    # refused before anything changes: a root that is not sharded, an eligible layer that is not an
+    # FSDP unit of its own (its weight would sit in the root's flat group)
+    refused = []
+    plain = nn.Sequential(
+        nn.Linear(16, 33), nn.Tanh(), nn.Linear(33, 24), nn.Tanh(), nn.Linear(24, 4)
+    )
+    coarse = copy.deepcopy(plain)
+    fully_shard(coarse)
+    for net in (plain, coarse):
+        before = [id(p) for p in net.parameters()]
+        try:
+            FSDPOIALR(net, torch.optim.SGD(net.parameters(), lr=0.1), cfg)
+        except ShardingError as exc:
+            refused.append(str(exc))
+        assert [id(p) for p in net.parameters()] == before
+    report["refused"] = refused
+    del model, opt, ctrl, coarse
     finish(rank, out, report)
 
 

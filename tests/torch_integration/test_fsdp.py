@@ -89,3 +89,7 @@ def test_oialr_under_fsdp2_matches_single_process_with_identical_factors(tmp_pat
         seen = [r["2"] for r in rep["ranks_seen"] if r]
         assert seen[0] == 24 and seen[-1] < 24  # a truncating update really changed a shape
     assert reports[0]["ranks_seen"] == reports[1]["ranks_seen"]
+    for rep in reports:  # bad set-ups get a clear error naming the problem
+        assert len(rep["refused"]) == 2, rep["refused"]
+        assert "root module sharded with fully_shard" in rep["refused"][0]
+        assert "0 is eligible for OIALR but not an FSDP unit of its own" in rep["refused"][1]
