@@ -13,7 +13,7 @@ Pipeline (post-hoc, :func:`fit_cmd`):
 1. :func:`sample_indices`: ``K`` parameters, stratified over tensors (segments), deterministic for a seed;
 2. :func:`abs_correlation`: ``C = |corrcoef|`` of the sampled rows (``K x K``; 0 for a constant row);
 3. :func:`cluster`: complete-linkage agglomerative clustering into at most ``M`` clusters, on the
-   distance ``1 - C`` (default) or, as in the paper, the Euclidean distance between rows of ``C``;
+   Euclidean distance between rows of ``C`` (the paper's choice, the default) or on ``1 - C``;
    the same partition as ``scipy.cluster.hierarchy.linkage(method='complete')`` followed by
    ``fcluster(criterion='maxclust')`` on the same distance matrix (when no two merges tie; ties below);
 4. :func:`find_modes`: the reference of a cluster is its member with the largest summed ``|corr|`` to the
@@ -23,6 +23,20 @@ Pipeline (post-hoc, :func:`fit_cmd`):
    chunks, so nothing of size ``N x T`` is allocated beyond one chunk;
 6. :func:`reconstruct_trajectory`, :func:`relative_error`.
 
+Constant parameters. Real networks hold parameters that never move (weights on always-zero inputs, dead
+units). A row counts as *constant* when its motion is at the level of rounding: its centred norm is at most
+``8 eps sqrt(T) (|x_0| + max_t |x_t - x_0|)`` (``eps`` of the trajectory's dtype; the bracket is within a
+factor 3 of ``max_t |x_t|``). A constant row correlates 0 with everything (itself included), is kept out
+of the clustering (its sample label is ``-1``), never serves as a reference, joins mode 0 and gets
+``a = 0``, ``b =`` its mean (so it is reconstructed exactly). When every sampled row is constant, the model
+has one mode whose reference is the first sampled row (every ``a`` is 0). Correlations are true Pearson
+correlations of the centred rows, clipped to ``[-1, 1]``.
+
+Scale. Rows are shifted by their first value (exact for rows that move little) and, when their motion is so
+large or small that squares would overflow or underflow, divided by a power of two (exact), so every fit is
+invariant to the trajectory's scale: ``fit_cmd(c * x)`` has the same modes and assignment, the same ``a``
+and ``c`` times the ``b`` of ``fit_cmd(x)`` (for powers of two ``c`` exactly; otherwise up to rounding).
+
 Beyond the paper, :func:`choose_num_modes` picks the smallest ``M`` whose relative reconstruction error on
 the sample stays under a tolerance (one linkage, cut at every ``M``).
 
@@ -30,6 +44,10 @@ Online CMD (:class:`OnlineCMD`): modes, references and assignment are fitted onc
 then every new epoch updates each ``(a_n, b_n)`` so that it equals the batch least-squares fit over all
 epochs seen, in ``O(2 N + M t)`` memory (Welford-style running means and co-moments, see the class).
 :func:`select_embedding` chooses the parameters that embedded CMD replaces by their model.
+
+Arrays of the caller's library are never written in place (every result is built with ``concat``,
+``where``, ``take``), so immutable arrays (JAX) work; the ``K x K`` linkage runs on a private NumPy copy
+of the distances.
 
 Ties (documented, deterministic): the clustering merges, among equally close pairs of clusters, the pair
 whose (smaller slot, larger slot) comes first in row-major order, where a cluster's slot is the smallest
@@ -43,8 +61,7 @@ with ``a = 0``). Mode ids are int64 in fits and int32 in the online state (no li
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,11 +69,20 @@ import array_api_compat
 import numpy as np
 
 from ._array import Array, Namespace, check_floating, check_rank, namespace, upcast
+from ._validate import check_bool, check_choice, check_float, check_int, check_seed, describe
 from .backend import get_backend
-from .errors import NonFiniteError, RankError, ShapeError
+from .errors import (
+    DTypeError,
+    NonFiniteError,
+    ParameterError,
+    ParameterTypeError,
+    ShapeError,
+)
 
 __all__ = [
+    "CONSTANT_TOLERANCE",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_METRIC",
     "CMDFit",
     "Modes",
     "OnlineCMD",
@@ -77,7 +103,14 @@ __all__ = [
 DEFAULT_CHUNK_SIZE = 1 << 16
 """Rows of the trajectory processed at once by the chunked functions."""
 
+CONSTANT_TOLERANCE = 8.0
+"""A row is constant when its centred norm is <= this many ``eps sqrt(T)`` times its magnitude."""
+
 Metric = Literal["correlation", "euclidean"]
+METRICS: tuple[str, ...] = ("euclidean", "correlation")
+
+DEFAULT_METRIC: Metric = "euclidean"
+"""The paper's distance (Euclidean between rows of ``|corr|``); chosen by measurement, see the docs."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,97 +139,233 @@ def _check_finite(x: Array, name: str) -> None:
 
 
 def _check_chunk(chunk_size: object) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        raise TypeError(f"`chunk_size` must be an int, got {type(chunk_size).__name__}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
-    return int(chunk_size)
+    result: int = check_int("chunk_size", chunk_size, min=1)
+    return result
 
 
 def _check_fraction(value: object, name: str, *, open_low: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not (0.0 < v <= 1.0 if open_low else 0.0 <= v <= 1.0):
-        raise ValueError(f"`{name}` must lie in {'(0' if open_low else '[0'}, 1], got {v}")
-    return v
+    result: float = check_float(name, value, min=0.0, max=1.0, min_open=open_low)
+    return result
+
+
+def _check_metric(metric: object) -> Metric:
+    return "euclidean" if check_choice("metric", metric, METRICS) == "euclidean" else "correlation"
+
+
+def _check_vector(xp: Namespace, v: Array, name: str, n: int, *, finite: bool = True) -> None:
+    """A real floating ``(n,)`` array, finite unless told otherwise."""
+    if v.ndim != 1 or int(v.shape[0]) != n:
+        raise ShapeError(f"`{name}` must have shape ({n},), got {tuple(v.shape)}")
+    check_floating(xp, v, name)
+    if finite:
+        _check_finite(v, name)
+
+
+def _check_modes_index(xp: Namespace, v: Array, name: str, n: int, n_modes: int) -> None:
+    """An integer ``(n,)`` array of mode ids in ``0 .. n_modes - 1``."""
+    if v.ndim != 1 or int(v.shape[0]) != n:
+        raise ShapeError(f"`{name}` must have shape ({n},), got {tuple(v.shape)}")
+    if not xp.isdtype(v.dtype, "integral"):
+        raise DTypeError(f"`{name}` must have an integer dtype, got {v.dtype}")
+    if n and (int(xp.min(v)) < 0 or int(xp.max(v)) >= n_modes):
+        raise ParameterError(
+            f"`{name}` values must lie in 0..{n_modes - 1} (one per mode), got "
+            f"{int(xp.min(v))}..{int(xp.max(v))}"
+        )
+
+
+def _host_indices(value: object, name: str, n: int | None) -> np.ndarray:
+    """A 1-D NumPy int64 array of distinct indices in ``0 .. n-1`` (``n=None``: any ``>= 0``), from
+    integer array-likes only."""
+    if isinstance(value, (str, bytes)) or value is None:
+        raise ParameterTypeError(
+            f"`{name}` must be a 1-D array of integer indices, got {describe(value)}"
+        )
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:
+        raise ParameterTypeError(
+            f"`{name}` must be a 1-D array of integer indices, got {describe(value)}"
+        ) from exc
+    if arr.ndim != 1:
+        raise ShapeError(f"`{name}` must be 1-D, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise DTypeError(f"`{name}` must hold integers, got dtype {arr.dtype}")
+    idx = arr.astype(np.int64)
+    if idx.size and int(idx.min()) < 0:
+        raise ParameterError(f"`{name}` must be >= 0, got {int(idx.min())}")
+    if n is not None and idx.size and int(idx.max()) >= n:
+        raise ParameterError(
+            f"`{name}` must lie in 0..{n - 1}, got {int(idx.min())}..{int(idx.max())}"
+        )
+    if np.unique(idx).size != idx.size:
+        raise ParameterError(f"`{name}` must not repeat an index")
+    return idx
 
 
 def _device(x: Array) -> Any:
     return array_api_compat.device(x)
 
 
+def _index_dtype(xp: Namespace, like: Array) -> Any:
+    """The namespace's default index dtype (int64; int32 in JAX without x64)."""
+    try:
+        return xp.__array_namespace_info__().default_dtypes(device=_device(like))["indexing"]
+    except (AttributeError, TypeError, KeyError):  # pragma: no cover - pre-2023.12 namespaces
+        return xp.int64
+
+
 def _index_array(xp: Namespace, idx: np.ndarray, like: Array) -> Array:
-    return xp.asarray(np.asarray(idx, dtype=np.int64), device=_device(like))
+    host = np.asarray(idx, dtype=np.int64)
+    dtype = _index_dtype(xp, like)
+    if dtype != xp.int64:
+        host = host.astype(np.int32)
+    return xp.asarray(host, device=_device(like))
 
 
 def _to_host(x: Array) -> np.ndarray:
     return np.asarray(get_backend(x).to_numpy(x))
 
 
+def _eps(xp: Namespace, dtype: Any) -> float:
+    return float(xp.finfo(dtype).eps)
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. sampling
 # --------------------------------------------------------------------------------------------------
+def _sample_counts(n_seg: list[int], k: int) -> list[int]:
+    """Per-segment sample sizes: the paper's formula, topped up to exactly ``k`` (``k < sum(n_seg)``)."""
+    total = sum(n_seg)
+    n_layers = len(n_seg)
+    counts = [min(n, min(k // (2 * n_layers), n) + math.floor(n / total * k / 2)) for n in n_seg]
+    short = k - sum(counts)
+    if short > 0:
+        cap = [n - c for n, c in zip(n_seg, counts, strict=True)]
+        room = sum(cap)  # >= short because k < total
+        num = [short * c for c in cap]
+        extra = [v // room for v in num]
+        left = short - sum(extra)
+        # largest remainders first, ties to the lower segment (Hamilton's apportionment)
+        order = sorted(range(n_layers), key=lambda i: (-(num[i] % room), i))
+        for i in order[:left]:
+            extra[i] += 1
+        counts = [c + e for c, e in zip(counts, extra, strict=True)]
+    return counts
+
+
 def sample_indices(
     sizes: Sequence[int] | int, num_samples: int = 1000, *, seed: int | None = 0
 ) -> np.ndarray:
     """Flat indices of ``num_samples`` parameters, stratified over segments (tensors), sorted.
 
     ``sizes`` are the numbers of scalars of the ``L`` segments (tensors) that, concatenated, make the
-    ``N`` rows of the trajectory (an int means one segment). Segment ``l`` (``n_l`` scalars) contributes
-    ``min(n_l, min(floor(K/(2L)), n_l) + floor(n_l/N * K/2))`` distinct indices drawn uniformly without
-    replacement, so every tensor is represented and large tensors proportionally more; the total is at
-    most ``K`` (flooring can leave it a little below). With ``K >= N`` every index is returned.
-    Deterministic for a given ``seed`` (NumPy ``default_rng``). Returns a NumPy int64 array (host metadata).
+    ``N`` rows of the trajectory (an int means one segment). Segment ``l`` (``n_l`` scalars) first gets
+    the paper's ``min(n_l, min(floor(K/(2L)), n_l) + floor(n_l/N * K/2))`` indices; what flooring and
+    small segments leave short of ``K`` is then shared among the segments in proportion to the scalars
+    each has left (largest remainders first, ties to the lower segment), so exactly ``K`` distinct
+    indices are drawn (uniformly without replacement within each segment). With ``K >= N`` every index is
+    returned. Deterministic for a given ``seed`` (NumPy ``default_rng``; ``None`` draws fresh entropy).
+    Returns a NumPy int64 array (host metadata).
     """
-    seg: list[Any] = [sizes] if isinstance(sizes, numbers.Integral) else list(sizes)  # type: ignore[arg-type]
-    if not seg or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) for n in seg):
-        raise TypeError(f"`sizes` must be an int or a non-empty sequence of ints, got {sizes!r}")
-    n_seg = [int(n) for n in seg]
-    if any(n < 0 for n in n_seg) or sum(n_seg) < 1:
-        raise ValueError(f"`sizes` must be >= 0 with a positive total, got {n_seg}")
+    if isinstance(sizes, (list, tuple)):
+        seg: list[object] = list(sizes)
+    elif isinstance(sizes, (int, np.integer)) and not isinstance(sizes, (bool, np.bool_)):
+        seg = [sizes]
+    else:
+        raise ParameterTypeError(
+            f"`sizes` must be an int or a non-empty list/tuple of ints, got {describe(sizes)}"
+        )
+    if not seg:
+        raise ParameterError("`sizes` must name at least one segment, got an empty sequence")
+    n_seg = [int(check_int(f"sizes[{i}]", n, min=0)) for i, n in enumerate(seg)]
     total = sum(n_seg)
+    if total < 1:
+        raise ParameterError(f"`sizes` must be >= 0 with a positive total, got {n_seg}")
     k = check_rank(num_samples, 2**62, name="num_samples", what="a huge bound")
+    rng_seed = check_seed("seed", seed)
     if k >= total:
         return np.arange(total, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    n_layers = len(n_seg)
+    rng = np.random.default_rng(rng_seed)
     out: list[np.ndarray] = []
     offset = 0
-    for n in n_seg:
-        take = min(n, min(k // (2 * n_layers), n) + math.floor(n / total * k / 2))
+    for n, take in zip(n_seg, _sample_counts(n_seg, k), strict=True):
         if take > 0:
             out.append(offset + np.sort(rng.choice(n, size=take, replace=False)).astype(np.int64))
         offset += n
-    if not out:
-        return np.zeros(0, dtype=np.int64)
     return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. correlation
+# 2. rows: centring, scale, constant rows, correlation
 # --------------------------------------------------------------------------------------------------
-def _unit_rows(xp: Namespace, x: Array) -> tuple[Array, Array]:
-    """Centered rows scaled to unit norm (0 for a constant row) and the centered norms."""
-    xc = x - xp.mean(x, axis=1, keepdims=True)
-    norm = xp.sqrt(xp.sum(xc * xc, axis=1, keepdims=True))
-    pos = norm > 0
-    z = xp.where(pos, xc / xp.where(pos, norm, xp.ones_like(norm)), xp.zeros_like(xc))
-    return z, norm[:, 0]
+@dataclass(frozen=True)
+class _Rows:
+    """What CMD needs of a block of rows ``x`` ``(c, T)`` (compute dtype).
+
+    ``centred`` are the centred rows divided by ``scale`` (a power of two per row, 1 unless squares would
+    overflow or underflow), ``norm`` the norms of ``centred`` (scaled units), ``mean`` the row means
+    (data units), ``constant`` the rows whose motion is at rounding level (see the module docstring).
+    """
+
+    mean: Array
+    centred: Array
+    norm: Array
+    scale: Array
+    constant: Array
+
+
+def _rows(xp: Namespace, x: Array, eps: float) -> _Rows:
+    x = upcast(xp, x)
+    t = int(x.shape[1])
+    x0 = x[:, :1]
+    d = (
+        x - x0
+    )  # exact for values within a factor 2 of x0 (Sterbenz): constant rows give exact zeros
+    amax = xp.max(xp.abs(d), axis=1, keepdims=True)
+    info = xp.finfo(x.dtype)
+    lo = math.sqrt(float(info.smallest_normal)) * 2.0**16
+    hi = math.sqrt(float(info.max)) * 2.0**-16
+    one = xp.ones_like(amax)
+    if bool(xp.any((amax > hi) | ((amax < lo) & (amax > 0)))):
+        pos = amax > 0
+        scale = xp.where(pos, 2.0 ** xp.floor(xp.log2(xp.where(pos, amax, one))), one)
+        d = d / scale  # a power of two: exact
+    else:
+        scale = one
+    mu = xp.mean(d, axis=1, keepdims=True)
+    centred = d - mu
+    norm = xp.sqrt(xp.sum(centred * centred, axis=1))
+    scale = scale[:, 0]
+    mean = x0[:, 0] + scale * mu[:, 0]
+    magnitude = (xp.abs(x0[:, 0]) + amax[:, 0]) / scale  # within a factor 3 of max|x| / scale
+    constant = norm <= (CONSTANT_TOLERANCE * eps * math.sqrt(t)) * magnitude
+    return _Rows(mean=mean, centred=centred, norm=norm, scale=scale, constant=constant)
+
+
+def _unit(xp: Namespace, rows: _Rows) -> Array:
+    """Unit centred rows (0 for a constant row)."""
+    const = rows.constant
+    safe = xp.where(const, xp.ones_like(rows.norm), rows.norm)
+    return xp.where(const[:, None], xp.zeros_like(rows.centred), rows.centred / safe[:, None])
+
+
+def _abs_corr(xp: Namespace, unit: Array) -> Array:
+    return xp.clip(xp.abs(unit @ xp.matrix_transpose(unit)), 0.0, 1.0)
 
 
 def abs_correlation(x: Array, *, check_finite: bool = True) -> Array:
     """``|corrcoef(x)|`` of the rows of ``x`` (``(K, T)`` -> ``(K, K)``), clipped to [0, 1].
 
-    A constant row has correlation 0 with everything, itself included (``corrcoef``'s NaN replaced by 0).
-    Needs ``T >= 2``. Same library, device and floating dtype as ``x`` (half precision computed in float32).
+    A constant row (motion at rounding level, see the module docstring) has correlation 0 with
+    everything, itself included (``corrcoef``'s NaN replaced by 0). Needs ``T >= 2``. Same library,
+    device and floating dtype as ``x`` (half precision computed in float32). Scale-invariant.
     """
     xp = namespace(x=x)
     _check_trajectory(xp, x, "x")
-    if check_finite:
+    if check_bool("check_finite", check_finite):
         _check_finite(x, "x")
-    z, _ = _unit_rows(xp, upcast(xp, x))
-    c = xp.clip(xp.abs(z @ xp.matrix_transpose(z)), 0.0, 1.0)
+    c = _abs_corr(xp, _unit(xp, _rows(xp, x, _eps(xp, x.dtype))))
     return xp.astype(c, x.dtype) if c.dtype != x.dtype else c
 
 
@@ -207,55 +376,47 @@ def _distance(xp: Namespace, c: Array, metric: str) -> Array:
         sq = xp.sum(c * c, axis=1)
         d2 = sq[:, None] + sq[None, :] - 2.0 * (c @ xp.matrix_transpose(c))
         return xp.sqrt(xp.clip(d2, 0.0, None))
-    raise ValueError(f"`metric` must be 'correlation' or 'euclidean', got {metric!r}")
+    raise ParameterError(f"`metric` must be one of {METRICS}, got {metric!r}")
 
 
 # --------------------------------------------------------------------------------------------------
 # 3. complete-linkage clustering
 # --------------------------------------------------------------------------------------------------
-def _linkage(xp: Namespace, distance: Array) -> tuple[np.ndarray, np.ndarray]:
+def _linkage(distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Complete-linkage merges ``(K-1, 2)`` (slots, smaller first) and their heights, in merge order.
 
-    Written against the array API alone (any namespace ``xp``). Repeatedly merges the closest pair of
-    live clusters (the first in row-major order on ties: ``argmin`` returns the first occurrence); the
-    merged cluster keeps the smaller slot, its distance to every other cluster is the max of the two rows.
-    Only ``max`` and comparisons touch the distances, so the heights are exactly entries of ``distance``
-    and the result does not depend on the library. Heights are non-decreasing (complete linkage has no
-    inversions).
+    Runs on the host, on a private NumPy float64 copy of the ``K x K`` distances (the only array it
+    writes; the caller's arrays are never written, whatever their library). The loop is ``K - 1``
+    strictly sequential steps of tiny kernels, each ending in a host read of the chosen pair, so on an
+    accelerator it would be latency-bound; its input is only the sample's ``K x K``. Repeatedly merges the
+    closest pair of live clusters (the first in row-major order on ties: ``argmin`` returns the first
+    occurrence); the merged cluster keeps the smaller slot, its distance to every other cluster is the max
+    of the two rows. Only ``max`` and comparisons touch the distances, so the heights are exactly entries
+    of ``distance``. Heights are non-decreasing (complete linkage has no inversions).
     """
     k = int(distance.shape[0])
-    dev = _device(distance)
-    d = xp.asarray(distance, copy=True)
-    eye = xp.eye(k, dtype=xp.bool, device=dev)
-    d = xp.where(eye, xp.asarray(float("inf"), dtype=d.dtype, device=dev), d)
-    inf_row = xp.full((k,), float("inf"), dtype=d.dtype, device=dev)
+    d = np.array(distance, dtype=np.float64, copy=True)
+    np.fill_diagonal(d, np.inf)
     merges = np.zeros((max(k - 1, 0), 2), dtype=np.int64)
     heights = np.zeros(max(k - 1, 0), dtype=np.float64)
-    flat_shape = (k * k,)
+    flat = d.reshape(-1)
     for step in range(k - 1):
-        i, j = divmod(int(xp.argmin(xp.reshape(d, flat_shape))), k)
+        i, j = divmod(int(np.argmin(flat)), k)
         i, j = min(i, j), max(i, j)
-        heights[step] = float(d[i, j])
+        heights[step] = d[i, j]
         merges[step] = (i, j)
-        row = xp.maximum(d[i, :], d[j, :])
+        row = np.maximum(d[i, :], d[j, :])
         d[i, :] = row
         d[:, i] = row
-        d[i, i] = float("inf")
-        d[j, :] = inf_row
-        d[:, j] = inf_row
+        d[i, i] = np.inf
+        d[j, :] = np.inf
+        d[:, j] = np.inf
     return merges, heights
 
 
 def _host_linkage(distance: Array) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_linkage` run on a host (NumPy) view of ``distance``.
-
-    The loop is ``K - 1`` strictly sequential steps of tiny kernels, each ending in a host read of the
-    chosen pair, so on an accelerator it is latency-bound, and torch's CPU ``argmin`` is several times
-    slower than NumPy's. Its input is only ``K x K`` (the sample), so it runs on the host (zero-copy for
-    CPU arrays) with the same array-API code; the result is identical (see :func:`_linkage`).
-    """
-    host = np.asarray(_to_host(distance))
-    return _linkage(array_api_compat.array_namespace(host), host)
+    """:func:`_linkage` of any library's ``K x K`` distance matrix (copied to the host)."""
+    return _linkage(_to_host(distance))
 
 
 def _cut(merges: np.ndarray, heights: np.ndarray, k: int, max_clusters: int) -> np.ndarray:
@@ -269,24 +430,23 @@ def _cut(merges: np.ndarray, heights: np.ndarray, k: int, max_clusters: int) -> 
         h = heights[need - 1]
         while need < len(heights) and heights[need] <= h:
             need += 1
-    parent = np.arange(k)
+    parent = list(range(k))
 
     def root(a: int) -> int:
         while parent[a] != a:
             parent[a] = parent[parent[a]]
-            a = int(parent[a])
+            a = parent[a]
         return a
 
-    for i, j in merges[:need]:
+    for i, j in merges[:need].tolist():
         ri, rj = root(int(i)), root(int(j))
         parent[max(ri, rj)] = min(ri, rj)
     roots = np.array([root(a) for a in range(k)], dtype=np.int64)
     uniq, inverse, counts = np.unique(roots, return_inverse=True, return_counts=True)
     # uniq is the smallest member of each cluster (roots are minima); order by (-size, smallest member)
     order = np.lexsort((uniq, -counts))
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return rank[inverse].astype(np.int64)
+    rank = np.argsort(order)
+    return rank[inverse.reshape(-1)].astype(np.int64)
 
 
 def _check_distance(xp: Namespace, distance: Array, check_finite: bool) -> None:
@@ -295,7 +455,7 @@ def _check_distance(xp: Namespace, distance: Array, check_finite: bool) -> None:
             f"`distance` must be a square (K, K) matrix with K >= 1, got shape {tuple(distance.shape)}"
         )
     check_floating(xp, distance, "distance")
-    if check_finite:
+    if check_bool("check_finite", check_finite):
         _check_finite(distance, "distance")
 
 
@@ -313,7 +473,7 @@ def cluster(distance: Array, max_clusters: int, *, check_finite: bool = True) ->
     _check_distance(xp, distance, check_finite)
     k = int(distance.shape[0])
     m = check_rank(max_clusters, k, name="max_clusters", what="the number of items K")
-    merges, heights = _host_linkage(upcast(xp, distance))
+    merges, heights = _host_linkage(distance)
     return _index_array(xp, _cut(merges, heights, k, m), distance)
 
 
@@ -324,9 +484,10 @@ def cluster(distance: Array, max_clusters: int, *, check_finite: bool = True) ->
 class Modes:
     """Modes found on a sample: cluster labels, reference rows and their profiles.
 
-    ``labels``: int64 ``(K,)`` cluster of each sampled row (0 = largest); ``references``: NumPy int64
-    ``(M,)`` row index (into the sample) of each mode's reference; ``profiles``: ``(M, T)`` the
-    references' rows (the sample's library, device and dtype).
+    ``labels``: int64 ``(K,)`` cluster of each sampled row (0 = largest; ``-1`` for a constant row, kept
+    out of the clustering); ``references``: NumPy int64 ``(M,)`` row index (into the sample) of each
+    mode's reference; ``profiles``: ``(M, T)`` the references' rows (the sample's library, device and
+    dtype).
     """
 
     labels: Array
@@ -341,54 +502,76 @@ class Modes:
 def _references(c: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per cluster: the member with the largest summed |corr| to the other members (first on ties)."""
     n_modes = int(labels.max()) + 1
-    refs = np.zeros(n_modes, dtype=np.int64)
+    refs = []
     for m in range(n_modes):
         members = np.flatnonzero(labels == m)
         sub = c[np.ix_(members, members)]
         score = sub.sum(axis=1) - np.diag(sub)
-        refs[m] = members[int(np.argmax(score))]
-    return refs
+        refs.append(int(members[int(np.argmax(score))]))
+    return np.asarray(refs, dtype=np.int64)
 
 
-def _cluster_sample(
-    xp: Namespace, x: Array, metric: str
-) -> tuple[Array, np.ndarray, np.ndarray, np.ndarray]:
-    """|corr| (compute dtype), its host copy, and the linkage of the sample ``x``."""
-    z, _ = _unit_rows(xp, upcast(xp, x))
-    c = xp.clip(xp.abs(z @ xp.matrix_transpose(z)), 0.0, 1.0)
+@dataclass(frozen=True)
+class _Clustering:
+    """The linkage of a sample's moving rows: ``keep`` (sample rows clustered), their |corr| (host,
+    exactly symmetric), merges and heights, and the sample's row statistics."""
+
+    rows: _Rows
+    keep: np.ndarray
+    c_host: np.ndarray
+    merges: np.ndarray
+    heights: np.ndarray
+
+    def labels_and_refs(self, m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample labels (``-1`` for constant rows) and references (sample rows) of the ``m``-cut."""
+        labels = np.full(k, -1, dtype=np.int64)
+        if self.keep.size == 0:  # nothing moves: one mode, the first sampled row (every a = 0)
+            return labels, np.zeros(1, dtype=np.int64)
+        sub = _cut(self.merges, self.heights, int(self.keep.size), min(m, int(self.keep.size)))
+        labels[self.keep] = sub
+        return labels, self.keep[_references(self.c_host, sub)]
+
+
+def _cluster_sample(xp: Namespace, x: Array, metric: str) -> _Clustering:
+    rows = _rows(xp, x, _eps(xp, x.dtype))
+    keep = np.flatnonzero(~_to_host(rows.constant))
+    if keep.size == 0:
+        empty = np.zeros((0, 2), dtype=np.int64)
+        return _Clustering(rows, keep, np.zeros((0, 0)), empty, np.zeros(0))
+    unit = xp.take(_unit(xp, rows), _index_array(xp, keep, x), axis=0)
+    c = _abs_corr(xp, unit)
     merges, heights = _host_linkage(_distance(xp, c, metric))
     c_host = _to_host(c).astype(np.float64)
     c_host = (
         c_host + c_host.T
     ) / 2.0  # exactly symmetric: a two-member cluster's scores tie exactly
-    return c, c_host, merges, heights
+    return _Clustering(rows, keep, c_host, merges, heights)
 
 
 def find_modes(
     sample: Array,
     max_modes: int,
     *,
-    metric: Metric = "correlation",
+    metric: Metric = DEFAULT_METRIC,
     check_finite: bool = True,
 ) -> Modes:
     """Cluster the sampled trajectories ``(K, T)`` into at most ``max_modes`` modes; pick references.
 
-    ``metric='correlation'``: distance ``1 - |corr|`` (complete linkage then guarantees that every pair
-    inside a cluster has ``|corr| >= 1 - height``); ``'euclidean'``: Euclidean distance between rows of
-    ``|corr|`` (the paper's choice). The reference of a cluster is its member with the largest summed
-    ``|corr|`` to the other members (equivalently the largest mean ``|corr|`` to its own cluster).
+    Constant rows (see the module docstring) are kept out of the clustering (label ``-1``), so at most
+    ``min(max_modes, moving rows)`` modes come out. ``metric='euclidean'`` (default, the paper's choice):
+    Euclidean distance between rows of ``|corr|``; ``'correlation'``: distance ``1 - |corr|`` (complete
+    linkage then guarantees that every pair inside a cluster has ``|corr| >= 1 - height``). The reference
+    of a cluster is its member with the largest summed ``|corr|`` to the other members (equivalently the
+    largest mean ``|corr|`` to its own cluster).
     """
     xp = namespace(sample=sample)
     _check_trajectory(xp, sample, "sample")
-    if check_finite:
+    if check_bool("check_finite", check_finite):
         _check_finite(sample, "sample")
     k = int(sample.shape[0])
     m = check_rank(max_modes, k, name="max_modes", what="the number of sampled parameters K")
-    if metric not in ("correlation", "euclidean"):
-        raise ValueError(f"`metric` must be 'correlation' or 'euclidean', got {metric!r}")
-    _, c_host, merges, heights = _cluster_sample(xp, sample, metric)
-    labels = _cut(merges, heights, k, m)
-    refs = _references(c_host, labels)
+    met = _check_metric(metric)
+    labels, refs = _cluster_sample(xp, sample, met).labels_and_refs(m, k)
     profiles = xp.take(sample, _index_array(xp, refs, sample), axis=0)
     return Modes(labels=_index_array(xp, labels, sample), references=refs, profiles=profiles)
 
@@ -399,41 +582,49 @@ def find_modes(
 class _Profiles:
     """Per-mode quantities of the profiles needed by every chunk (compute dtype)."""
 
-    def __init__(self, xp: Namespace, profiles: Array) -> None:
-        p = upcast(xp, profiles)
-        self.mean = xp.mean(p, axis=1)
-        self.centered = p - self.mean[:, None]
-        self.m2 = xp.sum(self.centered * self.centered, axis=1)
-        self.norm = xp.sqrt(self.m2)
-        self.dtype = p.dtype
+    def __init__(self, xp: Namespace, profiles: Array, eps: float) -> None:
+        rows = _rows(xp, profiles, eps)
+        self.mean = rows.mean
+        self.unit = _unit(xp, rows)  # (M, T), 0 for a constant profile
+        self.norm = rows.norm
+        self.scale = rows.scale
+        self.constant = rows.constant
+        self.dtype = rows.mean.dtype
+
+    def m2(self, xp: Namespace) -> Array:
+        """Centred sums of squares in data units (the online state; may overflow at extreme scales)."""
+        length = self.scale * self.norm
+        return xp.where(self.constant, xp.zeros_like(length), length * length)
 
 
 def _chunk_stats(
-    xp: Namespace, w: Array, prof: _Profiles, assignment: Array | None
-) -> tuple[Array, Array, Array]:
-    """For a chunk ``w`` (c, T): mode (given or by max |corr|), mean, co-moment with its profile."""
-    w = xp.astype(w, prof.dtype) if w.dtype != prof.dtype else w
-    mean = xp.mean(w, axis=1)
-    g = w @ xp.matrix_transpose(prof.centered)  # (c, M): sum_t w (r - rbar) = co-moments
-    if assignment is None:
-        wc = w - mean[:, None]
-        wnorm = xp.sqrt(xp.sum(wc * wc, axis=1))
-        denom = wnorm[:, None] * prof.norm[None, :]
-        pos = denom > 0
-        corr = xp.where(pos, xp.abs(g) / xp.where(pos, denom, xp.ones_like(denom)), 0.0 * g)
-        assignment = xp.argmax(corr, axis=1)
-    cov = xp.take_along_axis(g, xp.astype(assignment, xp.int64)[:, None], axis=1)[:, 0]
-    return xp.astype(assignment, xp.int64), mean, cov
+    xp: Namespace,
+    w: Array,
+    prof: _Profiles,
+    assignment: Array | None,
+    eps: float,
+    *,
+    want_cov: bool = False,
+) -> tuple[Array, Array, Array, Array | None]:
+    """For a chunk ``w`` (c, T): mode (given or by max |corr|), mean, ``a`` and the co-moment.
 
-
-def _coefficients(
-    xp: Namespace, mode: Array, mean: Array, cov: Array, prof: _Profiles
-) -> tuple[Array, Array]:
-    m2 = xp.take(prof.m2, mode)
-    pos = m2 > 0
-    a = xp.where(pos, cov / xp.where(pos, m2, xp.ones_like(m2)), xp.zeros_like(cov))
-    b = mean - a * xp.take(prof.mean, mode)
-    return a, b
+    The co-moment ``sum_t (w - w̄)(r - r̄)`` with the mode's profile is returned in data units (it is the
+    online state; it may overflow at extreme scales, ``a`` never does).
+    """
+    rows = _rows(xp, xp.astype(w, prof.dtype) if w.dtype != prof.dtype else w, eps)
+    g = rows.centred @ xp.matrix_transpose(prof.unit)  # (c, M): <w - w̄, unit profile>, scaled
+    mode = _assign(xp, rows, g) if assignment is None else assignment
+    mode = xp.astype(mode, _index_dtype(xp, w))
+    gm = xp.take_along_axis(g, mode[:, None], axis=1)[:, 0]
+    p_norm = xp.take(prof.norm, mode)
+    p_scale = xp.take(prof.scale, mode)
+    degenerate = rows.constant | xp.take(prof.constant, mode)
+    safe_norm = xp.where(degenerate, xp.ones_like(p_norm), p_norm)
+    a = xp.where(degenerate, xp.zeros_like(gm), (gm / safe_norm) * (rows.scale / p_scale))
+    cov = None
+    if want_cov:
+        cov = xp.where(degenerate, xp.zeros_like(gm), (gm * p_norm) * (rows.scale * p_scale))
+    return mode, rows.mean, a, cov
 
 
 def _check_profiles(xp: Namespace, trajectory: Array, profiles: Array, check_finite: bool) -> None:
@@ -460,40 +651,40 @@ def _run_chunks(
         names["assignment"] = assignment
     xp = namespace(**names)
     _check_trajectory(xp, trajectory, "trajectory")
-    _check_profiles(xp, trajectory, profiles, check_finite)
+    finite = check_bool("check_finite", check_finite)
+    _check_profiles(xp, trajectory, profiles, finite)
     chunk = _check_chunk(chunk_size)
     n = int(trajectory.shape[0])
-    n_modes = int(profiles.shape[0])
     if assignment is not None:
-        if assignment.ndim != 1 or assignment.shape[0] != n:
-            raise ShapeError(f"`assignment` must have shape ({n},), got {tuple(assignment.shape)}")
-        if not xp.isdtype(assignment.dtype, "integral"):
-            raise TypeError(f"`assignment` must have an integer dtype, got {assignment.dtype}")
-        if n and (int(xp.min(assignment)) < 0 or int(xp.max(assignment)) >= n_modes):
-            raise ShapeError(f"`assignment` values must lie in 0..{n_modes - 1}")
-    prof = _Profiles(xp, profiles)
-    # outputs preallocated and filled chunk by chunk: no list of parts plus a concatenated copy
-    dev = _device(trajectory)
-    out_mode = xp.empty((n,), dtype=xp.int64, device=dev)
-    a_all = xp.empty((n,), dtype=trajectory.dtype, device=dev)
-    b_all = xp.empty((n,), dtype=trajectory.dtype, device=dev)
+        _check_modes_index(xp, assignment, "assignment", n, int(profiles.shape[0]))
+    eps = _eps(xp, trajectory.dtype)
+    prof = _Profiles(xp, profiles, eps)
+    modes: list[Array] = []
+    a_parts: list[Array] = []
+    b_parts: list[Array] = []
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         w = trajectory[s:e, :]
-        if check_finite:
+        if finite:
             _check_finite(w, "trajectory")
         given = None if assignment is None else assignment[s:e]
-        mode, mean, cov = _chunk_stats(xp, w, prof, given)
-        out_mode[s:e] = mode
+        mode, mean, a, _ = _chunk_stats(xp, w, prof, given, eps)
+        modes.append(mode)
         if want != "assign":
-            a, b = _coefficients(xp, mode, mean, cov, prof)
-            a_all[s:e] = xp.astype(a, trajectory.dtype)
-            b_all[s:e] = xp.astype(b, trajectory.dtype)
+            b = mean - a * xp.take(prof.mean, mode)
+            a_parts.append(xp.astype(a, trajectory.dtype))
+            b_parts.append(xp.astype(b, trajectory.dtype))
+    out_mode = _join(xp, modes)
     if want == "assign":
         return (out_mode,)
+    a_all, b_all = _join(xp, a_parts), _join(xp, b_parts)
     if want == "fit":
         return a_all, b_all
     return out_mode, a_all, b_all
+
+
+def _join(xp: Namespace, parts: list[Array]) -> Array:
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
 def assign_modes(
@@ -506,7 +697,8 @@ def assign_modes(
     """Mode of every parameter: ``argmax_m |pearson(trajectory[n], profiles[m])|`` (int64 ``(N,)``).
 
     Processed ``chunk_size`` rows at a time (temporaries ``chunk_size x T`` and ``chunk_size x M``).
-    A constant row correlates 0 with everything and joins mode 0; ties go to the lowest mode.
+    A constant row (or profile, see the module docstring) correlates 0 with everything; a constant row
+    joins mode 0; ties go to the lowest mode.
     """
     return _run_chunks(trajectory, profiles, None, chunk_size, check_finite, "assign")[0]
 
@@ -521,8 +713,9 @@ def fit_coefficients(
 ) -> tuple[Array, Array]:
     """Least-squares ``(a, b)`` (each ``(N,)``) of ``trajectory[n] ~ a_n profiles[mode_n] + b_n``.
 
-    Computed from centered sums (``a = sum (w - w̄)(r - r̄) / sum (r - r̄)^2``, ``b = w̄ - a r̄``), chunked.
-    For a constant profile the problem is degenerate; then ``a = 0`` and ``b = mean(w)``.
+    Computed from centred rows (``a = sum (w - w̄)(r - r̄) / sum (r - r̄)^2``, ``b = w̄ - a r̄``), chunked
+    and scale-invariant. For a constant row or profile (see the module docstring) ``a = 0`` and
+    ``b = mean(w)``.
     """
     return _run_chunks(trajectory, profiles, assignment, chunk_size, check_finite, "fit")
 
@@ -535,21 +728,31 @@ def reconstruct_trajectory(
     *,
     start: int = 0,
     stop: int | None = None,
+    check_finite: bool = True,
 ) -> Array:
-    """Rows ``start:stop`` of the CMD model ``a_n profiles[mode_n] + b_n`` (``(stop-start, T)``)."""
+    """Rows ``start:stop`` of the CMD model ``a_n profiles[mode_n] + b_n`` (``(stop-start, T)``).
+
+    ``profiles`` ``(M, T)`` and ``a``, ``b`` ``(N,)`` are real floating (finite unless
+    ``check_finite=False``), ``assignment`` ``(N,)`` integer mode ids in ``0 .. M-1``;
+    ``0 <= start <= stop <= N`` (integers).
+    """
     xp = namespace(profiles=profiles, assignment=assignment, a=a, b=b)
     _check_trajectory(xp, profiles, "profiles", min_epochs=1)
+    if a.ndim != 1:
+        raise ShapeError(f"`a` must be 1-D, got shape {tuple(a.shape)}")
     n = int(a.shape[0])
-    if a.ndim != 1 or b.shape != a.shape or assignment.shape != a.shape:
-        raise ShapeError(
-            f"`assignment`, `a`, `b` must be 1-D of one length, got {tuple(assignment.shape)}, "
-            f"{tuple(a.shape)}, {tuple(b.shape)}"
-        )
-    stop = n if stop is None else stop
-    if not 0 <= start <= stop <= n:
-        raise ShapeError(f"need 0 <= start <= stop <= {n}, got start={start}, stop={stop}")
-    rows = xp.take(profiles, assignment[start:stop], axis=0)
-    return a[start:stop, None] * rows + b[start:stop, None]
+    finite = check_bool("check_finite", check_finite)
+    _check_vector(xp, a, "a", n, finite=finite)
+    _check_vector(xp, b, "b", n, finite=finite)
+    _check_modes_index(xp, assignment, "assignment", n, int(profiles.shape[0]))
+    if finite:
+        _check_finite(profiles, "profiles")
+    first = check_int("start", start, min=0)
+    last = n if stop is None else check_int("stop", stop, min=0)
+    if not first <= last <= n:
+        raise ParameterError(f"need 0 <= start <= stop <= {n}, got start={start}, stop={stop}")
+    rows = xp.take(profiles, assignment[first:last], axis=0)
+    return a[first:last, None] * rows + b[first:last, None]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,9 +762,10 @@ def reconstruct_trajectory(
 class CMDFit:
     """A post-hoc CMD model of an ``(N, T)`` trajectory.
 
-    ``sample``: NumPy int64 ``(K,)`` rows that were clustered; ``labels``: int64 ``(K,)`` their clusters;
-    ``references``: NumPy int64 ``(M,)`` rows (of the whole trajectory) whose trajectories are the
-    profiles; ``profiles``: ``(M, T)``; ``assignment``: int64 ``(N,)``; ``a``, ``b``: ``(N,)``.
+    ``sample``: NumPy int64 ``(K,)`` rows that were clustered; ``labels``: int64 ``(K,)`` their clusters
+    (``-1`` for constant rows, kept out of the clustering); ``references``: NumPy int64 ``(M,)`` rows (of
+    the whole trajectory) whose trajectories are the profiles; ``profiles``: ``(M, T)``; ``assignment``:
+    int64 ``(N,)``; ``a``, ``b``: ``(N,)``.
     """
 
     sample: np.ndarray
@@ -583,8 +787,34 @@ class CMDFit:
         )
 
 
+def _check_fit(xp: Namespace, fit: object, trajectory: Array) -> CMDFit:
+    if not isinstance(fit, CMDFit):
+        raise ParameterTypeError(f"`fit` must be a CMDFit (from fit_cmd), got {describe(fit)}")
+    n, t = int(trajectory.shape[0]), int(trajectory.shape[1])
+    if fit.profiles.ndim != 2 or int(fit.profiles.shape[1]) != t:
+        raise ShapeError(
+            f"`fit` models {tuple(fit.profiles.shape)[1:]} epochs, `trajectory` has {t}"
+        )
+    if fit.assignment.ndim != 1 or int(fit.assignment.shape[0]) != n:
+        raise ShapeError(
+            f"`fit` models {tuple(fit.assignment.shape)} parameters, `trajectory` has {n} rows"
+        )
+    return fit
+
+
 def _sample_rows(xp: Namespace, trajectory: Array, idx: np.ndarray) -> Array:
     return xp.take(trajectory, _index_array(xp, idx, trajectory), axis=0)
+
+
+def _check_sizes(sizes: object, n: int) -> list[int] | None:
+    if sizes is None:
+        return None
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (list, tuple)):
+        raise ParameterTypeError(f"`sizes` must be a list or tuple of ints, got {describe(sizes)}")
+    seg = [int(check_int(f"sizes[{i}]", s, min=0)) for i, s in enumerate(sizes)]
+    if sum(seg) != n:
+        raise ShapeError(f"`sizes` sum to {sum(seg)}, but `trajectory` has {n} rows")
+    return seg
 
 
 def fit_cmd(
@@ -595,7 +825,7 @@ def fit_cmd(
     sizes: Sequence[int] | None = None,
     num_samples: int = 1000,
     seed: int | None = 0,
-    metric: Metric = "correlation",
+    metric: Metric = DEFAULT_METRIC,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     check_finite: bool = True,
 ) -> CMDFit:
@@ -605,17 +835,17 @@ def fit_cmd(
     relative error on the sample is ``<= tol``, see :func:`choose_num_modes`, up to ``min(K, 32)``) may be
     given; neither means ``max_modes=10``. ``sizes`` splits the rows into tensors for stratified sampling
     (default one segment). The trajectory is only read in ``chunk_size``-row slices (a NumPy memmap works).
+    Constant parameters are handled as in the module docstring; the fit is scale-invariant.
     """
     xp = namespace(trajectory=trajectory)
     _check_trajectory(xp, trajectory, "trajectory")
     n = int(trajectory.shape[0])
-    if sizes is not None and sum(int(s) for s in sizes) != n:
-        raise ShapeError(
-            f"`sizes` sum to {sum(int(s) for s in sizes)}, but `trajectory` has {n} rows"
-        )
-    idx = sample_indices(n if sizes is None else sizes, num_samples, seed=seed)
+    seg = _check_sizes(sizes, n)
+    finite = check_bool("check_finite", check_finite)
+    idx = sample_indices(n if seg is None else seg, num_samples, seed=seed)
     sample = _sample_rows(xp, trajectory, idx)
-    if check_finite:
+    _check_shard_options(max_modes, tol, metric, chunk_size, int(idx.size))
+    if finite:
         _check_finite(sample, "trajectory")
     return fit_cmd_shard(
         trajectory,
@@ -625,18 +855,32 @@ def fit_cmd(
         tol=tol,
         metric=metric,
         chunk_size=chunk_size,
-        check_finite=check_finite,
+        check_finite=finite,
     )
+
+
+def _check_shard_options(
+    max_modes: object, tol: object, metric: object, chunk_size: object, k: int
+) -> Metric:
+    met = _check_metric(metric)
+    _check_chunk(chunk_size)
+    if max_modes is not None and tol is not None:
+        raise ParameterError("give `max_modes` or `tol`, not both")
+    if tol is not None:
+        _check_fraction(tol, "tol", open_low=False)
+    if max_modes is not None:
+        check_rank(max_modes, k, name="max_modes", what="the number of sampled rows K")
+    return met
 
 
 def fit_cmd_shard(
     shard: Array,
     sample: Array,
-    sample_index: np.ndarray,
+    sample_index: np.ndarray | Sequence[int],
     max_modes: int | None = None,
     *,
     tol: float | None = None,
-    metric: Metric = "correlation",
+    metric: Metric = DEFAULT_METRIC,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     check_finite: bool = True,
 ) -> CMDFit:
@@ -653,23 +897,32 @@ def fit_cmd_shard(
     xp = namespace(shard=shard, sample=sample)
     _check_trajectory(xp, shard, "shard")
     _check_trajectory(xp, sample, "sample")
-    idx = np.asarray(sample_index, dtype=np.int64)
+    if isinstance(sample_index, (str, bytes)) or sample_index is None:
+        raise ParameterTypeError(
+            f"`sample_index` must be a 1-D array of integer row numbers, got {describe(sample_index)}"
+        )
+    raw = np.asarray(sample_index)
+    if raw.size and raw.dtype.kind not in "iu":
+        raise DTypeError(f"`sample_index` must hold integers, got dtype {raw.dtype}")
+    idx = raw.astype(np.int64)
     if idx.shape != (int(sample.shape[0]),) or sample.shape[1] != shard.shape[1]:
         raise ShapeError(
             f"`sample` {tuple(sample.shape)} must hold one row per `sample_index` entry "
-            f"({idx.shape[0]}) and as many epochs as `shard` {tuple(shard.shape)}"
+            f"({idx.shape[0] if idx.ndim else 0}) and as many epochs as `shard` {tuple(shard.shape)}"
         )
-    if max_modes is not None and tol is not None:
-        raise ValueError("give `max_modes` or `tol`, not both")
+    if idx.size and int(idx.min()) < 0:
+        raise ParameterError("`sample_index` must hold non-negative row numbers")
+    finite = check_bool("check_finite", check_finite)
+    met = _check_shard_options(max_modes, tol, metric, chunk_size, int(idx.size))
     if tol is not None:
         max_modes = choose_num_modes(
-            sample, tol, max_modes=min(int(idx.size), 32), metric=metric, check_finite=False
+            sample, tol, max_modes=min(int(idx.size), 32), metric=met, check_finite=False
         )
     modes = find_modes(
-        sample, 10 if max_modes is None else max_modes, metric=metric, check_finite=False
+        sample, 10 if max_modes is None else max_modes, metric=met, check_finite=False
     )
     # the profiles are rows of the trajectory itself (same dtype), so chunked fitting matches the sample's
-    assignment, a, b = _run_chunks(shard, modes.profiles, None, chunk_size, check_finite, "both")
+    assignment, a, b = _run_chunks(shard, modes.profiles, None, chunk_size, finite, "both")
     return CMDFit(
         sample=idx,
         labels=modes.labels,
@@ -679,6 +932,35 @@ def fit_cmd_shard(
         a=a,
         b=b,
     )
+
+
+class _SumSquares:
+    """A sum of squares kept as ``scale**2 * value`` (no overflow or underflow at any finite scale)."""
+
+    def __init__(self) -> None:
+        self.scale = 0.0
+        self.value = 0.0
+
+    def add(self, xp: Namespace, v: Array) -> None:
+        top = float(xp.max(xp.abs(v))) if math.prod(v.shape) else 0.0
+        if top == 0.0:
+            return
+        if not math.isfinite(top):
+            raise NonFiniteError("the CMD model of the trajectory is not finite (NaN or Inf)")
+        p = 2.0 ** math.floor(math.log2(top))
+        u = v / p
+        q = float(xp.sum(u * u))
+        if p > self.scale:
+            self.value = self.value * (self.scale / p) ** 2 + q
+            self.scale = p
+        else:
+            self.value += q * (p / self.scale) ** 2
+
+    def ratio(self, other: _SumSquares) -> float:
+        """``sqrt(self / other)``."""
+        if other.value == 0.0:
+            return 0.0 if self.value == 0.0 else math.inf
+        return (self.scale / other.scale) * math.sqrt(self.value / other.value)
 
 
 def relative_error(
@@ -691,23 +973,37 @@ def relative_error(
     """``||trajectory - model||_F / ||trajectory - row means||_F`` (``centered=False``: ``/ ||trajectory||_F``).
 
     The centered form measures how much of the *motion* CMD misses; the plain form is dominated by the
-    weights' offsets, which ``b`` captures exactly, and looks small for any model. 0 when the denominator
-    is 0. Computed in chunks.
+    weights' offsets, which ``b`` captures exactly, and looks small for any model. When the denominator
+    is 0 it is 0 for an exact model and ``inf`` otherwise. Computed in chunks, scale-invariant (no
+    overflow at any finite scale). A trajectory holding NaN or Inf raises ``NonFiniteError``.
     """
+    if not isinstance(fit, CMDFit):
+        raise ParameterTypeError(f"`fit` must be a CMDFit (from fit_cmd), got {describe(fit)}")
     xp = namespace(trajectory=trajectory, profiles=fit.profiles)
     _check_trajectory(xp, trajectory, "trajectory", min_epochs=1)
+    _check_fit(xp, fit, trajectory)
+    cen = check_bool("centered", centered)
     chunk = _check_chunk(chunk_size)
+    eps = _eps(xp, trajectory.dtype)
     n = int(trajectory.shape[0])
-    num = 0.0
-    den = 0.0
+    num, den = _SumSquares(), _SumSquares()
     for s in range(0, n, chunk):
-        w = upcast(xp, trajectory[s : min(s + chunk, n), :])
-        model = xp.astype(fit.reconstruct(s, min(s + chunk, n)), w.dtype)
-        r = w - model
-        num += float(xp.sum(r * r))
-        base = w - xp.mean(w, axis=1, keepdims=True) if centered else w
-        den += float(xp.sum(base * base))
-    return math.sqrt(num / den) if den > 0 else 0.0
+        e = min(s + chunk, n)
+        w = upcast(xp, trajectory[s:e, :])
+        _check_finite(w, "trajectory")
+        model = fit.reconstruct(s, e)
+        num.add(xp, w - xp.astype(model, w.dtype))
+        den.add(xp, w - _rows(xp, w, eps).mean[:, None] if cen else w)
+    return num.ratio(den)
+
+
+def _assign(xp: Namespace, rows: _Rows, g: Array) -> Array:
+    """Mode of each row: the largest true, clipped |pearson| (0 for constant rows; first on ties)."""
+    const = rows.constant
+    safe = xp.where(const, xp.ones_like(rows.norm), rows.norm)
+    corr = xp.clip(xp.abs(g) / safe[:, None], 0.0, 1.0)
+    corr = xp.where(const[:, None], xp.zeros_like(corr), corr)
+    return xp.astype(xp.argmax(corr, axis=1), _index_dtype(xp, g))
 
 
 def choose_num_modes(
@@ -715,39 +1011,51 @@ def choose_num_modes(
     tol: float,
     *,
     max_modes: int | None = None,
-    metric: Metric = "correlation",
+    metric: Metric = DEFAULT_METRIC,
     check_finite: bool = True,
 ) -> int:
     """The smallest ``M`` whose CMD model of ``sample`` ``(K, T)`` has centered relative error ``<= tol``.
 
     One linkage is computed and cut at ``M = 1, 2, ...``; for each cut the references are chosen, every
     sampled row is assigned and fitted as in :func:`fit_cmd`, and the error
-    ``||X - X_hat||_F / ||X - row means||_F`` is measured. Returns ``max_modes`` (default ``K``) when no
-    ``M`` reaches ``tol``. Non-increasing in ``tol`` by construction (a minimum over a set that grows
-    with ``tol``). ``tol`` in [0, 1].
+    ``||X - X_hat||_F / ||X - row means||_F`` is measured. Returns ``max_modes`` (default ``K``; at most
+    the number of moving rows) when no ``M`` reaches ``tol``. Non-increasing in ``tol`` by construction (a
+    minimum over a set that grows with ``tol``). ``tol`` in [0, 1]. Scale-invariant.
     """
     xp = namespace(sample=sample)
     _check_trajectory(xp, sample, "sample")
-    if check_finite:
+    if check_bool("check_finite", check_finite):
         _check_finite(sample, "sample")
     t = _check_fraction(tol, "tol", open_low=False)
     k = int(sample.shape[0])
     upper = k if max_modes is None else check_rank(max_modes, k, name="max_modes", what="K")
-    _, c_host, merges, heights = _cluster_sample(xp, sample, metric)
-    x = upcast(xp, sample)
-    xc = x - xp.mean(x, axis=1, keepdims=True)
-    den = float(xp.sum(xc * xc))
+    met = _check_metric(metric)
+    cl = _cluster_sample(xp, sample, met)
+    if cl.keep.size == 0:
+        return 1
+    upper = min(upper, int(cl.keep.size))
+    rows = cl.rows
+    # rows weighted by their scale (relative to the largest, powers of two: exact); constant rows, whose
+    # motion is at rounding level by definition, are left out of both sums
+    zero = xp.zeros_like(rows.scale)
+    top = float(xp.max(xp.where(rows.constant, zero, rows.scale)))
+    weight = xp.where(rows.constant, zero, rows.scale / top)
+    weight = weight * weight
+    den = float(xp.sum(weight * rows.norm * rows.norm))
     if den == 0.0:
         return 1
+    eps = _eps(xp, sample.dtype)
     for m in range(1, upper + 1):
-        labels = _cut(merges, heights, k, m)
-        refs = _references(c_host, labels)
-        prof = _Profiles(xp, xp.take(x, _index_array(xp, refs, x), axis=0))
-        mode, mean, cov = _chunk_stats(xp, x, prof, None)
-        a, b = _coefficients(xp, mode, mean, cov, prof)
-        model = a[:, None] * xp.take(prof.centered + prof.mean[:, None], mode, axis=0) + b[:, None]
-        r = x - model
-        if math.sqrt(float(xp.sum(r * r)) / den) <= t:
+        _, refs = cl.labels_and_refs(m, k)
+        prof = _Profiles(xp, xp.take(sample, _index_array(xp, refs, sample), axis=0), eps)
+        g = rows.centred @ xp.matrix_transpose(prof.unit)
+        mode = _assign(xp, rows, g)
+        gm = xp.take_along_axis(g, mode[:, None], axis=1)[:, 0]
+        degenerate = rows.constant | xp.take(prof.constant, mode)
+        gm = xp.where(degenerate, xp.zeros_like(gm), gm)
+        res = rows.centred - gm[:, None] * xp.take(prof.unit, mode, axis=0)
+        num = float(xp.sum(weight * xp.sum(res * res, axis=1)))
+        if math.sqrt(num / den) <= t:
             return m
     return upper
 
@@ -755,6 +1063,9 @@ def choose_num_modes(
 # --------------------------------------------------------------------------------------------------
 # online CMD
 # --------------------------------------------------------------------------------------------------
+_STATE_KEYS = ("references", "assignment", "profiles", "r_mean", "r_m2", "w_mean", "c_wr")
+
+
 class OnlineCMD:
     """Online CMD: modes fitted once on a warm-up trajectory, then exact recursive least squares.
 
@@ -773,7 +1084,12 @@ class OnlineCMD:
     equal (up to rounding) the batch least-squares fit over all ``t`` epochs. This is the same recursion as
     ``A_t = (A_{t-1} G_{t-1} + w r~^T) G_t^{-1}`` with ``G_t = sum r~ r~^T``, written in centered
     coordinates: it never forms ``sum r^2`` and ``(sum r)^2`` (whose difference cancels catastrophically
-    in float32 when weights move little) and never multiplies by ``G`` and ``G^{-1}`` in turn.
+    in float32 when weights move little) and never multiplies by ``G`` and ``G^{-1}`` in turn. A profile
+    whose ``r_m2`` is at rounding level (``<= (8 eps)^2 t r_mean^2``) counts as constant: its parameters
+    get ``a = 0``, ``b = w_mean``.
+
+    The constructor validates the whole state (types, shapes, dtypes, finiteness, index ranges) and raises
+    a :class:`~lowrank_core.errors.LowRankError` naming the first problem; no array is copied or written.
     """
 
     def __init__(
@@ -787,15 +1103,60 @@ class OnlineCMD:
         w_mean: Array,
         c_wr: Array,
     ) -> None:
-        self.references = np.asarray(references, dtype=np.int64)
+        xp = namespace(
+            assignment=assignment,
+            profiles=profiles,
+            r_mean=r_mean,
+            r_m2=r_m2,
+            w_mean=w_mean,
+            c_wr=c_wr,
+        )
+        if profiles.ndim != 2 or profiles.shape[0] < 1 or profiles.shape[1] < 1:
+            raise ShapeError(
+                f"`profiles` must be (M, t) with M, t >= 1, got shape {tuple(profiles.shape)}"
+            )
+        check_floating(xp, profiles, "profiles")
+        n_modes, _ = int(profiles.shape[0]), int(profiles.shape[1])
+        if w_mean.ndim != 1 or w_mean.shape[0] < 1:
+            raise ShapeError(f"`w_mean` must be (N,) with N >= 1, got shape {tuple(w_mean.shape)}")
+        n = int(w_mean.shape[0])
+        for name, v, size in (
+            ("r_mean", r_mean, n_modes),
+            ("r_m2", r_m2, n_modes),
+            ("w_mean", w_mean, n),
+            ("c_wr", c_wr, n),
+        ):
+            _check_vector(xp, v, name, size, finite=False)
+            if v.dtype != profiles.dtype:
+                raise DTypeError(
+                    f"`{name}` has dtype {v.dtype}, the profiles {profiles.dtype}: the state has one dtype"
+                )
+        for name, v in (
+            ("profiles", profiles),
+            ("r_mean", r_mean),
+            ("r_m2", r_m2),
+            ("w_mean", w_mean),
+            ("c_wr", c_wr),
+        ):
+            _check_finite(v, name)
+        if bool(xp.any(r_m2 < 0)):
+            raise ParameterError("`r_m2` (sums of squares) must be >= 0")
+        _check_modes_index(xp, assignment, "assignment", n, n_modes)
+        # global row numbers: a shard's state (fit_cmd_shard) may name rows beyond its own N
+        refs = _host_indices(references, "references", None)
+        if refs.size != n_modes:
+            raise ShapeError(
+                f"`references` names {refs.size} parameters, the profiles have {n_modes} modes"
+            )
+        self.references = refs
         self.assignment = assignment
         self.profiles = profiles
         self.r_mean = r_mean
         self.r_m2 = r_m2
         self.w_mean = w_mean
         self.c_wr = c_wr
-        self._xp = namespace(assignment=assignment, profiles=profiles, w_mean=w_mean, c_wr=c_wr)
-        self._ref_idx = _index_array(self._xp, self.references, w_mean)
+        self._xp = xp
+        self._ref_idx = _index_array(xp, self.references, w_mean)
 
     # ----------------------------------------------------------------------------------- building
     @classmethod
@@ -808,7 +1169,7 @@ class OnlineCMD:
         sizes: Sequence[int] | None = None,
         num_samples: int = 1000,
         seed: int | None = 0,
-        metric: Metric = "correlation",
+        metric: Metric = DEFAULT_METRIC,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         check_finite: bool = True,
     ) -> OnlineCMD:
@@ -831,24 +1192,40 @@ class OnlineCMD:
         cls, trajectory: Array, fit: CMDFit, *, chunk_size: int = DEFAULT_CHUNK_SIZE
     ) -> OnlineCMD:
         """Start from a post-hoc ``fit`` of ``trajectory`` (its modes and assignment are kept)."""
+        if not isinstance(fit, CMDFit):
+            raise ParameterTypeError(f"`fit` must be a CMDFit (from fit_cmd), got {describe(fit)}")
         xp = namespace(trajectory=trajectory, profiles=fit.profiles)
+        _check_trajectory(xp, trajectory, "trajectory")
+        _check_fit(xp, fit, trajectory)
         chunk = _check_chunk(chunk_size)
-        prof = _Profiles(xp, fit.profiles)
+        eps = _eps(xp, trajectory.dtype)
+        prof = _Profiles(xp, fit.profiles, eps)
         n = int(trajectory.shape[0])
-        dev = _device(trajectory)
-        w_mean = xp.empty((n,), dtype=prof.dtype, device=dev)
-        c_wr = xp.empty((n,), dtype=prof.dtype, device=dev)
+        means: list[Array] = []
+        covs: list[Array] = []
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            _, mean, cov = _chunk_stats(xp, trajectory[s:e, :], prof, fit.assignment[s:e])
-            w_mean[s:e] = mean
-            c_wr[s:e] = cov
+            with np.errstate(over="ignore"):
+                _, mean, _, cov = _chunk_stats(
+                    xp, trajectory[s:e, :], prof, fit.assignment[s:e], eps, want_cov=True
+                )
+            assert cov is not None
+            means.append(mean)
+            covs.append(cov)
+        w_mean, c_wr = _join(xp, means), _join(xp, covs)
+        with np.errstate(over="ignore"):
+            r_m2 = prof.m2(xp)
+        if not (get_backend(c_wr).all_finite(c_wr) and get_backend(r_m2).all_finite(r_m2)):
+            raise NonFiniteError(
+                "the online CMD state (co-moments in the trajectory's units) overflows at this scale; "
+                "rescale the trajectory (the post-hoc fit_cmd is scale-invariant)"
+            )
         return cls(
             references=fit.references,
             assignment=xp.astype(fit.assignment, xp.int32),  # half the bytes; 2**31 modes is plenty
             profiles=xp.astype(fit.profiles, prof.dtype),
             r_mean=prof.mean,
-            r_m2=prof.m2,
+            r_m2=r_m2,
             w_mean=w_mean,
             c_wr=c_wr,
         )
@@ -893,10 +1270,15 @@ class OnlineCMD:
                 f"`weights` must have shape ({self.num_params},), got {tuple(weights.shape)}"
             )
         check_floating(xp, weights, "weights")
-        if check_finite:
+        if check_bool("check_finite", check_finite):
             _check_finite(weights, "weights")
         w = xp.astype(weights, self.dtype) if weights.dtype != self.dtype else weights
         if reference_values is None:
+            if int(self.references.max()) >= self.num_params:
+                raise ParameterError(
+                    f"the references {self.references.tolist()} are not all rows of these "
+                    f"{self.num_params} weights (a shard's state): pass `reference_values`"
+                )
             r = xp.take(w, self._ref_idx)
         else:
             namespace(reference_values=reference_values, w_mean=self.w_mean)
@@ -905,35 +1287,53 @@ class OnlineCMD:
                     f"`reference_values` must have shape ({self.num_modes},), got "
                     f"{tuple(reference_values.shape)}"
                 )
+            check_floating(xp, reference_values, "reference_values")
+            if check_finite:
+                _check_finite(reference_values, "reference_values")
             r = reference_values
             if r.dtype != self.dtype:
                 r = xp.astype(r, self.dtype)
         t = self.epochs + 1
         dr = r - self.r_mean
         r_mean = self.r_mean + dr / t
-        self.r_m2 = self.r_m2 + dr * (r - r_mean)
-        self.r_mean = r_mean
+        r_m2 = self.r_m2 + dr * (r - r_mean)
         dw = w - self.w_mean
-        self.w_mean = self.w_mean + dw / t
-        self.c_wr = self.c_wr + dw * xp.take(r - r_mean, self.assignment)
-        self.profiles = xp.concat([self.profiles, r[:, None]], axis=1)
+        w_mean = self.w_mean + dw / t
+        c_wr = self.c_wr + dw * xp.take(r - r_mean, self.assignment)
+        profiles = xp.concat([self.profiles, r[:, None]], axis=1)
+        # every new value computed first, then all assigned (a failure above leaves the state as it was)
+        self.r_mean, self.r_m2, self.w_mean, self.c_wr, self.profiles = (
+            r_mean,
+            r_m2,
+            w_mean,
+            c_wr,
+            profiles,
+        )
 
     def coefficients(self) -> tuple[Array, Array]:
         """``(a, b)``, each ``(N,)``: the least-squares fit over every epoch seen."""
         xp = self._xp
+        eps = _eps(xp, self.dtype)
+        r_mean = xp.take(self.r_mean, self.assignment)
         m2 = xp.take(self.r_m2, self.assignment)
-        pos = m2 > 0
+        floor = (CONSTANT_TOLERANCE * eps) ** 2 * self.epochs * (r_mean * r_mean)
+        pos = m2 > floor
         a = xp.where(pos, self.c_wr / xp.where(pos, m2, xp.ones_like(m2)), xp.zeros_like(m2))
-        b = self.w_mean - a * xp.take(self.r_mean, self.assignment)
+        b = self.w_mean - a * r_mean
         return a, b
 
     def weights(self, epoch: int = -1) -> Array:
-        """The CMD weights ``a r(epoch) + b`` (``(N,)``) at a seen epoch (default: the latest)."""
+        """The CMD weights ``a r(epoch) + b`` (``(N,)``) at a seen epoch (default: the latest).
+
+        ``epoch`` is an integer in ``-t .. t-1`` (negative counts from the latest), else
+        ``ParameterError``.
+        """
         xp = self._xp
         t = self.epochs
-        e = epoch + t if epoch < 0 else epoch
+        ep = check_int("epoch", epoch)
+        e = ep + t if ep < 0 else ep
         if not 0 <= e < t:
-            raise IndexError(f"`epoch` {epoch} out of range for {t} epochs seen")
+            raise ParameterError(f"`epoch` {ep} out of range for {t} epochs seen (-{t}..{t - 1})")
         a, _ = self.coefficients()
         dr = self.profiles[:, e] - self.r_mean
         return self.w_mean + a * xp.take(dr, self.assignment)
@@ -957,23 +1357,22 @@ class OnlineCMD:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> OnlineCMD:
-        """Rebuild from :meth:`state_dict` (the arrays may have been moved to another device)."""
-        missing = {
-            "references",
-            "assignment",
-            "profiles",
-            "r_mean",
-            "r_m2",
-            "w_mean",
-            "c_wr",
-        } - set(state)
+    def from_state_dict(cls, state: Mapping[str, Any]) -> OnlineCMD:
+        """Rebuild from :meth:`state_dict` (the arrays may have been moved to another device).
+
+        The state must hold exactly the keys of :meth:`state_dict`; every entry is validated (see the
+        class), errors name the key. ``state`` is not modified.
+        """
+        if not isinstance(state, Mapping):
+            raise ParameterTypeError(f"the CMD state must be a dict, got {describe(state)}")
+        keys = set(state)
+        missing = sorted(set(_STATE_KEYS) - keys)
         if missing:
-            raise KeyError(f"CMD state is missing {sorted(missing)}")
-        return cls(
-            **{k: state[k] for k in ("assignment", "profiles", "r_mean", "r_m2", "w_mean", "c_wr")},
-            references=np.asarray(state["references"], dtype=np.int64),
-        )
+            raise ParameterError(f"the CMD state is missing {missing}")
+        extra = sorted(str(k) for k in keys - set(_STATE_KEYS))
+        if extra:
+            raise ParameterError(f"the CMD state has unexpected keys {extra}")
+        return cls(**{k: state[k] for k in _STATE_KEYS})
 
 
 def _itemsize(x: Array) -> int:
@@ -1000,40 +1399,38 @@ def select_embedding(
     """The new embedded mask: ``embedded`` plus the ``ceil(fraction N)`` most settled other parameters.
 
     Settled = smallest ``d_n = sqrt((a_n - a_prev_n)^2 + (b_n - b_prev_n)^2)`` (the change of the CMD
-    coefficients since the last embedding). References and already embedded parameters are never chosen;
-    ties go to the lower index. Returns a boolean ``(N,)`` array.
+    coefficients since the last embedding; computed without overflow). References and already embedded
+    parameters are never chosen; ties go to the lower index. ``a``, ``b``, ``a_prev``, ``b_prev``: finite
+    real floating ``(N,)``; ``embedded``: boolean ``(N,)``; ``references``: distinct integer indices in
+    ``0 .. N-1``; ``fraction`` in ``(0, 1]``. Returns a new boolean ``(N,)`` array.
     """
     xp = namespace(a=a, b=b, a_prev=a_prev, b_prev=b_prev, embedded=embedded)
+    if a.ndim != 1 or a.shape[0] < 1:
+        raise ShapeError(f"`a` must be 1-D with N >= 1, got shape {tuple(a.shape)}")
     n = int(a.shape[0])
-    for name, v in (("b", b), ("a_prev", a_prev), ("b_prev", b_prev), ("embedded", embedded)):
-        if v.shape != a.shape:
-            raise ShapeError(f"`{name}` must have shape {tuple(a.shape)}, got {tuple(v.shape)}")
-    if a.ndim != 1:
-        raise ShapeError(f"`a` must be 1-D, got shape {tuple(a.shape)}")
+    for name, v in (("a", a), ("b", b), ("a_prev", a_prev), ("b_prev", b_prev)):
+        _check_vector(xp, v, name, n)
+    if embedded.ndim != 1 or int(embedded.shape[0]) != n:
+        raise ShapeError(f"`embedded` must have shape ({n},), got {tuple(embedded.shape)}")
     if not xp.isdtype(embedded.dtype, "bool"):
-        raise TypeError(f"`embedded` must be a boolean mask, got {embedded.dtype}")
+        raise DTypeError(f"`embedded` must be a boolean mask, got {embedded.dtype}")
     frac = _check_fraction(fraction, "fraction")
-    refs = np.asarray(references, dtype=np.int64)
-    if refs.size and (refs.min() < 0 or refs.max() >= n):
-        raise RankError(f"`references` must lie in 0..{n - 1}")
-    da = a - a_prev
-    db = b - b_prev
-    d = xp.sqrt(da * da + db * db)
-    is_ref = xp.zeros((n,), dtype=xp.bool, device=_device(a))
-    if refs.size:
-        is_ref = xp.asarray(np.isin(np.arange(n), refs), device=_device(a))
+    refs = _host_indices(references, "references", n)
+    da = xp.abs(a - a_prev)
+    db = xp.abs(b - b_prev)
+    big = xp.maximum(da, db)
+    small = xp.minimum(da, db)
+    safe = xp.where(big > 0, big, xp.ones_like(big))
+    ratio = small / safe
+    d = big * xp.sqrt(1.0 + ratio * ratio)  # hypot without overflow
+    dev = _device(a)
+    is_ref = xp.asarray(np.isin(np.arange(n), refs), device=dev)
     blocked = embedded | is_ref
-    d = xp.where(blocked, xp.asarray(float("inf"), dtype=d.dtype, device=_device(d)), d)
-    eligible = n - int(xp.sum(xp.astype(blocked, xp.int64)))
+    d = xp.where(blocked, xp.asarray(float("inf"), dtype=d.dtype, device=dev), d)
+    eligible = n - int(xp.sum(xp.astype(blocked, _index_dtype(xp, a))))
     k = min(math.ceil(frac * n), eligible)
     if k <= 0:
-        return embedded
-    order = xp.argsort(d, stable=True)[:k]
-    chosen = _scatter_mask(xp, order, n, a)
-    return embedded | chosen
-
-
-def _scatter_mask(xp: Namespace, idx: Array, n: int, like: Array) -> Array:
-    host = np.zeros(n, dtype=bool)
-    host[_to_host(idx)] = True
-    return xp.asarray(host, device=_device(like))
+        return xp.asarray(embedded, copy=True)
+    # rank of each parameter in the stable order (the inverse permutation): no scatter, no writes
+    rank = xp.argsort(xp.argsort(d, stable=True), stable=True)
+    return embedded | (rank < k)

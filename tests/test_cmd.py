@@ -15,7 +15,10 @@ import lowrank_core.cmd as cmd
 from lowrank_core.errors import (
     ArrayTypeError,
     DTypeError,
+    LowRankError,
     NonFiniteError,
+    ParameterError,
+    ParameterTypeError,
     RankError,
     ShapeError,
 )
@@ -71,24 +74,49 @@ def test_sample_indices_stratified_and_deterministic(sizes, k, seed):
     assert idx.dtype == np.int64
     assert len(np.unique(idx)) == idx.size and np.all(np.diff(idx) > 0)
     n = sum(sizes)
-    assert idx.size <= min(k, n) or k >= n
+    assert idx.size == min(k, n)  # exactly K (topped up), or everything
     bounds = np.cumsum([0, *sizes])
     per = np.histogram(idx, bins=bounds)[0] if idx.size else np.zeros(len(sizes))
     for seg, (n_l, got) in enumerate(zip(sizes, per, strict=True)):
         if k >= n:
             assert got == n_l
         else:
-            want = min(n_l, min(k // (2 * len(sizes)), n_l) + math.floor(n_l / n * k / 2))
-            assert got == want, (seg, n_l, got, want)
+            # at least the paper's share; the top-up only adds
+            paper = min(n_l, min(k // (2 * len(sizes)), n_l) + math.floor(n_l / n * k / 2))
+            assert paper <= got <= n_l, (seg, n_l, got, paper)
+
+
+@pytest.mark.parametrize(
+    "sizes", [[4096, 64, 640, 10], [6400, 10, 1000, 10], [2048, 32, 512, 16, 160, 10], [5000]]
+)
+def test_sample_indices_tops_up_to_exactly_k(sizes):
+    # regression: flooring and small tensors left the paper's counts short (815 of 1000 for an MLP)
+    idx = cmd.sample_indices(sizes, 1000, seed=3)
+    assert idx.size == 1000
+    assert np.unique(idx).size == 1000 and idx.min() >= 0 and idx.max() < sum(sizes)
 
 
 def test_sample_indices_bad_input():
     with pytest.raises(RankError):
         cmd.sample_indices([10], 0)
-    with pytest.raises(TypeError):
+    with pytest.raises(ParameterTypeError):
         cmd.sample_indices([1.5], 3)
-    with pytest.raises(ValueError, match="positive total"):
+    with pytest.raises(ParameterError, match="positive total"):
         cmd.sample_indices([0, 0], 3)
+    for bad_k in (2.5, True, "3", None, np.float64(3.0)):
+        with pytest.raises(RankError):
+            cmd.sample_indices([10], bad_k)
+    for bad_seed in (-1, 1.5, "0", True):
+        with pytest.raises(ParameterError, match="seed"):
+            cmd.sample_indices([10], 3, seed=bad_seed)
+    for bad_sizes in ("10", [], [3, -1], [True, 2], {3}, np.array([3, 4])):
+        with pytest.raises(ParameterError):
+            cmd.sample_indices(bad_sizes, 3)
+    # NumPy integer scalars are integers
+    np.testing.assert_array_equal(
+        cmd.sample_indices([np.int64(10), 20], np.int64(7), seed=np.int64(2)),
+        cmd.sample_indices([10, 20], 7, seed=2),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,12 +161,16 @@ def test_linkage_is_array_api_code_with_identical_results_in_every_library(
 ):
     # the public functions run the loop on a host copy for speed; the loop itself is array-API code,
     # and in the backend's own namespace it gives the very same merges and heights
+    # the linkage runs on a private host copy: the same merges and heights from every library, and the
+    # caller's array is not written
     d = random_distance(np.random.default_rng(seed), k)
     if ties:
         d = np.round(d * 3) / 3  # many exactly equal distances
     da = backend.asarray(d, dtype)
-    merges, heights = cmd._linkage(backend.xp, da)
+    before = snapshot(backend, da)
+    merges, heights = cmd._linkage(backend.to_numpy(da))
     host_merges, host_heights = cmd._host_linkage(da)
+    assert_unchanged(backend, before, da)
     np.testing.assert_array_equal(merges, host_merges)
     np.testing.assert_array_equal(heights, host_heights)
     assert np.all(np.diff(heights) >= 0)  # complete linkage: no inversions
@@ -162,10 +194,17 @@ def test_cluster_ties_are_deterministic_and_documented(backend):
 
 
 @FEW
-@given(seed=seeds, modes=st.integers(1, 4), metric=st.sampled_from(["correlation", "euclidean"]))
-def test_fit_cmd_matches_reference(backend, dtype, seed, modes, metric):
+@given(
+    seed=seeds,
+    modes=st.integers(1, 4),
+    metric=st.sampled_from(["correlation", "euclidean"]),
+    frozen=st.booleans(),
+)
+def test_fit_cmd_matches_reference(backend, dtype, seed, modes, metric, frozen):
     rng = np.random.default_rng(seed)
     x, _, _ = modal_trajectory(rng, 60, 12, modes, noise=0.02)
+    if frozen:  # never-moving parameters: out of the clustering, a = 0, b = their value
+        x[[7, 30, 45]] = rng.standard_normal((3, 1))
     xa = backend.asarray(x, dtype)
     before = snapshot(backend, xa)
     fit = cmd.fit_cmd(xa, modes, sizes=[20, 40], num_samples=30, seed=seed, metric=metric)
@@ -326,7 +365,7 @@ def test_online_state_dict_roundtrip(backend):
         again.update(xa[:, t])
     for u, v in zip(online.coefficients(), again.coefficients(), strict=True):
         np.testing.assert_array_equal(backend.to_numpy(u), backend.to_numpy(v))
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(ParameterError, match="missing"):
         cmd.OnlineCMD.from_state_dict({"profiles": online.profiles})
 
 
@@ -404,5 +443,429 @@ def test_errors(backend):
         online.update(x[:3, 0])
     with pytest.raises(NonFiniteError):
         online.update(backend.asarray(np.full(8, np.nan)))
-    with pytest.raises(IndexError):
+    with pytest.raises(ParameterError, match="epoch"):
         online.weights(epoch=5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# never-moving parameters (issue 9, defects 2 and 3)
+# ---------------------------------------------------------------------------------------------------
+def frozen_trajectory(
+    seed: int, frozen: float, n: int = 1500, t: int = 100, modes: int = 4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Planted modes (noise 0.02) with a share ``frozen`` of never-moving parameters, float32."""
+    rng = np.random.default_rng(seed)
+    x, _, mode = modal_trajectory(rng, n, t, modes, noise=0.02)
+    still = rng.random(n) < frozen
+    still[:modes] = False  # keep every planted mode
+    x[still] = rng.standard_normal((int(still.sum()), 1))
+    return x.astype(np.float32), mode, still
+
+
+@pytest.mark.parametrize("frozen", [0.02, 0.1])
+@pytest.mark.parametrize("metric", ["euclidean", "correlation"])
+def test_never_moving_parameters_do_not_break_the_fit(backend, frozen, metric):
+    # regression: rows constant up to rounding had |corr| ~ 1 with themselves and ~5 (unclipped) with
+    # everything, became references, and gave |a| ~ 1e7..1e17 and an error worse than no model at all
+    x, mode, still = frozen_trajectory(0, frozen)
+    xa = backend.asarray(x, "float32")
+    for m in (4, 10):
+        fit = cmd.fit_cmd(xa, m, num_samples=400, seed=1, metric=metric)
+        a, b = backend.to_numpy(fit.a), backend.to_numpy(fit.b)
+        err = cmd.relative_error(xa, fit)
+        # the noise floor of the planted data is ~0.058; the published code reaches 0.059
+        assert err < 0.08, (m, err)
+        assert np.abs(a).max() < 5.0  # planted |a| ratios are <= 4
+        assert not np.isin(fit.references, np.flatnonzero(still)).any()  # never a reference
+        np.testing.assert_array_equal(a[still], 0.0)
+        np.testing.assert_array_equal(b[still], x[still, 0])  # reconstructed exactly
+        labels = backend.to_numpy(fit.labels)
+        np.testing.assert_array_equal(labels < 0, still[fit.sample])  # out of the clustering
+    # with the true number of modes the planted partition is found exactly (ARI 1)
+    fit = cmd.fit_cmd(xa, 4, num_samples=400, seed=1, metric=metric)
+    assert fit.num_modes == 4
+    got = backend.to_numpy(fit.assignment)
+    assert partition(got[~still]) == partition(mode[~still])
+
+
+def test_default_distance_does_not_collapse_to_one_mode(backend):
+    # regression: with 1 - |corr| and constant rows in the sample, all final merges tied at 1.0 and
+    # any M gave one mode; constant rows are now out of the clustering (and the default is the paper's)
+    x, _, _ = frozen_trajectory(2, 0.05, n=600, t=40)
+    xa = backend.asarray(x, "float32")
+    for metric in ("correlation", "euclidean"):
+        assert cmd.fit_cmd(xa, 4, num_samples=300, metric=metric).num_modes == 4
+    assert cmd.DEFAULT_METRIC == "euclidean"
+    assert cmd.choose_num_modes(xa[:300, :], 0.08, max_modes=10) == 4
+
+
+def test_correlation_is_true_and_clipped_for_rounding_level_profiles(backend, dtype):
+    # a profile constant up to rounding must not capture parameters (|corr| ~5 before), nor get a ~1e15
+    rng = np.random.default_rng(4)
+    t = 30
+    moving = np.sin(np.linspace(0.0, 3.0, t))
+    flat = 0.7 + np.zeros(t)
+    flat[::7] = np.nextafter(np.asarray(0.7, dtype=dtype), 1.0)  # one ulp of "motion"
+    x = np.stack([2.0 * moving + 1.0, -0.5 * moving + 3.0, np.full(t, 1.25)])
+    x = x + 1e-3 * rng.standard_normal(x.shape)
+    x[2] = 1.25
+    p = np.stack([flat, moving])
+    xa, pa = backend.asarray(x, dtype), backend.asarray(p, dtype)
+    assignment = backend.to_numpy(cmd.assign_modes(xa, pa))
+    np.testing.assert_array_equal(assignment, [1, 1, 0])
+    a, b = cmd.fit_coefficients(xa, pa, backend.asarray(np.array([0, 1, 0]), "int64"))
+    a, b = backend.to_numpy(a), backend.to_numpy(b)
+    assert a[0] == 0.0 and a[2] == 0.0  # a rounding-level profile or row: a = 0
+    assert abs(a[1] + 0.5) < 1e-2
+    c = backend.to_numpy(cmd.abs_correlation(backend.asarray(np.vstack([x, p]), dtype)))
+    assert c.max() <= 1.0 and c[2, 2] == 0.0 and c[3, 3] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# scale invariance (issue 9, defect 8)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exponent", [-1, 1])
+def test_fit_is_scale_invariant(backend, dtype, exponent):
+    # regression: fit_cmd(trajectory * 1e200) returned Inf (squares overflowed before normalizing)
+    x, _, _ = modal_trajectory(np.random.default_rng(5), 80, 12, 3, noise=0.05)
+    x[10] = 0.25  # a constant row too
+    big = 2.0 ** (exponent * (660 if dtype == "float64" else 100))  # ~1e199 / ~1e30
+    base = cmd.fit_cmd(backend.asarray(x, dtype), 3, num_samples=60)
+    scaled_x = backend.asarray(x * big, dtype)
+    fit = cmd.fit_cmd(scaled_x, 3, num_samples=60)
+    np.testing.assert_array_equal(
+        backend.to_numpy(fit.assignment), backend.to_numpy(base.assignment)
+    )
+    np.testing.assert_array_equal(fit.references, base.references)
+    # powers of two: exact scaling, up to the order of the float operations (a few ulps)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    a, b = backend.to_numpy(fit.a), backend.to_numpy(fit.b)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    np.testing.assert_allclose(a, backend.to_numpy(base.a), rtol=tol, atol=tol)
+    np.testing.assert_allclose(b / big, backend.to_numpy(base.b), rtol=tol, atol=tol)
+    err = cmd.relative_error(scaled_x, fit)
+    assert math.isfinite(err)
+    assert abs(err - cmd.relative_error(backend.asarray(x, dtype), base)) <= 10 * tol
+    m = cmd.choose_num_modes(scaled_x, 0.2)
+    assert m == cmd.choose_num_modes(backend.asarray(x, dtype), 0.2)
+    if dtype == "float64":  # and a scale that is not a power of two
+        y = backend.asarray(x * (1e200 if exponent > 0 else 1e-200), dtype)
+        fit = cmd.fit_cmd(y, 3, num_samples=60)
+        np.testing.assert_allclose(backend.to_numpy(fit.a), backend.to_numpy(base.a), rtol=1e-9)
+        assert abs(cmd.relative_error(y, fit) - cmd.relative_error(backend.asarray(x), base)) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input (issue 9, validation gaps): a LowRankError that names the problem, nothing modified
+# ---------------------------------------------------------------------------------------------------
+def _online(backend):
+    x, _, _ = modal_trajectory(np.random.default_rng(6), 30, 8, 2, noise=0.1)
+    xa = backend.asarray(x)
+    return xa, cmd.OnlineCMD.from_trajectory(xa[:, :6], 2, num_samples=30)
+
+
+def _bad_states(backend, state):
+    """(description, broken copy of ``state``): wrong keys, types, shapes, dtypes, values, sizes."""
+    xp = backend.xp
+    m = int(state["profiles"].shape[0])
+    float_keys = ("profiles", "r_mean", "r_m2", "w_mean", "c_wr")
+
+    def with_(key, value):
+        bad = dict(state)
+        bad[key] = value
+        return bad
+
+    out = []
+    for key in state:
+        bad = dict(state)
+        del bad[key]
+        out.append((f"missing {key}", bad))
+    out.append(("extra key", {**state, "epoch": 3}))
+    out.append(("not a dict", list(state.items())))
+    out.append(("None", None))
+    out.append(("key not a string", {**state, 3: 1}))
+    for key in ("assignment", *float_keys):
+        out.append((f"{key} as list", with_(key, backend.to_numpy(state[key]).tolist())))
+        out.append((f"{key} None", with_(key, None)))
+        out.append((f"{key} scalar", with_(key, 1.0)))
+        v = state[key]
+        out.append((f"{key} 2-D", with_(key, xp.reshape(v, (1, *v.shape)))))
+        out.append((f"{key} truncated", with_(key, v[:-1] if v.ndim == 1 else v[:-1, :])))
+    for key in float_keys:
+        v = state[key]
+        out.append((f"{key} int", with_(key, xp.astype(v, xp.int64))))
+        out.append((f"{key} bool", with_(key, v > 0)))
+        out.append((f"{key} float32", with_(key, xp.astype(v, xp.float32))))
+        out.append((f"{key} 0-d", with_(key, v[0] if v.ndim == 1 else v[0, 0])))
+        host = backend.to_numpy(v).copy()
+        host.reshape(-1)[0] = np.nan
+        out.append((f"{key} NaN", with_(key, backend.asarray(host))))
+        host.reshape(-1)[0] = np.inf
+        out.append((f"{key} Inf", with_(key, backend.asarray(host))))
+    assignment = backend.to_numpy(state["assignment"])
+    for value in (-1, m):
+        bad_a = assignment.copy()
+        bad_a[0] = value
+        out.append((f"assignment {value}", with_("assignment", backend.asarray(bad_a, "int32"))))
+    out.append(
+        ("assignment float", with_("assignment", xp.astype(state["assignment"], xp.float64)))
+    )
+    refs = state["references"]
+    out += [
+        ("references float", with_("references", refs.astype(np.float64))),
+        ("references bool", with_("references", np.ones(m, dtype=bool))),
+        ("references wrap", with_("references", np.arange(m, dtype=np.uint64) + np.uint64(2**64 - m))),
+        ("references negative", with_("references", -refs - 1)),
+        ("references too many", with_("references", np.arange(m + 1))),
+        ("references too few", with_("references", refs[:-1])),
+        ("references 2-D", with_("references", refs[None, :])),
+        ("references str", with_("references", "0")),
+        ("references None", with_("references", None)),
+        ("references repeated", with_("references", np.zeros(m, dtype=np.int64))),
+        ("r_m2 negative", with_("r_m2", -xp.abs(state["r_m2"]) - 1.0)),
+        ("profiles no epochs", with_("profiles", state["profiles"][:, :0])),
+        ("all sizes halved", {k: (v[: max(1, v.shape[0] // 2)] if k in ("w_mean", "c_wr") else v)
+                              for k, v in state.items()}),
+    ]  # fmt: skip
+    return out
+
+
+def test_online_from_state_dict_refuses_every_bad_state(backend):
+    _, online = _online(backend)
+    state = online.state_dict()
+    cases = _bad_states(backend, state)
+    assert len(cases) >= 86
+    before = {
+        k: (v.copy() if isinstance(v, np.ndarray) else backend.to_numpy(v))
+        for k, v in state.items()
+    }
+    for what, bad in cases:
+        kept = dict(bad) if isinstance(bad, dict) else bad
+        with pytest.raises(LowRankError):
+            cmd.OnlineCMD.from_state_dict(bad)
+        if isinstance(bad, dict):
+            assert bad.keys() == kept.keys(), what
+    for k, v in state.items():  # nothing written
+        got = v if isinstance(v, np.ndarray) else backend.to_numpy(v)
+        np.testing.assert_array_equal(got, before[k])
+    cmd.OnlineCMD.from_state_dict(state)  # the good state still loads
+
+
+def test_online_bad_calls(backend):
+    xa, online = _online(backend)
+    a0, b0 = (backend.to_numpy(v) for v in online.coefficients())
+    for bad in (2.5, True, "1", None, np.float64(1.0), 6, -7):
+        with pytest.raises(ParameterError, match="epoch"):
+            online.weights(bad)
+    assert np.array_equal(
+        backend.to_numpy(online.weights(np.int64(-1))), backend.to_numpy(online.weights())
+    )
+    # a state whose references lie beyond its rows (a shard's) needs the references' values
+    shard = cmd.OnlineCMD.from_state_dict({**online.state_dict(), "references": np.array([40, 41])})
+    with pytest.raises(ParameterError, match="reference_values"):
+        shard.update(xa[:, 6])
+    for bad in (backend.asarray(np.array([np.nan, 1.0])), backend.asarray(np.ones(2), "int64")):
+        with pytest.raises(LowRankError):
+            shard.update(xa[:, 6], reference_values=bad)
+    for bad in (xa[:3, 0], xa[:, :2], backend.asarray(np.full(30, np.nan))):
+        with pytest.raises(LowRankError):
+            online.update(bad)
+    with pytest.raises(LowRankError):
+        online.update(backend.asarray(np.ones(30), "int64"))
+    with pytest.raises(ParameterError):
+        online.update(xa[:, 6], check_finite="yes")
+    for start, stop in ((2.5, None), (True, None), (0, 31), (-1, None), (5, 2), (0, "3")):
+        with pytest.raises(ParameterError):
+            online.reconstruct(start, stop)
+    assert online.epochs == 6
+    a1, b1 = (backend.to_numpy(v) for v in online.coefficients())
+    np.testing.assert_array_equal(a0, a1)
+    np.testing.assert_array_equal(b0, b1)
+    with pytest.raises(ParameterTypeError, match="CMDFit"):
+        cmd.OnlineCMD.from_fit(xa, "fit")
+    fit = cmd.fit_cmd(xa[:, :6], 2, num_samples=30)
+    with pytest.raises(ShapeError):
+        cmd.OnlineCMD.from_fit(xa[:, :5], fit)
+    with pytest.raises(ShapeError):
+        cmd.OnlineCMD.from_fit(xa[:20, :6], fit)
+
+
+def test_reconstruct_and_relative_error_bad_input(backend):
+    x, _, _ = modal_trajectory(np.random.default_rng(7), 20, 6, 2, noise=0.1)
+    xa = backend.asarray(x)
+    fit = cmd.fit_cmd(xa, 2, num_samples=20)
+    p, asg, a, b = fit.profiles, fit.assignment, fit.a, fit.b
+    nan = backend.asarray(np.full(20, np.nan))
+    bad_calls = [
+        lambda: cmd.reconstruct_trajectory(p, asg, nan, b),
+        lambda: cmd.reconstruct_trajectory(p, asg, a, nan),
+        lambda: cmd.reconstruct_trajectory(p * float("inf"), asg, a, b),
+        lambda: cmd.reconstruct_trajectory(p, asg + 5, a, b),
+        lambda: cmd.reconstruct_trajectory(p, asg - 1, a, b),
+        lambda: cmd.reconstruct_trajectory(p, backend.xp.astype(asg, backend.xp.float64), a, b),
+        lambda: cmd.reconstruct_trajectory(p, asg[:5], a, b),
+        lambda: cmd.reconstruct_trajectory(p, asg, a[:5], b),
+        lambda: cmd.reconstruct_trajectory(p, asg, backend.asarray(np.ones(20), "int64"), b),
+        lambda: cmd.reconstruct_trajectory(p[0, :], asg, a, b),
+        lambda: cmd.reconstruct_trajectory(p, asg, a, b, start=2.5),
+        lambda: cmd.reconstruct_trajectory(p, asg, a, b, stop=True),
+        lambda: cmd.reconstruct_trajectory(p, asg, a, b, start=3, stop=2),
+        lambda: cmd.reconstruct_trajectory(p, asg, a, b, stop=21),
+        lambda: cmd.reconstruct_trajectory(p, asg, a, b, check_finite=None),
+        lambda: cmd.relative_error(xa, "fit"),
+        lambda: cmd.relative_error(xa[:10, :], fit),
+        lambda: cmd.relative_error(xa[:, :4], fit),
+        lambda: cmd.relative_error(xa, fit, chunk_size=0),
+        lambda: cmd.relative_error(xa, fit, centered="no"),
+    ]
+    for i, call in enumerate(bad_calls):
+        with pytest.raises(LowRankError):
+            call()
+        assert i >= 0
+    # regression: a trajectory holding NaN gave 0.0 ("perfect fit")
+    for bad in (np.nan, np.inf):
+        y = x.copy()
+        y[3, 2] = bad
+        with pytest.raises(NonFiniteError):
+            cmd.relative_error(backend.asarray(y), fit)
+    assert cmd.reconstruct_trajectory(p, asg, a, b, start=np.int64(2), stop=np.int64(5)).shape == (
+        3,
+        6,
+    )
+
+
+def test_select_embedding_bad_input(backend):
+    n = 10
+    rng = np.random.default_rng(8)
+    vals = [backend.asarray(rng.standard_normal(n)) for _ in range(4)]
+    emb = backend.asarray(np.zeros(n, dtype=bool), "bool")
+    refs = np.array([2])
+    nan = backend.asarray(np.full(n, np.nan))
+    before = snapshot(backend, *vals, emb)
+    bad_calls = [
+        lambda: cmd.select_embedding(nan, *vals[1:], emb, refs),
+        lambda: cmd.select_embedding(*vals[:3], nan, emb, refs),
+        lambda: cmd.select_embedding(*vals, emb, refs, 2.5),
+        lambda: cmd.select_embedding(*vals, emb, refs, float("nan")),
+        lambda: cmd.select_embedding(*vals, emb, refs, "0.1"),
+        lambda: cmd.select_embedding(*vals, emb, refs, True),
+        lambda: cmd.select_embedding(*vals, emb, np.array([2.0])),
+        lambda: cmd.select_embedding(*vals, emb, np.array([10])),
+        lambda: cmd.select_embedding(*vals, emb, np.array([[2]])),
+        lambda: cmd.select_embedding(*vals, emb, "2"),
+        lambda: cmd.select_embedding(*vals, emb, None),
+        lambda: cmd.select_embedding(*vals, vals[0], refs),
+        lambda: cmd.select_embedding(*vals, emb[:5], refs),
+        lambda: cmd.select_embedding(vals[0][:5], *vals[1:], emb, refs),
+        lambda: cmd.select_embedding(backend.asarray(np.ones(n), "int64"), *vals[1:], emb, refs),
+        lambda: cmd.select_embedding(*vals[:3], [0.0] * n, emb, refs),
+    ]
+    for call in bad_calls:
+        with pytest.raises(LowRankError):
+            call()
+    assert_unchanged(backend, before, *vals, emb)
+    # NumPy scalars are accepted where a float is expected
+    got = cmd.select_embedding(*vals, emb, refs, np.float32(0.25))
+    want = cmd.select_embedding(*vals, emb, refs, 0.25)
+    np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+    assert int(backend.to_numpy(got).sum()) == 3
+    # a huge scale does not overflow the distance (hypot)
+    big = [v * 1e300 for v in vals]
+    got = cmd.select_embedding(*big, emb, refs, 0.25)
+    np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+
+
+def test_fit_cmd_bad_parameters(backend):
+    x, _, _ = modal_trajectory(np.random.default_rng(9), 30, 6, 2, noise=0.1)
+    xa = backend.asarray(x)
+    before = snapshot(backend, xa)
+    bad_kwargs = [
+        {"max_modes": 2.5},
+        {"max_modes": True},
+        {"max_modes": "2"},
+        {"max_modes": np.float64(2.0)},
+        {"max_modes": 0},
+        {"max_modes": 31},
+        {"num_samples": 2.5},
+        {"num_samples": True},
+        {"num_samples": 0},
+        {"seed": -1},
+        {"seed": 1.5},
+        {"seed": "0"},
+        {"tol": float("nan")},
+        {"tol": 1.5},
+        {"tol": -0.1},
+        {"tol": "0.1"},
+        {"tol": 0.1, "max_modes": 2},
+        {"metric": "cosine"},
+        {"metric": None},
+        {"chunk_size": 0},
+        {"chunk_size": 2.5},
+        {"chunk_size": True},
+        {"sizes": [10, 10]},
+        {"sizes": "30"},
+        {"sizes": [10.5, 19.5]},
+        {"sizes": [31, -1]},
+        {"check_finite": "yes"},
+    ]
+    for kw in bad_kwargs:
+        with pytest.raises(LowRankError):
+            cmd.fit_cmd(xa, **kw)
+        assert_unchanged(backend, before, xa)
+    for kw in ({"max_modes": 2.5}, {"tol": float("inf")}, {"metric": 3}, {"max_modes": 0}):
+        with pytest.raises(LowRankError):
+            cmd.choose_num_modes(xa, kw.get("tol", 0.1), max_modes=kw.get("max_modes"),
+                                 metric=kw.get("metric", "euclidean"))  # fmt: skip
+    with pytest.raises(LowRankError):
+        cmd.find_modes(xa, 2.5)
+    with pytest.raises(LowRankError):
+        cmd.cluster(cmd.abs_correlation(xa), np.float64(2.0))
+    with pytest.raises(LowRankError):
+        cmd.abs_correlation(xa, check_finite="no")
+    # NumPy scalars are accepted: np.int64 counts, np.float32 tolerances
+    fit = cmd.fit_cmd(xa, np.int64(2), num_samples=np.int64(30), seed=np.int64(1),
+                      chunk_size=np.int32(7))  # fmt: skip
+    same = cmd.fit_cmd(xa, 2, num_samples=30, seed=1, chunk_size=7)
+    np.testing.assert_array_equal(backend.to_numpy(fit.a), backend.to_numpy(same.a))
+    assert cmd.fit_cmd(xa, tol=np.float32(0.5), num_samples=30).num_modes >= 1
+    assert cmd.choose_num_modes(xa, np.float64(0.5), max_modes=np.int64(5)) >= 1
+    assert cmd.relative_error(xa, fit, chunk_size=np.int64(4)) == pytest.approx(
+        cmd.relative_error(xa, fit)
+    )
+
+
+def test_relative_error_handles_constant_trajectories(backend):
+    x = backend.asarray(np.ones((6, 5)) * np.arange(6.0)[:, None])
+    fit = cmd.fit_cmd(x, 1)
+    assert fit.num_modes == 1
+    np.testing.assert_array_equal(backend.to_numpy(fit.a), 0.0)
+    assert cmd.relative_error(x, fit) == 0.0  # every row constant: modelled exactly
+    assert backend.to_numpy(fit.labels).tolist() == [-1] * 6
+
+
+# ---------------------------------------------------------------------------------------------------
+# immutable arrays (JAX, issue 11): nothing in the core writes into an array in place
+# ---------------------------------------------------------------------------------------------------
+def test_jax_arrays_run_and_stay_jax():
+    # JAX compiles every primitive per shape on first use, so the shapes here are few and small
+    jnp = pytest.importorskip("jax.numpy")
+    jax = pytest.importorskip("jax")
+    x, _, _ = modal_trajectory(np.random.default_rng(10), 40, 8, 2, noise=0.02)
+    x[5] = 0.5
+    x32 = x.astype(np.float32)
+    xj = jnp.asarray(x32)
+    fit = cmd.fit_cmd(xj, 2, num_samples=40)
+    want = cmd.fit_cmd(x32, 2, num_samples=40)
+    for name in ("a", "b", "profiles", "assignment", "labels"):
+        got = getattr(fit, name)
+        assert isinstance(got, jax.Array), name
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(getattr(want, name)), rtol=1e-5, atol=1e-5
+        )
+    online = cmd.OnlineCMD.from_trajectory(xj[:, :6], 2, num_samples=40)
+    online.update(xj[:, 6])
+    a, _ = online.coefficients()
+    assert isinstance(a, jax.Array) and isinstance(online.weights(), jax.Array)
+    ref_online = cmd.OnlineCMD.from_trajectory(x32[:, :6], 2, num_samples=40)
+    ref_online.update(x32[:, 6])
+    np.testing.assert_allclose(np.asarray(a), ref_online.coefficients()[0], rtol=1e-4, atol=1e-5)
