@@ -265,3 +265,22 @@ def test_get_backend_refuses_non_arrays(value):
 def test_register_backend_validates(module_name, backend, error):
     with pytest.raises(error):
         lc.register_backend(module_name, backend)
+
+
+@pytest.mark.parametrize("xp", [3, "numpy", None, np.ones(3)])
+def test_standard_backend_needs_a_namespace(xp):
+    with pytest.raises(lc.ParameterTypeError, match="`xp`"):
+        lc.StandardBackend(xp)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [({"shape": (8.5, 2)}, lc.ParameterTypeError), ({"shape": (-1, 2)}, lc.ShapeError),
+     ({"shape": 5}, lc.ParameterTypeError), ({"shape": (2, 2), "seed": -1}, lc.ParameterError),
+     ({"shape": (2, 2), "seed": 1.5}, lc.ParameterTypeError)],
+)  # fmt: skip
+def test_standard_random_normal_validates(kwargs, error):
+    backend = lc.get_backend(np.zeros(1))
+    with pytest.raises(error):
+        backend.random_normal(**kwargs)
+    assert backend.random_normal((0, 3), seed=np.int64(1)).shape == (0, 3)

@@ -571,3 +571,14 @@ def test_init_weight_factors_validates_keywords(backend, kwargs, error):
     w = backend.asarray(np.random.default_rng(0).standard_normal((4, 2, 3)))
     with pytest.raises(error):
         li.init_weight_factors(w, 2, **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [({"std": "1"}, lc.ParameterTypeError),
+                                               ({"std": float("nan")}, lc.ParameterError),
+                                               ({"seed": -1}, lc.ParameterError)])  # fmt: skip
+@pytest.mark.parametrize("method", ["spectral", "nonlinear"])
+def test_init_weight_factors_validates_unused_random_options(backend, method, kwargs, error):
+    """std/seed only matter for method='random', but a bad value is refused whatever the method."""
+    w = backend.asarray(np.random.default_rng(0).standard_normal((4, 6)))
+    with pytest.raises(error):
+        li.init_weight_factors(w, 2, method=method, **kwargs)
