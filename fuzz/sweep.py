@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(rows, fh, indent=1)
+    from fuzz.specs import NOT_FUZZED_KINDS, uncovered_names
+
+    gaps = uncovered_names()
+    more = f"; no spec yet: {', '.join(gaps)}" if gaps else ""
+    print(f"\nnot fuzzed: {NOT_FUZZED_KINDS}{more}")
     print(f"\n{len(rows)} cases in {time.monotonic() - t0:.0f} s")
     return rc
 
