@@ -17,6 +17,7 @@ __all__ = [
     "ParameterTypeError",
     "RankError",
     "ShapeError",
+    "SnapshotStoreError",
     "SpectrumError",
 ]
 
@@ -63,3 +64,8 @@ class ParameterTypeError(ParameterError, TypeError):
     Also a ``ParameterError`` (so ``except ParameterError`` catches every bad parameter) and a
     ``TypeError``.
     """
+
+
+class SnapshotStoreError(LowRankError, OSError):
+    """A :class:`~lowrank_core.dldr.SnapshotStore` cannot serve the call: it is closed, its file is
+    locked by another store, was truncated under it, or cannot be created or grown."""
