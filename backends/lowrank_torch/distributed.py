@@ -6,7 +6,8 @@ block of rows of every parameter. Viewing the model's parameters as one flat vec
 :class:`ShardLayout` (the global flat index of every local entry). The methods then scale with the
 shard, not the model:
 
-* **DLDR** (:class:`ShardedSnapshotRecorder`, :class:`ShardedSubspaceSGD`): each rank records and
+* **DLDR** (:class:`ShardedSnapshotRecorder`, :class:`ShardedSubspaceSGD`,
+  :class:`ShardedSubspaceBFGS`): each rank records and
   keeps only its shard of every snapshot. Dot products split over the entries, so the ``t x t`` Gram
   matrix is the all-reduced sum of the ranks' partial Grams (the same matrix on every rank, whose
   small eigenproblem every rank then solves identically); the basis stays sharded, each rank holding
@@ -48,11 +49,14 @@ from lowrank_core.errors import (
 )
 
 from .cmd import CMDConfig
+from .dldr import SubspaceBFGS, SubspaceParametrization
 
 __all__ = [
     "ShardLayout",
     "ShardedCMDTracker",
     "ShardedSnapshotRecorder",
+    "ShardedSubspaceBFGS",
+    "ShardedSubspaceParametrization",
     "ShardedSubspaceSGD",
     "ShardingError",
     "local_tensor",
@@ -257,8 +261,74 @@ class ShardedSnapshotRecorder:
         )
 
 
+class ShardedSubspaceParametrization(SubspaceParametrization):
+    """Sharded parameters as ``w = w0 + P^T c``: each rank holds its shard of ``w``, ``w0`` and ``P``.
+
+    The interface of :class:`~lowrank_torch.dldr.SubspaceParametrization` (``d``, :meth:`set`,
+    :meth:`coordinates`, :meth:`coordinate_grad`), so the subspace optimizers run on it unchanged:
+    ``c`` and ``P g`` are the same ``d`` numbers on every rank (this rank's ``P_shard v_shard``,
+    all-reduced); :meth:`set` writes this rank's shard ``w0 + P_shard^T c`` (no communication).
+    ``subspace``: a sharded one (:meth:`ShardedSnapshotRecorder.fit`); ``origin``: this rank's shard of
+    ``w0`` (the current values by default).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | ShardLayout,
+        subspace: Subspace,
+        origin: Tensor | None = None,
+    ) -> None:
+        layout = _layout(params)
+        if not isinstance(subspace, Subspace):
+            raise ParameterError(
+                f"`subspace` must be a lowrank_core.dldr.Subspace, got {subspace!r}"
+            )
+        if subspace.dim != layout.num_local:
+            raise ShapeError(
+                f"the subspace's basis has {subspace.dim} columns, but this rank holds "
+                f"{layout.num_local} entries (is it the sharded subspace of these parameters?)"
+            )
+        self.layout = layout
+        self.params = list(layout.params)
+        first = layout.locals()[0]
+        dev, dt = first.device, first.dtype
+        self.basis = torch.as_tensor(subspace.basis).to(device=dev, dtype=dt)
+        self.subspace = subspace
+        self.origin = layout.flat().clone() if origin is None else origin.detach().to(dev, dt)
+        if self.origin.shape != (layout.num_local,):
+            raise ShapeError(
+                f"`origin` must have shape ({layout.num_local},), got {tuple(self.origin.shape)}"
+            )
+
+    @property
+    def d(self) -> int:
+        return int(self.basis.shape[0])
+
+    def project(self, v: Tensor) -> Tensor:
+        """``P v`` of a sharded vector ``v`` (this rank's entries): the all-reduced ``d`` numbers."""
+        return self.layout.all_reduce(self.basis @ v)
+
+    def weights(self, c: Tensor) -> Tensor:
+        """This rank's shard of ``w0 + P^T c``."""
+        out: Tensor = self.origin + c @ self.basis
+        return out
+
+    def set(self, c: Tensor) -> None:
+        """Write this rank's shard of ``w0 + P^T c`` into the parameters."""
+        self.layout.write(self.weights(c))
+
+    def coordinates(self) -> Tensor:
+        """``P (w - w0)`` (all-reduced)."""
+        return self.project(self.layout.flat() - self.origin)
+
+    def coordinate_grad(self) -> Tensor:
+        """``P g`` (all-reduced) from this rank's shard of the (already synchronized) gradients."""
+        return self.project(self.layout.flat_grad())
+
+
 class ShardedSubspaceSGD(torch.optim.Optimizer):
-    """SGD with momentum in a sharded subspace: the sharded counterpart of ``lowrank_torch`` P-SGD.
+    """SGD with momentum in a sharded subspace: the sharded counterpart of
+    :class:`~lowrank_torch.dldr.SubspaceSGD`.
 
     ``c`` (``d``, the same on every rank) moves by ``v <- m v + P g``, ``c <- c - lr v``; each rank
     writes its shard ``w0 + P_shard^T c``. ``P g`` is this rank's ``P_shard g_shard`` all-reduced
@@ -277,39 +347,18 @@ class ShardedSubspaceSGD(torch.optim.Optimizer):
         nesterov: bool = False,
         origin: Tensor | None = None,
     ) -> None:
-        if lr <= 0 or not 0.0 <= momentum < 1.0 or weight_decay < 0:
+        if not (lr > 0 and 0.0 <= momentum < 1.0 and weight_decay >= 0):
             raise ParameterError("need lr > 0, 0 <= momentum < 1, weight_decay >= 0")
-        layout = _layout(params)
+        param = ShardedSubspaceParametrization(params, subspace, origin)
         super().__init__(
-            layout.params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+            param.params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         )
-        self.layout = layout
+        self.param = param
+        self.layout = param.layout
         self.nesterov = bool(nesterov)
-        if subspace.dim != layout.num_local:
-            raise ShapeError(
-                f"the subspace's basis has {subspace.dim} columns, but this rank holds "
-                f"{layout.num_local} entries (is it the sharded subspace of these parameters?)"
-            )
-        first = layout.locals()[0]
-        dev, dt = first.device, first.dtype
-        self.basis = torch.as_tensor(subspace.basis).to(device=dev, dtype=dt)
-        self.origin = layout.flat().clone() if origin is None else origin.to(dev, dt)
-        if self.origin.shape != (layout.num_local,):
-            raise ShapeError(
-                f"`origin` must have shape ({layout.num_local},), got {tuple(self.origin.shape)}"
-            )
-        st = self.state[layout.params[0]]
-        st["c"] = self.project(layout.flat() - self.origin)
+        st = self.state[self.layout.params[0]]
+        st["c"] = param.coordinates()
         st["momentum_buffer"] = None
-
-    def project(self, v: Tensor) -> Tensor:
-        """``P v`` of a sharded vector ``v`` (this rank's entries): the all-reduced ``d`` numbers."""
-        return self.layout.all_reduce(self.basis @ v)
-
-    def lift(self, c: Tensor) -> Tensor:
-        """This rank's shard of ``w0 + P^T c`` (no communication)."""
-        out: Tensor = self.origin + c @ self.basis
-        return out
 
     @property
     def coordinates(self) -> Tensor:
@@ -329,15 +378,29 @@ class ShardedSubspaceSGD(torch.optim.Optimizer):
         g = self.layout.flat_grad()
         if group["weight_decay"]:
             g = g + group["weight_decay"] * self.layout.flat()
-        gc = self.project(g)
+        gc = self.param.project(g)
         buf = st["momentum_buffer"]
         mom = group["momentum"]
         buf = gc.clone() if buf is None else mom * buf + gc
         st["momentum_buffer"] = buf
         direction = gc + mom * buf if self.nesterov else buf
         st["c"] = st["c"] - group["lr"] * direction
-        self.layout.write(self.lift(st["c"]))
+        self.param.set(st["c"])
         return loss
+
+
+class ShardedSubspaceBFGS(SubspaceBFGS):
+    """:class:`~lowrank_torch.dldr.SubspaceBFGS` in a sharded subspace (same arguments and steps).
+
+    The ``d x d`` inverse Hessian, the directions and the line search are the same on every rank: the
+    coordinate gradients are all-reduced (:class:`ShardedSubspaceParametrization`) and the loss values
+    averaged over the process group, as under DDP; each rank writes its own shard of every trial point.
+    """
+
+    def _parametrization(
+        self, params: list[Tensor], subspace: Subspace, origin: Tensor | None
+    ) -> SubspaceParametrization:
+        return ShardedSubspaceParametrization(params, subspace, origin)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -400,7 +400,7 @@ class SubspaceBFGS(torch.optim.Optimizer):
         super().__init__(_param_input(params), defaults)
         plist = _tensor_list(_single_group(self))
         _check_bfgs_group(self.param_groups[0])
-        self.param = SubspaceParametrization(plist, subspace, origin)
+        self.param = self._parametrization(plist, subspace, origin)
         self.model = model
         self.average_loss = average_loss
         first = plist[0]
@@ -414,6 +414,12 @@ class SubspaceBFGS(torch.optim.Optimizer):
         st["skipped"] = 0
         st["failed_searches"] = 0
         st["trials"] = 0
+
+    def _parametrization(
+        self, params: list[Tensor], subspace: Subspace, origin: Tensor | None
+    ) -> SubspaceParametrization:
+        """``w = origin + P^T c`` over ``params`` (a sharded optimizer supplies its own here)."""
+        return SubspaceParametrization(params, subspace, origin)
 
     def _value(self, loss: Any, what: str = "closure") -> float:
         if isinstance(loss, Tensor):

@@ -23,6 +23,7 @@ from lowrank_torch.cmd import CMDConfig, CMDTracker
 from lowrank_torch.distributed import (
     ShardedCMDTracker,
     ShardedSnapshotRecorder,
+    ShardedSubspaceBFGS,
     ShardedSubspaceSGD,
     ShardLayout,
 )
@@ -143,6 +144,38 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             "coordinates_diff": _diff(psgd.coordinates, c_ref),
         }
     )
+    # SubspaceBFGS: the same d x d inverse Hessian, directions and line search on every rank
+    bfgs_ref = dldr.SubspaceBFGS(ref.parameters(), sub_ref, model=ref)
+    bfgs = ShardedSubspaceBFGS(model.parameters(), sub, model=model)
+    worst_bfgs, bfgs_losses, bfgs_losses_ref = 0.0, [], []
+    x, y = batch()
+    mine = slice(rank * half, (rank + 1) * half)
+    for _ in range(4):
+        for net, o, xb, yb, losses in (
+            (ref, bfgs_ref, x, y, bfgs_losses_ref),
+            (model, bfgs, x[mine], y[mine], bfgs_losses),
+        ):
+
+            def closure(net=net, o=o, xb=xb, yb=yb):
+                o.zero_grad()
+                loss = nn.functional.cross_entropy(net(xb), yb)
+                loss.backward()
+                return loss
+
+            losses.append(float(o.step(closure)))
+        worst_bfgs = max(worst_bfgs, _diff(layout.flat(), ref_flat()))
+    st_ref = bfgs_ref.state[next(iter(ref.parameters()))]
+    st = bfgs.state[next(iter(model.parameters()))]
+    report_dldr.update(
+        {
+            "bfgs_diff": worst_bfgs,
+            "bfgs_H_diff": _diff(st["H"], st_ref["H"]),
+            "bfgs_first_loss_ref": bfgs_losses_ref[0],  # this rank's half vs the whole batch:
+            "bfgs_last_loss_ref": bfgs_losses_ref[-1],  # compared through the reference's losses
+            "bfgs_updates": int(st["updates"]),
+            "bfgs_updates_ref": int(st_ref["updates"]),
+        }
+    )
     refused = []  # bad input: clear errors from the LowRankError hierarchy
     for make in (
         partial(ShardLayout, ref.parameters()),  # plain tensors: not sharded
@@ -154,7 +187,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         except LowRankError as exc:
             refused.append(type(exc).__name__)
     report = {"rank": rank, **report_cmd, **report_dldr, "refused": refused}
-    del model, opt, psgd, layout, rec, cmd
+    del model, opt, psgd, bfgs, layout, rec, cmd
     finish(rank, out, report)
 
 

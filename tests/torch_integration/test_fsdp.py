@@ -47,6 +47,10 @@ def test_sharded_dldr_equals_single_process(sharded_reports):
         assert rep["coordinates_diff"] <= TOL, rep
         assert rep["subspace_sgd_diff"] <= TOL, rep
         assert rep["subspace_sgd_moved"] > 1e-3  # the subspace steps really moved the weights
+        assert rep["bfgs_diff"] <= TOL, rep  # sharded SubspaceBFGS: the same steps
+        assert rep["bfgs_H_diff"] <= TOL, rep
+        assert rep["bfgs_updates"] == rep["bfgs_updates_ref"] >= 1, rep
+        assert rep["bfgs_last_loss_ref"] < rep["bfgs_first_loss_ref"], rep
     assert total_local == sharded_reports[0]["global_entries"]  # the shards cover the model
 
 
