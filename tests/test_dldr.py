@@ -698,3 +698,162 @@ def test_hypothesis_profiles():
     assert ci.derandomize is True
     assert fuzz.derandomize is False
     assert fuzz.max_examples > ci.max_examples
+
+
+# --------------------------------------------------------------------------------------------------
+# validation gaps: clear library errors, nothing mutated
+# --------------------------------------------------------------------------------------------------
+def test_subspace_from_gram_validates_its_inputs(backend):
+    X = trajectory(1, 8, 40, 2)
+    Y = X - X[0]
+    G, centre = Y @ Y.T, X.mean(axis=0)
+    Yb, cb = backend.asarray(Y, "float64"), backend.asarray(centre, "float64")
+
+    def rows():
+        yield 0, Yb
+
+    before = snapshot(backend, Yb, cb)
+    sub = dl.subspace_from_gram(G, 2, rows, centre=cb)
+    assert sub.d == 2
+    bad_g = G.copy()
+    bad_g[1, 2] = np.nan
+    asym = G.copy()
+    asym[0, 1] += 1.0
+    cases = [
+        ({"gram": bad_g}, NonFiniteError),
+        ({"gram": asym}, ParameterError),
+        ({"gram": G[:3]}, ShapeError),
+        ({"gram": G.astype(np.int64)}, DTypeError),
+        ({"gram": "G"}, ArrayTypeError),
+        ({"d": 2.5}, RankError),
+        ({"d": True}, RankError),
+        ({"d": 8}, RankError),
+        ({"rows": [(0, Yb)]}, ParameterTypeError),
+        ({"rows": lambda: iter([(0, Yb[:3, :])])}, ShapeError),
+        ({"rows": lambda: iter([(1, Yb)])}, ShapeError),
+        ({"rows": lambda: iter([(0, Yb[:, :5])])}, ShapeError),
+        ({"rows": lambda: iter([Yb])}, ParameterTypeError),
+        ({"centre": backend.asarray(np.full(40, np.inf), "float64")}, NonFiniteError),
+        ({"centre": cb[:5]}, ShapeError),
+        ({"orthonormalize": 1}, ParameterTypeError),
+        ({"reduce": 3}, ParameterTypeError),
+    ]
+    for change, error in cases:
+        kw: dict = {"gram": G, "d": 2, "rows": rows, "centre": cb, **change}
+        with pytest.raises(error):
+            dl.subspace_from_gram(kw.pop("gram"), kw.pop("d"), kw.pop("rows"), **kw)
+    assert_unchanged(backend, before, Yb, cb)
+    assert dl.subspace_from_gram(G, np.int64(2), rows, centre=cb).d == 2
+
+
+def test_bfgs_with_mixed_dtypes_promotes(backend):
+    """Mixed float32 / float64 arrays (a generic library error before) compute in float64."""
+    H = backend.asarray(np.eye(3), "float32")
+    g = backend.asarray([1.0, 2.0, 3.0], "float64")
+    p = dl.bfgs_direction(H, g)
+    assert str(p.dtype).endswith("float64")
+    np.testing.assert_allclose(to_np(backend, p), [-1.0, -2.0, -3.0])
+    s = backend.asarray([1.0, 0.0, 0.0], "float32")
+    y = backend.asarray([2.0, 0.5, 0.0], "float64")
+    Hn, ok = dl.bfgs_update(H, s, y)
+    assert ok
+    np.testing.assert_allclose(to_np(backend, Hn) @ [2.0, 0.5, 0.0], [1.0, 0.0, 0.0], atol=1e-6)
+    with pytest.raises(NonFiniteError):
+        dl.bfgs_direction(backend.asarray(np.full((3, 3), np.nan), "float64"), g)
+    with pytest.raises(DTypeError):
+        dl.bfgs_direction(backend.asarray(np.eye(3), "int64"), g)
+    with pytest.raises(ShapeError):
+        dl.bfgs_direction(backend.asarray(np.eye(3)[:2], "float64"), g)
+    for bad in (float("nan"), -1.0, "1e-8", None, True):
+        with pytest.raises(ParameterError):
+            dl.bfgs_update(H, s, y, eps=bad)  # type: ignore[arg-type]
+
+
+def test_armijo_refuses_non_numbers():
+    for bad in ("1.0", None, 1j, True, [1.0], np.array([1.0, 2.0])):
+        with pytest.raises(ParameterTypeError):
+            dl.armijo_condition(bad, 1.0, 1.0, -1.0)  # type: ignore[arg-type]
+        with pytest.raises(ParameterError):
+            dl.armijo_condition(0.5, bad, 1.0, -1.0)  # type: ignore[arg-type]
+        with pytest.raises(ParameterError):
+            dl.armijo_backtracking(lambda a: 0.0, 1.0, bad)  # type: ignore[arg-type]
+        with pytest.raises(ParameterTypeError):
+            dl.armijo_backtracking(lambda a, b=bad: b, 1.0, -1.0)  # type: ignore[misc]
+    for bad_alpha in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ParameterError):
+            dl.armijo_condition(0.5, 1.0, bad_alpha, -1.0)
+    with pytest.raises(NonFiniteError):
+        dl.armijo_condition(0.5, float("nan"), 1.0, -1.0)
+    with pytest.raises(NonFiniteError):
+        dl.armijo_condition(0.5, 1.0, 1.0, float("inf"))
+    for kw in ({"c1": 1.5}, {"shrink": 0.0}, {"alpha0": float("nan")}, {"max_trials": 2.5},
+               {"max_trials": True}, {"max_trials": 0}):  # fmt: skip
+        with pytest.raises(ParameterError):
+            dl.armijo_backtracking(lambda a: 0.0, 1.0, -1.0, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ParameterTypeError):
+        dl.armijo_backtracking(3.0, 1.0, -1.0)  # type: ignore[arg-type]
+    # NumPy scalars and 0-d arrays are numbers; a NaN trial is a rejection
+    res = dl.armijo_backtracking(
+        lambda a: np.float32(0.0) if a < 0.5 else np.array(np.nan), np.float64(1.0),
+        np.float32(-1.0), max_trials=np.int64(5), c1=np.float32(0.4),
+    )  # fmt: skip
+    assert res.accepted and res.trials == 2 and res.alpha == pytest.approx(0.4)
+    assert dl.armijo_condition(np.float32(0.0), 1.0, np.float64(1.0), -1.0)
+    assert not dl.armijo_condition(float("inf"), 1.0, 1.0, -1.0)
+
+
+def test_centred_gram_and_subspace_refuse_non_finite(backend):
+    X = trajectory(4, 6, 30, 2)
+    Xb = backend.asarray(X, "float64")
+    bad = np.eye(4)
+    bad[0, 0] = np.inf
+    with pytest.raises(NonFiniteError):
+        dl.centred_gram(backend.asarray(bad, "float64"))
+    sub = dl.fit_subspace(Xb, 2)
+    w_nan = X[1].copy()
+    w_nan[3] = np.nan
+    wb = backend.asarray(w_nan, "float64")
+    cb = backend.asarray([np.nan, 1.0], "float64")
+    before = snapshot(backend, wb, cb)
+    for call in (
+        lambda: sub.project(wb),
+        lambda: sub.project_direction(wb),
+        lambda: sub.project(Xb[1, :], origin=wb),
+        lambda: sub.lift(cb),
+        lambda: sub.lift_direction(cb),
+        lambda: sub.lift(backend.asarray([1.0, 1.0], "float64"), origin=wb),
+    ):
+        with pytest.raises(NonFiniteError):
+            call()
+    assert_unchanged(backend, before, wb, cb)
+    for call in (
+        lambda: sub.project(Xb[:, :5]),
+        lambda: sub.project_direction(backend.asarray(np.ones((2, 3, 30)), "float64")),
+        lambda: sub.lift(backend.asarray(np.ones((2, 3)), "float64")),
+        lambda: sub.lift_direction(backend.asarray(np.ones(()), "float64")),
+        lambda: sub.project(Xb[1, :], origin=Xb),
+    ):
+        with pytest.raises(ShapeError):
+            call()
+    # opting out of the check keeps the old pass-through (for hot loops that check elsewhere)
+    assert np.isnan(to_np(backend, sub.project_direction(wb, check_finite=False))).all()
+    with pytest.raises(ParameterTypeError):
+        sub.project(Xb[1, :], check_finite="no")  # type: ignore[arg-type]
+
+
+def test_counts_refuse_floats_and_bools_accept_numpy_integers(backend):
+    X = trajectory(5, 10, 40, 2)
+    Xb = backend.asarray(X, "float64")
+    for d in (2.5, True, 2.0, "2", None):
+        with pytest.raises(RankError):
+            dl.fit_subspace(Xb, d)  # type: ignore[arg-type]
+    assert dl.fit_subspace(Xb, np.int64(2)).d == 2
+    for kw in ({"oversample": 2.5}, {"power_iterations": True}, {"seed": 1.5},
+               {"check_finite": 1}, {"orthonormalize": None}):  # fmt: skip
+        with pytest.raises(ParameterError):
+            dl.fit_subspace(Xb, 2, method="randomized", **kw)  # type: ignore[arg-type]
+    sub = dl.fit_subspace(
+        Xb, np.int32(2), method="randomized", oversample=np.int64(3), power_iterations=np.int8(1)
+    )
+    assert sub.d == 2
+    assert dl.curvature_ok(Xb[0, :], Xb[0, :], eps=np.float32(1e-6))
