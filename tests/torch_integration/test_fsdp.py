@@ -97,3 +97,36 @@ def test_oialr_under_fsdp2_matches_single_process_with_identical_factors(tmp_pat
         assert len(rep["refused"]) == 2, rep["refused"]
         assert "root module sharded with fully_shard" in rep["refused"][0]
         assert "0 is eligible for OIALR but not an FSDP unit of its own" in rep["refused"][1]
+
+
+@pytest.mark.parametrize(
+    "dense",
+    [
+        lambda: torch.nn.Linear(6, 5),
+        lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2),
+        lambda: torch.nn.Conv1d(3, 4, 2, bias=False),
+    ],
+)
+def test_rebuilt_layer_is_the_same_layer_at_its_new_factors(dense):
+    """FSDP rank updates rebuild each layer (a new FSDP unit): same kind, settings and function."""
+    from lowrank_torch.convert import to_low_rank
+    from lowrank_torch.fsdp import _rebuild
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(dense())
+    layer = to_low_rank(model, keep_last=False, min_aspect=0.0)["0"]
+    layer.forward_mode = "factorized"
+    U, S, V = (t.detach() for t in (layer.U, layer.sigma, layer.V))
+    bias = None if layer.bias is None else layer.bias.detach()
+    new = _rebuild(layer, U, S, V, bias)
+    assert type(new) is type(layer) and new.forward_mode == "factorized"
+    assert new.weight_shape == layer.weight_shape and new.groups == layer.groups
+    spatial = len(new.weight_shape) - 2  # a conv: an input with channels and a spatial size
+    if spatial:
+        x = torch.randn(2, layer.weight_shape[1] * layer.groups, *([7] * spatial))
+    else:
+        x = torch.randn(2, layer.cols)
+    torch.testing.assert_close(new(x), layer(x), rtol=0, atol=0)
+    r = layer.rank - 1  # a smaller rank: the new layer holds the truncated factors
+    small = _rebuild(layer, U[..., :r], S[..., :r, :r], V[..., :r], bias)
+    assert small.rank == r and small.sigma.shape[-1] == r
