@@ -37,9 +37,28 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_core import cmd as core
-from lowrank_core.errors import NonFiniteError
+from lowrank_core._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+    describe,
+)
+from lowrank_core.errors import (
+    DeviceMismatchError,
+    LowRankError,
+    NonFiniteError,
+    ParameterError,
+    ParameterTypeError,
+    RankError,
+)
 
-__all__ = ["CMDConfig", "CMDTracker"]
+__all__ = ["CMDConfig", "CMDTracker", "NotFittedError"]
+
+
+class NotFittedError(LowRankError, RuntimeError):
+    """A result of :class:`CMDTracker` was asked for before the warm-up epochs were over."""
 
 
 @dataclass(frozen=True)
@@ -49,15 +68,20 @@ class CMDConfig:
     - ``warmup_epochs`` (``F``, 20): epochs recorded before the modes are fitted (>= 2);
     - ``max_modes`` (``M``, 10) or ``tol``: the number of modes, or the automatic choice (the smallest
       ``M`` whose relative error on the sample is <= ``tol``); ``tol`` wins when both are set;
-    - ``num_samples`` (``K``, 1000), ``seed``, ``metric`` (``'correlation'``: distance ``1 - |corr|``;
-      ``'euclidean'``: the paper's distance between rows of ``|corr|``), ``chunk_size``: see
-      :func:`lowrank_core.cmd.fit_cmd`;
+    - ``num_samples`` (``K``, 1000), ``seed``, ``metric`` (``'euclidean'``, the default: the paper's
+      distance between rows of ``|corr|``; ``'correlation'``: distance ``1 - |corr|``), ``chunk_size``:
+      see :func:`lowrank_core.cmd.fit_cmd`;
     - ``warmup_device``: where the warm-up trajectory lives (``None``: the parameters' device);
     - ``dtype``: dtype of the CMD state (``None``: float64 for float64 parameters, else float32);
     - ``embed``, ``embed_every`` (``L``, 10), ``embed_fraction`` (``P``, 0.1): embedded CMD: every ``L``
       epochs after the fit, the ``ceil(P N)`` parameters whose ``(a, b)`` moved least since the last
       embedding are embedded; embedded parameters are overwritten by their model ``a r(t) + b`` after
       every epoch.
+
+    Every field is validated at construction (``ParameterError`` / ``ParameterTypeError``, ``RankError``
+    for ``max_modes`` and ``num_samples``): integers must be integers (NumPy integer scalars are accepted,
+    ``2.5`` and ``True`` are not), fractions real numbers in range (NumPy floats accepted). Values are
+    stored in plain Python form, so :func:`dataclasses.asdict` is what ``torch.save`` can write.
     """
 
     warmup_epochs: int = 20
@@ -65,7 +89,7 @@ class CMDConfig:
     tol: float | None = None
     num_samples: int = 1000
     seed: int = 0
-    metric: core.Metric = "correlation"
+    metric: core.Metric = core.DEFAULT_METRIC
     chunk_size: int = core.DEFAULT_CHUNK_SIZE
     warmup_device: str | None = "cpu"
     dtype: str | None = None
@@ -74,16 +98,55 @@ class CMDConfig:
     embed_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if isinstance(self.warmup_epochs, bool) or int(self.warmup_epochs) < 2:
-            raise ValueError(f"`warmup_epochs` must be an int >= 2, got {self.warmup_epochs!r}")
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)  # frozen: store the canonical form
+
+        put("warmup_epochs", check_int("warmup_epochs", self.warmup_epochs, min=2))
+        put(
+            "max_modes",
+            check_int(
+                "max_modes",
+                self.max_modes,
+                min=1,
+                optional=True,
+                error=RankError,
+                type_error=RankError,
+            ),
+        )
+        put("tol", check_float("tol", self.tol, min=0.0, max=1.0, optional=True))
         if self.max_modes is None and self.tol is None:
-            raise ValueError("give `max_modes` or `tol`")
-        if int(self.embed_every) < 1:
-            raise ValueError(f"`embed_every` must be >= 1, got {self.embed_every}")
-        if not 0.0 < float(self.embed_fraction) <= 1.0:
-            raise ValueError(f"`embed_fraction` must lie in (0, 1], got {self.embed_fraction}")
-        if self.dtype not in (None, "float32", "float64"):
-            raise ValueError(f"`dtype` must be None, 'float32' or 'float64', got {self.dtype!r}")
+            raise ParameterError("give `max_modes` or `tol`")
+        put(
+            "num_samples",
+            check_int(
+                "num_samples", self.num_samples, min=1, error=RankError, type_error=RankError
+            ),
+        )
+        put("seed", check_seed("seed", self.seed))
+        put("metric", check_choice("metric", self.metric, core.METRICS))
+        put("chunk_size", check_int("chunk_size", self.chunk_size, min=1))
+        device: object = self.warmup_device
+        if isinstance(device, torch.device):
+            device = str(device)
+        if device is not None:
+            if not isinstance(device, str):
+                raise ParameterTypeError(
+                    f"`warmup_device` must be None, a device string or a torch.device, got "
+                    f"{describe(device)}"
+                )
+            try:
+                torch.device(device)
+            except (RuntimeError, ValueError) as exc:
+                raise ParameterError(f"`warmup_device` {device!r} is not a device: {exc}") from None
+        put("warmup_device", device)
+        if self.dtype is not None:
+            check_choice("dtype", self.dtype, ("float32", "float64"))
+        put("embed", check_bool("embed", self.embed))
+        put("embed_every", check_int("embed_every", self.embed_every, min=1))
+        put(
+            "embed_fraction",
+            check_float("embed_fraction", self.embed_fraction, min=0.0, max=1.0, min_open=True),
+        )
 
 
 def _trainable(model: nn.Module | Iterable[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
@@ -91,6 +154,11 @@ def _trainable(model: nn.Module | Iterable[nn.Parameter]) -> list[tuple[str, nn.
         named = list(model.named_parameters())
     else:
         named = [(str(i), p) for i, p in enumerate(model)]
+        for name, p in named:
+            if not isinstance(p, torch.Tensor):
+                raise ParameterTypeError(
+                    f"`model` must yield parameters (tensors); item {name} is {describe(p)}"
+                )
     return [(n, p) for n, p in named if p.requires_grad and torch.is_floating_point(p)]
 
 
@@ -104,16 +172,29 @@ class CMDTracker:
     def __init__(
         self, model: nn.Module | Iterable[nn.Parameter], config: CMDConfig | None = None
     ) -> None:
+        if config is not None and not isinstance(config, CMDConfig):
+            raise ParameterTypeError(
+                f"`config` must be a CMDConfig or None, got {describe(config)}"
+            )
+        if isinstance(model, (str, bytes, torch.Tensor)) or not isinstance(
+            model, (nn.Module, Iterable)
+        ):
+            raise ParameterTypeError(
+                f"`model` must be an nn.Module or an iterable of parameters, got {describe(model)}"
+            )
+        named = _trainable(model)
+        if not named:
+            raise ParameterError("the model has no trainable floating-point parameters")
+        params = [p for _, p in named]
+        device = params[0].device
+        if any(p.device != device for p in params):
+            raise DeviceMismatchError("CMD needs every trainable parameter on one device")
         self.config = config or CMDConfig()
-        self._named = _trainable(model)
-        if not self._named:
-            raise ValueError("the model has no trainable floating-point parameters")
-        self.params = [p for _, p in self._named]
+        self._named = named
+        self.params = params
         self.sizes = [p.numel() for p in self.params]
         self.num_params = sum(self.sizes)
-        self.device = self.params[0].device
-        if any(p.device != self.device for p in self.params):
-            raise ValueError("CMD needs every trainable parameter on one device")
+        self.device = device
         if self.config.dtype is not None:
             self.dtype = getattr(torch, self.config.dtype)
         else:
@@ -227,7 +308,7 @@ class CMDTracker:
 
     def _require(self) -> core.OnlineCMD:
         if self.state is None:
-            raise RuntimeError(
+            raise NotFittedError(
                 f"CMD is not fitted yet ({self.epochs_seen} of {self.config.warmup_epochs} "
                 "warm-up epochs seen)"
             )
@@ -294,25 +375,98 @@ class CMDTracker:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (tensors are moved to this model's device)."""
-        if int(state["num_params"]) != self.num_params:
-            raise ValueError(
-                f"the CMD state covers {state['num_params']} parameters, this model has "
-                f"{self.num_params}"
+        """Restore :meth:`state_dict` (tensors are moved to this model's device).
+
+        Everything is validated before anything is changed: a state that does not fit (another model,
+        missing or unexpected keys, tensors of the wrong kind, an invalid config or core state) raises a
+        :class:`~lowrank_core.errors.LowRankError` and leaves the tracker exactly as it was.
+        """
+        if not isinstance(state, dict):
+            raise ParameterTypeError(f"the CMD state must be a dict, got {describe(state)}")
+        keys = {
+            "config",
+            "num_params",
+            "epochs_seen",
+            "fit_epoch",
+            "warmup",
+            "embedded",
+            "prev",
+            "core",
+        }
+        missing = sorted(keys - set(state))
+        if missing:
+            raise ParameterError(f"the CMD state is missing {missing}")
+        extra = sorted(str(k) for k in set(state) - keys)
+        if extra:
+            raise ParameterError(f"the CMD state has unexpected keys {extra}")
+        num_params = check_int("num_params", state["num_params"], min=1)
+        if num_params != self.num_params:
+            raise ParameterError(
+                f"the CMD state covers {num_params} parameters, this model has {self.num_params}"
             )
-        self.config = CMDConfig(**state["config"])
-        self.epochs_seen = int(state["epochs_seen"])
-        self._fit_epoch = int(state["fit_epoch"])
-        self._warmup = state["warmup"]
-        self.embedded = None if state["embedded"] is None else state["embedded"].to(self.device)
+        if not isinstance(state["config"], dict):
+            raise ParameterTypeError(f"`config` must be a dict, got {describe(state['config'])}")
+        try:
+            config = CMDConfig(**state["config"])
+        except TypeError as exc:  # unknown field names
+            raise ParameterError(f"the CMD state's config does not fit CMDConfig: {exc}") from None
+        epochs_seen = check_int("epochs_seen", state["epochs_seen"], min=0)
+        fit_epoch = check_int("fit_epoch", state["fit_epoch"], min=0)
+        warmup = state["warmup"]
+        if warmup is not None and (
+            not isinstance(warmup, Tensor)
+            or warmup.shape != (self.num_params, config.warmup_epochs)
+            or not torch.is_floating_point(warmup)
+        ):
+            raise ParameterError(
+                f"`warmup` must be None or a floating ({self.num_params}, {config.warmup_epochs}) "
+                f"tensor, got {describe(warmup)}"
+            )
+        embedded = state["embedded"]
+        if embedded is not None and (
+            not isinstance(embedded, Tensor)
+            or embedded.shape != (self.num_params,)
+            or embedded.dtype != torch.bool
+        ):
+            raise ParameterError(
+                f"`embedded` must be None or a bool ({self.num_params},) tensor, got {describe(embedded)}"
+            )
         prev = state["prev"]
-        self._prev = None if prev is None else (prev[0].to(self.device), prev[1].to(self.device))
-        if state["core"] is None:
-            self.state = None
-        else:
+        if prev is not None and (
+            not isinstance(prev, (list, tuple))
+            or len(prev) != 2
+            or not all(
+                isinstance(v, Tensor)
+                and v.shape == (self.num_params,)
+                and torch.is_floating_point(v)
+                for v in prev
+            )
+        ):
+            raise ParameterError(
+                f"`prev` must be None or two floating ({self.num_params},) tensors, got {describe(prev)}"
+            )
+        new_state: core.OnlineCMD | None = None
+        if state["core"] is not None:
+            if not isinstance(state["core"], dict):
+                raise ParameterTypeError(f"`core` must be a dict, got {describe(state['core'])}")
             core_state = dict(state["core"])
-            core_state["references"] = np.asarray(core_state["references"].cpu(), dtype=np.int64)
-            self.state = _to_device(core.OnlineCMD.from_state_dict(core_state), self.device)
+            refs = core_state.get("references")
+            if isinstance(refs, Tensor):
+                core_state["references"] = np.asarray(refs.detach().cpu())
+            new_state = _to_device(core.OnlineCMD.from_state_dict(core_state), self.device)
+            if new_state.num_params != self.num_params:
+                raise ParameterError(
+                    f"the core CMD state covers {new_state.num_params} parameters, this model has "
+                    f"{self.num_params}"
+                )
+        # everything checked: apply
+        self.config = config
+        self.epochs_seen = epochs_seen
+        self._fit_epoch = fit_epoch
+        self._warmup = warmup
+        self.embedded = None if embedded is None else embedded.to(self.device)
+        self._prev = None if prev is None else (prev[0].to(self.device), prev[1].to(self.device))
+        self.state = new_state
 
 
 def _to_device(state: core.OnlineCMD, device: torch.device) -> core.OnlineCMD:

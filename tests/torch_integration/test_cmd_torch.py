@@ -13,8 +13,15 @@ torch = pytest.importorskip("torch")
 from _ddp import run_workers  # noqa: E402
 from torch import nn  # noqa: E402
 
+from lowrank_core.errors import (  # noqa: E402
+    DeviceMismatchError,
+    LowRankError,
+    ParameterError,
+    ParameterTypeError,
+    RankError,
+)
 from lowrank_reference import cmd as ref  # noqa: E402
-from lowrank_torch.cmd import CMDConfig, CMDTracker  # noqa: E402
+from lowrank_torch.cmd import CMDConfig, CMDTracker, NotFittedError  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -106,6 +113,8 @@ def test_swap_before_the_fit_changes_nothing():
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     with pytest.raises(RuntimeError, match="not fitted"):
         cmd.cmd_weights()
+    with pytest.raises(NotFittedError):  # a LowRankError too
+        cmd.coefficients()
 
 
 def test_state_memory_does_not_grow_with_epochs():
@@ -182,6 +191,115 @@ def test_config_validation():
         CMDConfig(embed_fraction=0.0)
     with pytest.raises(ValueError, match="no trainable"):
         CMDTracker(nn.ReLU())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"warmup_epochs": 2.5},
+        {"warmup_epochs": True},
+        {"warmup_epochs": "20"},
+        {"max_modes": 2.5},
+        {"max_modes": True},
+        {"max_modes": 0},
+        {"tol": float("nan")},
+        {"tol": 1.5},
+        {"tol": "0.1"},
+        {"num_samples": 2.5},
+        {"num_samples": 0},
+        {"seed": -1},
+        {"seed": 0.5},
+        {"metric": "cosine"},
+        {"metric": None},
+        {"chunk_size": 0},
+        {"chunk_size": 1.5},
+        {"warmup_device": 3},
+        {"warmup_device": "no-such-device"},
+        {"dtype": "float16"},
+        {"dtype": 32},
+        {"embed": 1},
+        {"embed": "yes"},
+        {"embed_every": 0},
+        {"embed_every": 2.5},
+        {"embed_fraction": 0.0},
+        {"embed_fraction": 1.5},
+        {"embed_fraction": float("nan")},
+        {"embed_fraction": "0.1"},
+    ],
+)
+def test_config_refuses_bad_values_at_construction(kwargs):
+    # regression: 2.5 was truncated, True taken as 1, NaN/str/None failed only at the first fit
+    with pytest.raises(LowRankError):
+        CMDConfig(**kwargs)
+
+
+def test_config_accepts_numpy_scalars_and_stores_plain_values():
+    cfg = CMDConfig(
+        warmup_epochs=np.int64(3), max_modes=np.int32(2), num_samples=np.int64(100),
+        seed=np.int64(1), embed_fraction=np.float32(0.25), warmup_device=torch.device("cpu"),
+    )  # fmt: skip
+    assert type(cfg.warmup_epochs) is int and cfg.warmup_epochs == 3
+    assert type(cfg.max_modes) is int and type(cfg.num_samples) is int and type(cfg.seed) is int
+    assert type(cfg.embed_fraction) is float and cfg.embed_fraction == 0.25
+    assert cfg.warmup_device == "cpu"
+    assert cfg == CMDConfig(
+        warmup_epochs=3, max_modes=2, num_samples=100, seed=1, embed_fraction=0.25
+    )
+    assert (
+        CMDConfig().metric == "euclidean"
+    )  # the paper's distance (measured: benchmarks/cmd_distance.py)
+    with pytest.raises(RankError):
+        CMDConfig(max_modes=2.0)
+
+
+def test_tracker_arguments_and_errors_are_library_errors():
+    with pytest.raises(ParameterTypeError):
+        CMDTracker(_model(), config={"warmup_epochs": 3})
+    with pytest.raises(ParameterTypeError):
+        CMDTracker("model")
+    with pytest.raises(ParameterTypeError):
+        CMDTracker([1.0, 2.0])
+    with pytest.raises(ParameterError, match="no trainable"):
+        CMDTracker(nn.ReLU())
+    with pytest.raises(DeviceMismatchError):
+        CMDTracker([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
+
+
+def test_load_state_dict_refuses_bad_states_and_changes_nothing():
+    cfg = CMDConfig(warmup_epochs=3, max_modes=2, num_samples=100, embed=True, embed_every=2)
+    _, cmd, _ = _run(cfg, epochs=5)
+    good = cmd.state_dict()
+    _, other, _ = _run(CMDConfig(warmup_epochs=4, max_modes=2, num_samples=100), epochs=2, seed=1)
+    before = other.state_dict()
+    core = good["core"]
+    bad_states = [
+        "state",
+        {k: v for k, v in good.items() if k != "core"},
+        {**good, "extra": 1},
+        {**good, "num_params": 2.5},
+        {**good, "num_params": good["num_params"] + 1},
+        {**good, "config": {**good["config"], "max_modes": 2.5}},
+        {**good, "config": {**good["config"], "colour": "red"}},
+        {**good, "config": "cfg"},
+        {**good, "epochs_seen": -1},
+        {**good, "fit_epoch": "3"},
+        {**good, "warmup": torch.zeros(3)},
+        {**good, "embedded": torch.zeros(good["num_params"])},
+        {**good, "prev": [core["w_mean"]]},
+        {**good, "core": {**core, "w_mean": core["w_mean"][:-1]}},
+        {**good, "core": {**core, "references": core["references"].double()}},
+        {**good, "core": {**core, "c_wr": core["c_wr"] * float("nan")}},
+        {**good, "core": {k: v for k, v in core.items() if k != "r_m2"}},
+        {**good, "core": "core"},
+    ]
+    for bad in bad_states:
+        with pytest.raises(LowRankError):
+            other.load_state_dict(bad)  # type: ignore[arg-type]
+        after = other.state_dict()
+        assert after["config"] == before["config"] and after["epochs_seen"] == before["epochs_seen"]
+        assert torch.equal(after["warmup"], before["warmup"]) and after["core"] is None
+    other.load_state_dict(good)
+    assert other.fitted
 
 
 def test_auto_modes_from_tolerance():
