@@ -32,7 +32,9 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
-    x = x / 16.0  # raw pixels in [0, 1]: border pixels are 0 in every image, their weights never move
+    x = (
+        x / 16.0
+    )  # raw pixels in [0, 1]: border pixels are 0 in every image, their weights never move
     rng = np.random.default_rng(0)
     order = rng.permutation(len(y))
     cut = int(0.7 * len(y))
