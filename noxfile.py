@@ -233,3 +233,57 @@ def docs(session: nox.Session) -> None:
     session.run("python", "docs/figures.py", env=env)
     session.run("python", "docs/backend_matrix.py", env=env)
     session.run("mkdocs", "build", "--strict", *session.posargs, env=env)
+
+
+def _readme_python_blocks() -> list[str]:
+    """The ```python blocks of README.md (the quick starts), in order."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"^```python[^\n]*\n(.*?)^```[ \t]*$", text, re.M | re.S)
+
+
+@nox.session
+def package(session: nox.Session) -> None:
+    """Build the sdist and wheel, check them, install the wheel alone and run the quick starts.
+
+    twine checks the metadata; the wheel must hold every package's py.typed and no tests or
+    benchmarks; then the wheel (with its `demo` extra, torch pinned to the CPU build) is installed
+    into this session's fresh environment and, from a directory outside the source tree, the README's
+    quick starts and `lowrank-compare --help` run against the installed copy."""
+    import tempfile
+    import zipfile
+
+    install(session, *group("package"))
+    tmp = Path(tempfile.mkdtemp(prefix="lowrank-package-"))
+    dist = tmp / "dist"
+    session.run("python", "-m", "build", "--outdir", str(dist), str(ROOT))
+    artifacts = sorted(str(p) for p in dist.iterdir())
+    session.run("twine", "check", "--strict", *artifacts)
+    wheels = [p for p in dist.iterdir() if p.suffix == ".whl"]
+    if len(wheels) != 1:
+        session.error(f"expected one wheel, got {wheels}")
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    for pkg in ("lowrank_core", "lowrank_torch", "lowrank_cupy", "lowrank_reference"):
+        if f"{pkg}/py.typed" not in names:
+            session.error(f"the wheel has no {pkg}/py.typed")
+    stray = [
+        n for n in names if n.split("/")[0] in ("tests", "benchmarks", "examples", "docs", "fuzz")
+    ]
+    if stray:
+        session.error(f"the wheel must not contain tests or benchmarks: {stray[:5]}")
+    session.log(f"{wheels[0].name}: {len(names)} files, py.typed present, no tests/benchmarks")
+    install(session, f"{wheels[0]}[demo]")
+    run_dir = tmp / "run"
+    run_dir.mkdir()
+    session.chdir(run_dir)  # the source tree is not importable from here
+    session.run(
+        "python",
+        "-c",
+        "import lowrank_core, lowrank_torch; print(lowrank_core.__version__, lowrank_core.__file__)",
+    )
+    for i, block in enumerate(_readme_python_blocks()):
+        script = run_dir / f"quickstart_{i}.py"
+        script.write_text(block, encoding="utf-8")
+        session.run("python", str(script), env={"OMP_NUM_THREADS": "1"})
+    session.run("lowrank-compare", "--help")

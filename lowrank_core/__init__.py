@@ -66,7 +66,7 @@ from .stability import (
 )
 from .views import matrix_shape, matrix_to_weight, weight_to_matrix
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "ArrayTypeError",

@@ -242,3 +242,13 @@ def test_oialr_method_runs_when_available(mnist):
     )
     assert 0.0 < r.trainable_share < 1.0
     assert r.trainable_params < r.dense_params
+
+
+def test_cli_defaults_to_one_thread_and_names_itself(monkeypatch):
+    """One thread by default (the shared-machine collapse of torch's default); usage says the command."""
+    assert cli.parse_args([]).threads == 1
+    assert cli.parse_args(["--threads", "2"]).threads == 2
+    monkeypatch.setattr(cli.sys, "argv", ["/venv/bin/lowrank-compare", "--help"])
+    assert cli._prog() == "lowrank-compare"
+    monkeypatch.setattr(cli.sys, "argv", ["/x/lowrank_torch/demo/__main__.py"])
+    assert cli._prog() == "python -m lowrank_torch.demo"

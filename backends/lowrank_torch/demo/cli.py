@@ -34,9 +34,23 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _prog() -> str:
+    """The name the user typed: ``lowrank-compare`` for the console script, else the module form."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return (
+        "lowrank-compare" if name.startswith("lowrank-compare") else "python -m lowrank_torch.demo"
+    )
+
+
+# One CPU thread by default: these models are small, and torch's default (one thread per core, with
+# OpenMP spin-waiting) collapses on a shared machine: the MLP's dense run took 514 s with two threads
+# beside other busy processes and 89 s with one (it is as fast alone on an idle machine).
+DEFAULT_THREADS = 1
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m lowrank_torch.demo",
+        prog=_prog(),
         description="Train small models on MNIST-1D (generated locally) with several training methods "
         "(dense, OIALR, ...) and print test accuracy, trainable share and wall time.",
     )
@@ -67,7 +81,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"MNIST-1D samples, 80%% train / 20%% test (default: {DEFAULT_NUM_SAMPLES})",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help=f"torch CPU threads (default: {DEFAULT_THREADS}; more threads help only on an idle "
+        "machine with free cores, and then little for these small models)",
     )
     p.add_argument(
         "--quick",
