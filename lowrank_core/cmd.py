@@ -717,6 +717,7 @@ def fit_coefficients(
     and scale-invariant. For a constant row or profile (see the module docstring) ``a = 0`` and
     ``b = mean(w)``.
     """
+    namespace(trajectory=trajectory, assignment=assignment)  # an array, not None
     return _run_chunks(trajectory, profiles, assignment, chunk_size, check_finite, "fit")
 
 

@@ -869,3 +869,10 @@ def test_jax_arrays_run_and_stay_jax():
     ref_online = cmd.OnlineCMD.from_trajectory(x32[:, :6], 2, num_samples=40)
     ref_online.update(x32[:, 6])
     np.testing.assert_allclose(np.asarray(a), ref_online.coefficients()[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fit_coefficients_needs_an_assignment(backend):
+    # regression (sweep): assignment=None silently computed an assignment instead of refusing
+    x = backend.asarray(np.random.default_rng(11).standard_normal((6, 5)))
+    with pytest.raises(ArrayTypeError, match="assignment"):
+        cmd.fit_coefficients(x, x[:2, :], None)
