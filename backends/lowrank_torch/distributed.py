@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -529,6 +530,60 @@ class ShardedCMDTracker:
         """This rank's shard of the CMD weights at the latest epoch (flat, local order)."""
         out: Tensor = self._require().weights()
         return out
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's part of the tracker's state (tensors and plain values only, loadable with
+        ``torch.load(weights_only=True)``): save one file per rank, restore on the same sharding."""
+        core_state = None
+        if self.state is not None:
+            core_state = self.state.state_dict()
+            core_state["references"] = torch.as_tensor(core_state["references"])
+        return {
+            "format": "lowrank_torch.ShardedCMDTracker/1",
+            "config": asdict(self.config),
+            "index": torch.as_tensor(self.layout.index),
+            "epochs_seen": self.epochs_seen,
+            "warmup": self._warmup,
+            "sample_index": None
+            if self.sample_index is None
+            else torch.as_tensor(self.sample_index),
+            "reference_positions": self._ref_local,
+            "core": core_state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore this rank's :meth:`state_dict`. The parameters must be sharded as when it was saved
+        (the same global entries on this rank), else :class:`ShardingError` and nothing changes."""
+        if (
+            not isinstance(state, dict)
+            or state.get("format") != "lowrank_torch.ShardedCMDTracker/1"
+        ):
+            raise ParameterError("not a sharded CMD state (missing or unknown 'format' entry)")
+        index = np.asarray(torch.as_tensor(state["index"]).cpu(), dtype=np.int64)
+        if not np.array_equal(index, self.layout.index):
+            raise ShardingError(
+                "the CMD state was saved for another sharding: this rank held "
+                f"{index.shape[0]} entries then, {self.layout.num_local} now (or other ones)"
+            )
+        config = CMDConfig(**state["config"])
+        core_state = state["core"]
+        restored = None
+        if core_state is not None:
+            core_state = dict(core_state)
+            core_state["references"] = np.asarray(core_state["references"].cpu(), dtype=np.int64)
+            moved = {
+                k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in core_state.items()
+            }
+            restored = core_cmd.OnlineCMD.from_state_dict(moved)
+        sample = state["sample_index"]
+        positions = state["reference_positions"]
+        self.config = config
+        self.epochs_seen = int(state["epochs_seen"])
+        self._warmup = state["warmup"]
+        self.state = restored
+        self.sample_index = None if sample is None else np.asarray(sample.cpu(), dtype=np.int64)
+        self._ref_local = None if positions is None else positions.to(self.device)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:

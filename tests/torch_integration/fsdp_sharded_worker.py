@@ -10,6 +10,7 @@ compares its shard of everything with the matching entries of the reference. Wri
 from __future__ import annotations
 
 import copy
+import io
 from functools import partial
 
 import torch
@@ -85,6 +86,20 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             worst_cmd = max(worst_cmd, _diff(a, a_ref[index]), _diff(b, b_ref[index]),
                             _diff(cmd.cmd_weights(), w_ref))  # fmt: skip
     assert cmd.state is not None and cmd_ref.state is not None
+    # checkpoint round trip of this rank's CMD state (through torch.save / weights_only load)
+    buf = io.BytesIO()
+    torch.save(cmd.state_dict(), buf)
+    buf.seek(0)
+    resumed = ShardedCMDTracker(layout, cfg)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    cmd.after_epoch()
+    resumed.after_epoch()
+    cmd_ref.after_epoch()
+    a, b = cmd.coefficients()
+    a2, b2 = resumed.coefficients()
+    resume_equal = bool(torch.equal(a, a2) and torch.equal(b, b2))
+    a_ref, _ = cmd_ref.coefficients()
+    worst_cmd = max(worst_cmd, _diff(a, a_ref[index]))
     xe = torch.randn(5, 8, generator=g)
     with torch.no_grad(), cmd_ref.swapped():
         out_ref = ref(xe)
@@ -102,6 +117,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         ),
         "cmd_profiles_diff": _diff(cmd.state.profiles, cmd_ref.state.profiles),
         "cmd_coef_diff": worst_cmd,
+        "cmd_resume_equal": resume_equal,
         "cmd_swapped_output_diff": _diff(out_swapped, out_ref),
         "cmd_restored_diff": restored,
         "cmd_local_entries": layout.num_local,
@@ -176,18 +192,21 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             "bfgs_updates_ref": int(st_ref["updates"]),
         }
     )
+    other_sharding = cmd.state_dict()
+    other_sharding["index"] = other_sharding["index"][1:]  # saved on a rank that held other entries
     refused = []  # bad input: clear errors from the LowRankError hierarchy
     for make in (
         partial(ShardLayout, ref.parameters()),  # plain tensors: not sharded
         partial(ShardedCMDTracker, layout, CMDConfig(warmup_epochs=3, embed=True)),
         partial(ShardedSubspaceSGD, layout, sub_ref),  # the unsharded subspace
+        partial(ShardedCMDTracker(layout, cfg).load_state_dict, other_sharding),
     ):
         try:
             make()
         except LowRankError as exc:
             refused.append(type(exc).__name__)
     report = {"rank": rank, **report_cmd, **report_dldr, "refused": refused}
-    del model, opt, psgd, bfgs, layout, rec, cmd
+    del model, opt, psgd, bfgs, layout, rec, cmd, resumed
     finish(rank, out, report)
 
 

@@ -56,7 +56,12 @@ def test_sharded_dldr_equals_single_process(sharded_reports):
 
 def test_sharded_methods_refuse_unsharded_input(sharded_reports):
     for rep in sharded_reports:
-        assert rep["refused"] == ["ShardingError", "ParameterError", "ShapeError"], rep
+        assert rep["refused"] == [
+            "ShardingError",
+            "ParameterError",
+            "ShapeError",
+            "ShardingError",
+        ], rep
 
 
 def test_sharded_cmd_equals_single_process(sharded_reports):
@@ -66,6 +71,7 @@ def test_sharded_cmd_equals_single_process(sharded_reports):
         assert rep["cmd_assignment_equal"], rep
         assert rep["cmd_profiles_diff"] <= TOL, rep
         assert rep["cmd_coef_diff"] <= TOL, rep
+        assert rep["cmd_resume_equal"], rep  # a resumed shard state continues bit for bit
         assert rep["cmd_swapped_output_diff"] <= TOL, rep  # the whole model ran with CMD weights
         assert rep["cmd_restored_diff"] <= TOL, rep  # and got its trained weights back
         assert 0 < rep["cmd_sampled_held"] < rep["cmd_num_sampled"]  # the sample spans both ranks
