@@ -133,12 +133,45 @@ def _host(x: Array) -> np.ndarray:
 
 def _to_xp(xp: Namespace, a: np.ndarray, like: Array) -> Array:
     """``a`` (NumPy) as an array of ``like``'s library, device and dtype."""
+    if not _f64_ok(xp) and a.dtype == np.float64:
+        a = a.astype(np.float32)  # the library has no float64: say so explicitly, no warning
     out = xp.asarray(np.ascontiguousarray(a), device=array_api_compat.device(like))
     return xp.astype(out, like.dtype) if out.dtype != like.dtype else out
 
 
-def _f64(xp: Namespace, x: Array) -> Array:
-    return x if x.dtype == xp.float64 else xp.astype(x, xp.float64)
+def _f64_ok(xp: Namespace) -> bool:
+    """Whether ``xp`` computes in float64 (JAX only with ``jax_enable_x64``)."""
+    if array_api_compat.is_jax_namespace(xp):
+        import jax  # already imported: the arrays are JAX's
+
+        return bool(jax.config.read("jax_enable_x64"))
+    return True
+
+
+def _to64(xp: Namespace, x: Array) -> Any:
+    """``x`` in float64: in its own library, or as a host NumPy array where the library has none."""
+    if _f64_ok(xp):
+        return x if x.dtype == xp.float64 else xp.astype(x, xp.float64)
+    return np.asarray(_host(x), dtype=np.float64)
+
+
+def _gram64(xp: Namespace, A: Array, B: Array | None = None) -> Any:
+    """``A B^T`` (``B = A`` by default) computed in float64 (see :func:`_to64`)."""
+    A64 = _to64(xp, A)
+    B64 = A64 if B is None else _to64(xp, B)
+    if isinstance(A64, np.ndarray):
+        return A64 @ np.swapaxes(B64, -1, -2)
+    return A64 @ xp.matrix_transpose(B64)
+
+
+def _sumsq64(xp: Namespace, x: Array, *, centred: bool = False) -> Any:
+    """``sum(x^2)`` in float64 (of ``x`` minus its column means when ``centred``)."""
+    x64 = _to64(xp, x)
+    if isinstance(x64, np.ndarray):
+        c = x64 - x64.mean(axis=0, keepdims=True) if centred else x64
+        return np.sum(c * c)
+    c = x64 - xp.mean(x64, axis=0, keepdims=True) if centred else x64
+    return xp.sum(c * c)
 
 
 def _chunks(D: int, width: int = CHUNK) -> list[tuple[int, int]]:
@@ -347,8 +380,7 @@ def _gram_from_slabs(xp: Namespace, slabs: Slabs) -> tuple[np.ndarray, Array]:
     G = None
     sums = []
     for _j0, _j1, S in slabs():
-        S64 = _f64(xp, S)
-        part = S64 @ xp.matrix_transpose(S64)
+        part = _gram64(xp, S)
         G = part if G is None else G + part
         sums.append(xp.sum(S, axis=0))
     assert G is not None
@@ -371,8 +403,7 @@ def _finish_basis(
     if orthonormalize:
         M = None
         for p in pieces:
-            p64 = _f64(xp, p)
-            part = p64 @ xp.matrix_transpose(p64)
+            part = _gram64(xp, p)
             M = part if M is None else M + part
         assert M is not None
         Mh = _host(M).astype(np.float64)
@@ -607,7 +638,7 @@ def _randomized(
         """``J Y B^T`` (t, k) on the host (chunk products summed in float64)."""
         out = None
         for (_j0, _j1, S), Bj in zip(slabs(), B, strict=True):
-            part = _f64(xp, S @ xp.matrix_transpose(Bj))
+            part = _gram64(xp, S, Bj)
             out = part if out is None else out + part
         return J @ _host(out).astype(np.float64)
 
@@ -617,9 +648,9 @@ def _randomized(
     Gb = None
     trace = None  # of the uncentred Gram (the scale of the stored data's rounding)
     for (_j0, _j1, S), Bj in zip(slabs(), B, strict=True):
-        part = _f64(xp, Bj @ xp.matrix_transpose(Bj))
+        part = _gram64(xp, Bj)
         Gb = part if Gb is None else Gb + part
-        sq = xp.sum(_f64(xp, S) ** 2)
+        sq = _sumsq64(xp, S)
         trace = sq if trace is None else trace + sq
     tr = float(_host(trace))
     Gbh = _host(Gb).astype(np.float64)
@@ -632,9 +663,7 @@ def _randomized(
     # total variance of the centred vectors, chunk by chunk in float64
     tv = None
     for _j0, _j1, S in slabs():
-        S64 = _f64(xp, S)
-        Sc = S64 - xp.mean(S64, axis=0, keepdims=True)
-        part = xp.sum(Sc * Sc)
+        part = _sumsq64(xp, S, centred=True)
         tv = part if tv is None else tv + part
     total = float(_host(tv)) / max(t - 1, 1)
     ev = _to_xp(xp, lam / max(t - 1, 1), centre)
@@ -867,8 +896,7 @@ class SnapshotStore:
         row = self._dots(xp, y, D) if self._t else np.zeros(0)
         sq = None
         for j0, j1 in _chunks(D):
-            yj = _f64(xp, y[j0:j1])
-            part = yj @ yj
+            part = _sumsq64(xp, y[j0:j1])
             sq = part if sq is None else sq + part
         self_dot = float(_host(sq))
         t = self._t
@@ -901,12 +929,13 @@ class SnapshotStore:
         acc = None
         if self.path is None:
             for j0, j1 in _chunks(D):
-                yj = _f64(xp, y[j0:j1])
-                part = xp.stack([_f64(xp, r[j0:j1]) @ yj for r in self._rows])
+                yj = _to64(xp, y[j0:j1])
+                vals = [_to64(xp, r[j0:j1]) @ yj for r in self._rows]
+                part = np.stack(vals) if isinstance(yj, np.ndarray) else xp.stack(vals)
                 acc = part if acc is None else acc + part
         else:
             for j0, j1, S in self._slabs():
-                part = _f64(xp, S) @ _f64(xp, y[j0:j1])
+                part = _to64(xp, S) @ _to64(xp, y[j0:j1])
                 acc = part if acc is None else acc + part
         return _host(acc).astype(np.float64).reshape(-1)
 
@@ -946,7 +975,7 @@ class SnapshotStore:
             self._check_open()
             i = check_int("i", i)
             if not -self._t <= i < self._t:
-                raise IndexError(f"snapshot index {i} out of range for {self._t} snapshots")
+                raise ParameterError(f"snapshot index {i} out of range for {self._t} snapshots")
             i %= self._t
             if self.path is None:
                 return self._rows[i]
@@ -1105,19 +1134,14 @@ def bfgs_direction(H: Array, g: Array) -> Array:
 
 
 def _real(name: str, value: object) -> float:
-    """A real number (Python / NumPy scalar, or a 0-d array such as a loss tensor) as a float; NaN
-    and infinities pass (the caller decides)."""
-    if isinstance(value, (bool, np.bool_, str, bytes, complex, np.complexfloating)):
-        raise ParameterTypeError(f"`{name}` must be a real number, got {describe(value)}")
-    if isinstance(value, (numbers.Real, np.integer, np.floating)):
-        return float(value)
-    shape = getattr(value, "shape", None)
-    if shape is not None and tuple(shape) == () and array_api_compat.is_array_api_obj(value):
-        arr: Any = value
-        xp = array_api_compat.array_namespace(arr)
-        if xp.isdtype(arr.dtype, ("real floating", "integral")):
-            return float(arr)
-    raise ParameterTypeError(f"`{name}` must be a real number, got {describe(value)}")
+    """A real number (Python or NumPy scalar, the project's rule: an array, 0-d included, is refused;
+    pass ``float(x)``) as a float; NaN and infinities pass (the caller decides)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (numbers.Real, np.integer, np.floating)
+    ):
+        hint = " (use float(x) for a 0-d array or tensor)" if hasattr(value, "shape") else ""
+        raise ParameterTypeError(f"`{name}` must be a real number{hint}, got {describe(value)}")
+    return float(value)
 
 
 def armijo_condition(
@@ -1163,7 +1187,8 @@ def armijo_backtracking(
 ) -> LineSearchResult:
     """Backtracking line search: try ``alpha = alpha0 * shrink^m``, ``m = 0 .. max_trials - 1``, and
     accept the first with :func:`armijo_condition`. ``f(alpha)`` evaluates the objective at
-    ``w + alpha p`` (a real number; NaN / Inf counts as a rejected trial); ``slope = g.p`` must be
+    ``w + alpha p`` (a Python or NumPy real number, e.g. ``float(loss)``; NaN / Inf counts as a
+    rejected trial); ``slope = g.p`` must be
     negative (a descent direction), else ``ParameterError``.
     """
     if not callable(f):

@@ -684,6 +684,9 @@ def test_store_path_and_option_errors(tmp_path):
     for bad_i in (0.5, True, "0"):
         with pytest.raises(ParameterTypeError):
             s.vector(bad_i)  # type: ignore[arg-type]
+    for bad_i in (2, -3):
+        with pytest.raises(ParameterError, match="out of range"):
+            s.vector(bad_i)
     np.testing.assert_array_equal(s.vector(np.int64(1)), np.arange(3.0) - 1.0)
     for kw in ({"method": "nope"}, {"oversample": -1}, {"power_iterations": 1.5}, {"seed": -3}):
         with pytest.raises(ParameterError):
@@ -770,7 +773,7 @@ def test_bfgs_with_mixed_dtypes_promotes(backend):
 
 
 def test_armijo_refuses_non_numbers():
-    for bad in ("1.0", None, 1j, True, [1.0], np.array([1.0, 2.0])):
+    for bad in ("1.0", None, 1j, True, [1.0], np.array([1.0, 2.0]), np.array(1.0)):
         with pytest.raises(ParameterTypeError):
             dl.armijo_condition(bad, 1.0, 1.0, -1.0)  # type: ignore[arg-type]
         with pytest.raises(ParameterError):
@@ -794,7 +797,7 @@ def test_armijo_refuses_non_numbers():
         dl.armijo_backtracking(3.0, 1.0, -1.0)  # type: ignore[arg-type]
     # NumPy scalars and 0-d arrays are numbers; a NaN trial is a rejection
     res = dl.armijo_backtracking(
-        lambda a: np.float32(0.0) if a < 0.5 else np.array(np.nan), np.float64(1.0),
+        lambda a: np.float32(0.0) if a < 0.5 else np.float64(np.nan), np.float64(1.0),
         np.float32(-1.0), max_trials=np.int64(5), c1=np.float32(0.4),
     )  # fmt: skip
     assert res.accepted and res.trials == 2 and res.alpha == pytest.approx(0.4)
@@ -857,3 +860,29 @@ def test_counts_refuse_floats_and_bools_accept_numpy_integers(backend):
     )
     assert sub.d == 2
     assert dl.curvature_ok(Xb[0, :], Xb[0, :], eps=np.float32(1e-6))
+
+
+# --------------------------------------------------------------------------------------------------
+# JAX readiness: immutable arrays, float64 only with jax_enable_x64
+# --------------------------------------------------------------------------------------------------
+def test_fit_subspace_and_store_run_on_jax_arrays():
+    """Issue 9 (for issue 11): fit_subspace wrote into its result in place, which JAX arrays refuse."""
+    jnp = pytest.importorskip("jax.numpy")
+    X = trajectory(0, 10, 300, 3).astype(np.float32)
+    Xj = jnp.asarray(X)
+    want = dl.fit_subspace(X, 3)
+    store = dl.SnapshotStore()
+    for i in range(10):
+        store.add(Xj[i])
+    for sub in (dl.fit_subspace(Xj, 3), store.fit(3)):
+        for name in ("centre", "basis", "explained_variance"):
+            assert type(getattr(sub, name)).__module__.startswith("jax"), name
+        np.testing.assert_allclose(np.asarray(sub.basis), want.basis, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(sub.centre), want.centre, rtol=1e-6)
+        c = sub.project(Xj[1])
+        assert type(c).__module__.startswith("jax")
+        np.testing.assert_allclose(
+            np.asarray(sub.lift(c)), want.lift(want.project(X[1])), atol=1e-5
+        )
+    rnd = dl.fit_subspace(Xj, 3, method="randomized")
+    assert min_cosine(np.asarray(rnd.basis, np.float64), want.basis.astype(np.float64)) >= 0.999
