@@ -144,7 +144,8 @@ def _f64_ok(xp: Namespace) -> bool:
     if array_api_compat.is_jax_namespace(xp):
         import jax  # already imported: the arrays are JAX's
 
-        return bool(jax.config.read("jax_enable_x64"))
+        config: Any = jax.config
+        return bool(config.jax_enable_x64)
     return True
 
 
