@@ -679,10 +679,13 @@ class OIALR:
         undo = _Undo(self.model, self.optimizer, self)
         try:
             with torch.no_grad(), full_precision(self.model):
-                for name, t in switch_order:
-                    old = _dense_params(self.model.get_submodule(name))
-                    expected = self._expected_parts(name)
-                    parts = to_low_rank(
+                batches: dict[int, list[str]] = {}
+                for name, t in switch_order:  # one conversion call per saved switch step
+                    batches.setdefault(t, []).append(name)
+                for t, names in batches.items():
+                    olds = {n: _dense_params(self.model.get_submodule(n)) for n in names}
+                    expected = {n: self._expected_parts(n) for n in names}
+                    converted = to_low_rank(
                         self.model,
                         include=self.config.include,
                         exclude_names=self.config.exclude_names,
@@ -690,21 +693,23 @@ class OIALR:
                         keep_last=self.config.keep_last,
                         min_aspect=self.config.min_aspect,
                         allow_rank_one=self.config.allow_rank_one,
-                        names=[name],
+                        names=names,
                     )
-                    if set(parts) != set(expected):
-                        raise CheckpointError(
-                            f"converting {name!r} gave the parts {sorted(parts)}, the checkpoint "
-                            "expects others"
-                        )
-                    for part, layer in parts.items():
-                        r = ranks[part]
-                        if r < layer.rank:
-                            layer.set_factors(
-                                *lc.truncate(layer.U, layer.sigma.detach(), layer.V, r)
+                    for name in names:
+                        parts = {k: converted[k] for k in expected[name] if k in converted}
+                        if set(parts) != set(expected[name]):
+                            raise CheckpointError(
+                                f"converting {name!r} gave the parts {sorted(parts)}, the "
+                                f"checkpoint expects {sorted(expected[name])}"
                             )
-                    self._adopt(name, old, parts)
-                    self.switched[name] = t
+                        for part, layer in parts.items():
+                            r = ranks[part]
+                            if r < layer.rank:
+                                layer.set_factors(
+                                    *lc.truncate(layer.U, layer.sigma.detach(), layer.V, r)
+                                )
+                        self._adopt(name, olds[name], parts)
+                        self.switched[name] = t
             self.step_count = int(state["step_count"])
             self._updates = int(state["updates"])
             self._snapshots = {
