@@ -34,6 +34,24 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from lowrank_core._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_seed,
+    check_shape_pair,
+    describe,
+)
+from lowrank_core.errors import (
+    ArrayTypeError,
+    DTypeError,
+    NonFiniteError,
+    ParameterError,
+    ParameterTypeError,
+    RankError,
+    ShapeError,
+)
 from lowrank_core.init import (
     INIT_METHODS,
     default_init_std,
@@ -43,6 +61,7 @@ from lowrank_core.init import (
 
 from .convert import DEFAULT_INCLUDE, eligible_names, to_low_rank
 from .layers import LowRankLayer, LowRankWeight, dense_matrix_shape
+from .oialr import _Undo
 from .optim_state import _find
 
 __all__ = [
@@ -57,10 +76,10 @@ __all__ = [
 
 def layer_rank(shape: Sequence[int], rank_fraction: float) -> int:
     """``round(rank_fraction * min(m, n))``, at least 1 and at most ``min(m, n)`` (ALGORITHMS.md §4)."""
-    if not 0.0 < float(rank_fraction) <= 1.0:
-        raise ValueError(f"`rank_fraction` must lie in (0, 1], got {rank_fraction!r}")
-    k = min(int(shape[0]), int(shape[1]))
-    return max(1, min(k, round(float(rank_fraction) * k)))
+    m, n = check_shape_pair("shape", shape)
+    fraction: float = check_float("rank_fraction", rank_fraction, min=0.0, max=1.0, min_open=True)
+    k = min(m, n)
+    return max(1, min(k, round(fraction * k)))
 
 
 def train_bases_(layer: LowRankLayer) -> LowRankLayer:
@@ -71,7 +90,7 @@ def train_bases_(layer: LowRankLayer) -> LowRankLayer:
     rank changes (``set_factors`` with a new rank) expect buffers.
     """
     if not isinstance(layer, LowRankLayer):
-        raise TypeError(f"train_bases_ needs a LowRankLayer, got {type(layer).__name__}")
+        raise ParameterTypeError(f"train_bases_ needs a LowRankLayer, got {describe(layer)}")
     for name in ("U", "V"):
         value = getattr(layer, name)
         if isinstance(value, nn.Parameter):
@@ -105,12 +124,22 @@ def init_low_rank_layer_(
     With ``train_bases`` the balanced factors go to ``U`` and ``V`` (``sigma = I``) and all three train
     (:func:`train_bases_`); otherwise the OIALR form (orthonormal frozen ``U``, ``V``, diagonal ``sigma``).
     """
-    if init not in INIT_METHODS:
-        raise ValueError(f"`init` must be one of {INIT_METHODS}, got {init!r}")
+    if not isinstance(layer, LowRankLayer):
+        raise ParameterTypeError(f"`layer` must be a LowRankLayer, got {describe(layer)}")
+    if not isinstance(weight, Tensor):
+        raise ArrayTypeError(f"`weight` must be a torch.Tensor, got {describe(weight)}")
+    init = check_choice("init", init, INIT_METHODS)
+    train_bases = check_bool("train_bases", train_bases)
+    refine_steps = check_int("refine_steps", refine_steps, min=0)
+    seed = check_seed("seed", seed)
     if tuple(weight.shape) != tuple(layer.weight_shape):
-        raise ValueError(
+        raise ShapeError(
             f"`weight` has shape {tuple(weight.shape)}, the layer needs {layer.weight_shape}"
         )
+    if not weight.is_floating_point():
+        raise DTypeError(f"`weight` must be a floating tensor, got {weight.dtype}")
+    if init != "random" and not bool(torch.isfinite(weight).all()):
+        raise NonFiniteError("`weight` contains NaN or Inf")
     w = weight.detach().to(device=layer.sigma.device, dtype=layer.sigma.dtype)
     f = init_weight_factors(
         w,
@@ -169,7 +198,7 @@ def _swap_into_optimizer(optimizer: torch.optim.Optimizer, old: Tensor, new: lis
     """Replace ``old`` by the parameters ``new`` at its place in its param group; drop its state."""
     where = _find(optimizer, old)
     if where is None:
-        raise ValueError(
+        raise ParameterError(
             f"a replaced weight of shape {tuple(old.shape)} is not in the optimizer; pass the "
             "optimizer that was built from this model's parameters (or none)"
         )
@@ -208,12 +237,20 @@ def low_rank_model(
     generator. ``optimizer``: see the module docstring. Returns ``{qualified name: new layer}`` as
     :func:`~lowrank_torch.convert.to_low_rank` does.
     """
-    if init not in INIT_METHODS:
-        raise ValueError(f"`init` must be one of {INIT_METHODS}, got {init!r}")
+    if not isinstance(model, nn.Module):
+        raise ParameterTypeError(f"`model` must be an nn.Module, got {describe(model)}")
+    init = check_choice("init", init, INIT_METHODS)
     if rank is None:
-        layer_rank((1, 1), rank_fraction)  # validates rank_fraction
-    elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"`rank` must be None or a positive int, got {rank!r}")
+        check_float("rank_fraction", rank_fraction, min=0.0, max=1.0, min_open=True)
+    rank = check_int("rank", rank, min=1, optional=True, error=RankError, type_error=RankError)
+    train_bases = check_bool("train_bases", train_bases)
+    from_scratch = check_bool("from_scratch", from_scratch)
+    refine_steps = check_int("refine_steps", refine_steps, min=0)
+    seed = check_seed("seed", seed)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ParameterTypeError(
+            f"`optimizer` must be a torch.optim.Optimizer or None, got {describe(optimizer)}"
+        )
     include = tuple(include)
     exclude_names = (exclude_names,) if isinstance(exclude_names, str) else tuple(exclude_names)
     names = eligible_names(
@@ -225,11 +262,70 @@ def low_rank_model(
         min_aspect=min_aspect,
         allow_rank_one=allow_rank_one,
     )
+    if optimizer is not None:  # checked before anything changes
+        for name in names:
+            for sub, (weight, _) in _dense_sources(name, model.get_submodule(name)).items():
+                if _find(optimizer, weight) is None:
+                    raise ParameterError(
+                        f"the weight of {sub!r} is not in the optimizer; pass the optimizer that "
+                        "was built from this model's parameters (or none)"
+                    )
+    undo = _Undo(model, optimizer)
+    redrawn: list[tuple[Tensor, Tensor]] = []  # (tensor, its value before from_scratch re-drew it)
+    try:
+        return _convert_all(
+            model,
+            names,
+            rank_fraction=rank_fraction,
+            init=init,
+            rank=rank,
+            train_bases=train_bases,
+            refine_steps=refine_steps,
+            from_scratch=from_scratch,
+            seed=seed,
+            optimizer=optimizer,
+            include=include,
+            exclude_names=exclude_names,
+            keep_first=keep_first,
+            keep_last=keep_last,
+            min_aspect=min_aspect,
+            allow_rank_one=allow_rank_one,
+            redrawn=redrawn,
+        )
+    except BaseException:
+        undo.restore()
+        with torch.no_grad():
+            for tensor, value in redrawn:
+                tensor.copy_(value)
+        raise
+
+
+def _convert_all(
+    model: nn.Module,
+    names: list[str],
+    *,
+    rank_fraction: float,
+    init: str,
+    rank: int | None,
+    train_bases: bool,
+    refine_steps: int,
+    from_scratch: bool,
+    seed: int | None,
+    optimizer: torch.optim.Optimizer | None,
+    include: tuple[type[nn.Module], ...],
+    exclude_names: tuple[str, ...],
+    keep_first: bool,
+    keep_last: bool,
+    min_aspect: float,
+    allow_rank_one: bool,
+    redrawn: list[tuple[Tensor, Tensor]],
+) -> dict[str, LowRankLayer]:
     result: dict[str, LowRankLayer] = {}
     index = 0
     for name in names:
         module = model.get_submodule(name)
         if from_scratch:
+            redrawn += [(t, t.detach().clone()) for t in module.parameters(recurse=True)]
             _reset(module)
         sources = _dense_sources(name, module)
         # keep the dense tensors alive (the conversion detaches them from the module)
@@ -273,6 +369,9 @@ def frobenius_decay_penalty(model: nn.Module, coefficient: float = 1.0) -> Tenso
     from torch operations, so it is differentiable: add it to the loss (and leave the factors out of the
     optimizer's weight decay). A zero tensor when the model has no low-rank layer.
     """
+    if not isinstance(model, nn.Module):
+        raise ParameterTypeError(f"`model` must be an nn.Module, got {describe(model)}")
+    coefficient = check_float("coefficient", coefficient, min=0.0)
     total: Tensor | None = None
     for module in model.modules():
         if isinstance(module, LowRankLayer):

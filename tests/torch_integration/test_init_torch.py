@@ -276,3 +276,122 @@ def test_errors():
 
     with pytest.raises(ValueError, match="rank_fraction"):
         make_method("lowrank-nonlinear", rank_fraction=0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 9: every bad input gets a library error, and a failed conversion changes nothing
+# --------------------------------------------------------------------------------------------------
+def _model_state(model, opt=None):
+    out = {
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "params": [id(p) for p in model.parameters()],
+        "values": {k: v.clone() for k, v in model.state_dict().items()},
+    }
+    if opt is not None:
+        out["groups"] = [[id(p) for p in g["params"]] for g in opt.param_groups]
+    return out
+
+
+def _assert_same_model(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "values":
+            assert a[key].keys() == b[key].keys()
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rank_fraction": float("nan")},
+        {"rank_fraction": "0.5"},
+        {"rank_fraction": True},
+        {"rank": 2.5},
+        {"rank": True},
+        {"rank": "3"},
+        {"init": 3},
+        {"train_bases": 1},
+        {"from_scratch": "yes"},
+        {"refine_steps": -1},
+        {"refine_steps": 1.5},
+        {"seed": -3},
+        {"seed": 1.5},
+        {"optimizer": "sgd"},
+    ],
+    ids=repr,
+)
+def test_low_rank_model_refuses_bad_settings(kwargs):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    before = _model_state(model)
+    with pytest.raises(lc.LowRankError):
+        low_rank_model(model, **kwargs)
+    _assert_same_model(before, _model_state(model))
+
+
+def test_low_rank_model_with_an_optimizer_missing_a_weight_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    params = [p for n, p in model.named_parameters() if n != "2.weight"]
+    opt = torch.optim.SGD(params, lr=0.1)
+    before = _model_state(model, opt)
+    with pytest.raises(lc.LowRankError, match="'2'"):
+        low_rank_model(model, rank=2, optimizer=opt, from_scratch=True)
+    _assert_same_model(before, _model_state(model, opt))
+
+
+def test_low_rank_model_failing_halfway_restores_structure_and_redrawn_weights(monkeypatch):
+    import lowrank_torch.init as lti
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = _model_state(model, opt)
+    real = lti.init_low_rank_layer_
+    calls = {"n": 0}
+
+    def failing(layer, weight, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise lc.NonFiniteError("injected failure in the second layer")
+        return real(layer, weight, **kw)
+
+    monkeypatch.setattr(lti, "init_low_rank_layer_", failing)
+    with pytest.raises(lc.NonFiniteError, match="injected"):
+        low_rank_model(model, rank=2, optimizer=opt, from_scratch=True)
+    assert calls["n"] == 2
+    _assert_same_model(before, _model_state(model, opt))
+
+
+def test_init_layer_and_penalty_refuse_bad_input():
+    dense = nn.Linear(6, 5)
+    layer = LowRankLinear.from_dense(dense, 2)
+    with pytest.raises(lc.LowRankError, match="layer"):
+        init_low_rank_layer_(dense, dense.weight)
+    with pytest.raises(lc.LowRankError, match="weight"):
+        init_low_rank_layer_(layer, dense.weight.detach().numpy())
+    with pytest.raises(lc.DTypeError):
+        init_low_rank_layer_(layer, torch.zeros(5, 6, dtype=torch.int64))
+    with pytest.raises(lc.LowRankError, match="refine_steps"):
+        init_low_rank_layer_(layer, dense.weight, refine_steps=-2)
+    with pytest.raises(lc.LowRankError, match="seed"):
+        init_low_rank_layer_(layer, dense.weight, init="random", seed="x")
+    with pytest.raises(lc.LowRankError, match="train_bases"):
+        init_low_rank_layer_(layer, dense.weight, train_bases=None)
+    with pytest.raises(lc.LowRankError, match="shape"):
+        layer_rank((0, 5), 0.5)
+    with pytest.raises(lc.LowRankError, match="shape"):
+        layer_rank((8.5, 10), 0.5)
+    with pytest.raises(lc.LowRankError, match="rank_fraction"):
+        layer_rank((8, 10), float("nan"))
+    assert layer_rank((8, 10), np.float32(0.5)) == 4
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    low_rank_model(model, rank=2)
+    for bad in (float("nan"), float("inf"), -1.0, "1", None, True):
+        with pytest.raises(lc.LowRankError, match="coefficient"):
+            frobenius_decay_penalty(model, coefficient=bad)
+    with pytest.raises(lc.LowRankError, match="model"):
+        frobenius_decay_penalty("model")
+    with pytest.raises(lc.LowRankError, match="LowRankLayer"):
+        train_bases_(dense)
