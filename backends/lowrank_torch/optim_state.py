@@ -65,6 +65,8 @@ import torch
 from torch import Tensor, nn
 
 import lowrank_core as lc
+from lowrank_core._array import check_rank
+from lowrank_core._validate import describe
 
 __all__ = [
     "MAGNITUDE_KEYS",
@@ -94,9 +96,15 @@ def _find(optimizer: torch.optim.Optimizer, param: Tensor) -> tuple[int, int] | 
 
 
 def _require(optimizer: torch.optim.Optimizer, param: Tensor, name: str) -> tuple[int, int]:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise lc.ParameterTypeError(
+            f"`optimizer` must be a torch.optim.Optimizer, got {describe(optimizer)}"
+        )
+    if not isinstance(param, Tensor):
+        raise lc.ParameterTypeError(f"`{name}` must be a parameter (tensor), got {describe(param)}")
     where = _find(optimizer, param)
     if where is None:
-        raise ValueError(
+        raise lc.ParameterError(
             f"`{name}` (a parameter of shape {tuple(param.shape)}) is not in any param group of the "
             f"{type(optimizer).__name__}"
         )
@@ -108,13 +116,16 @@ def swap_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.
 
     The group's hyper-parameters (``lr``, ``weight_decay``, ...) are unchanged and the group dict stays the
     same object (LR schedulers keep working). ``old``'s state entry is removed; ``new``'s state is left as
-    it is (usually absent). Raises ``ValueError`` when ``old`` is not in the optimizer, or ``new`` already is.
+    it is (usually absent). Raises ``lowrank_core.ParameterError`` (a ``ValueError``) when ``old`` is not
+    in the optimizer, or ``new`` already is.
     """
     gi, pi = _require(optimizer, old, "old")
+    if not isinstance(new, Tensor):
+        raise lc.ParameterTypeError(f"`new` must be a parameter (tensor), got {describe(new)}")
     if new is old:
         return
     if _find(optimizer, new) is not None:
-        raise ValueError(
+        raise lc.ParameterError(
             f"`new` (a parameter of shape {tuple(new.shape)}) is already in the "
             f"{type(optimizer).__name__}; a parameter may appear only once"
         )
@@ -183,7 +194,7 @@ def dense_to_sigma_state(
     ``U`` ``(m, r)`` / ``V`` ``(n, r)`` (stacks ``(groups, m/groups, r)`` / ``(groups, cols, r)`` for a grouped
     ConvNd) are the frozen bases of ``dense``'s matrix view (``lowrank_core.weight_to_matrix(dense,
     groups=groups)``). Every state tensor of ``dense``'s shape is mapped into Sigma's coordinates (see the
-    module docstring); ``step`` and other entries are kept. Raises ``ValueError`` when ``dense`` is not in
+    module docstring); ``step`` and other entries are kept. Raises ``ParameterError`` when ``dense`` is not in
     the optimizer and ``lowrank_core.ShapeError`` when the factors do not fit; in both cases nothing changes.
     """
     _require(optimizer, dense, "dense")
@@ -242,8 +253,7 @@ def truncate_sigma_state(optimizer: torch.optim.Optimizer, sigma: nn.Parameter, 
     ``lowrank_core.RankError``.
     """
     r = int(sigma.shape[-1])
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r:
-        raise lc.RankError(f"`rank` must be an int in 1..{r} (the rank of `sigma`), got {rank!r}")
+    rank = check_rank(rank, r, what="the rank of `sigma`")
     state = optimizer.state.get(sigma)
     if not state:
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 
 import lowrank_core as lc
@@ -357,3 +358,65 @@ def test_a_nan_during_a_rank_update_changes_nothing_and_names_the_layer(bad):
     ctrl.step()
     assert ctrl.structure_changed is True
     assert ctrl.ranks() == {"0": 12, "2": 12, "4": 12}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"switch_step": 2.5},
+        {"switch_step": "10"},
+        {"switch_step": True},
+        {"switch_step": -1},
+        {"stability_threshold": float("nan")},
+        {"stability_threshold": "0.5"},
+        {"stability_threshold": 0.0},
+        {"stability_threshold": True},
+        {"stability_every": 0},
+        {"stability_every": 1.5},
+        {"update_every": np.float64(10.0)},
+        {"update_every": None},
+        {"rule": "sigma"},
+        {"rule": lc.SigmaCutoff},
+        {"progressive": 1},
+        {"include": "Linear"},
+        {"include": (nn.ReLU,)},
+        {"exclude_names": 5},
+        {"exclude_names": ("a", 3)},
+        {"keep_first": None},
+        {"keep_last": "no"},
+        {"min_aspect": float("nan")},
+        {"min_aspect": 2.0},
+        {"allow_rank_one": 0},
+    ],
+    ids=repr,
+)
+def test_config_refuses_bad_settings_at_construction(kwargs):
+    with pytest.raises(lc.LowRankError):
+        OIALRConfig(**kwargs)
+
+
+def test_config_accepts_numpy_scalars_and_a_single_name():
+    cfg = OIALRConfig(
+        switch_step=np.int64(10),
+        stability_threshold=np.float32(0.5),
+        update_every=np.int32(7),
+        min_aspect=np.float64(0.2),
+        exclude_names="head*",
+        include=nn.Linear,
+    )
+    assert cfg.switch_step == 10 and type(cfg.switch_step) is int
+    assert cfg.stability_threshold == pytest.approx(0.5) and type(cfg.stability_threshold) is float
+    assert cfg.exclude_names == ("head*",) and cfg.include == (nn.Linear,)
+
+
+def test_controller_refuses_wrong_objects():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(lc.LowRankError, match="model"):
+        OIALR("model", opt)
+    with pytest.raises(lc.LowRankError, match="optimizer"):
+        OIALR(model, "sgd")
+    with pytest.raises(lc.LowRankError, match="config"):
+        OIALR(model, opt, {"switch_step": 3})
+    with pytest.raises(lc.LowRankError, match="not in the optimizer"):
+        OIALR(model, torch.optim.SGD(list(model.parameters())[:2], lr=0.1))

@@ -411,12 +411,19 @@ def test_errors_leave_the_optimizer_unchanged():
     X, Y = regression(0, 4, 4)
     train(lin, opt, X, Y, 1)
     layer = LowRankLinear.from_dense(lin)
-    with pytest.raises(ValueError, match="not in any param group"):
+    with pytest.raises(lc.ParameterError, match="not in any param group"):
         swap_parameter(opt, stranger, layer.sigma)
-    with pytest.raises(ValueError, match="not in any param group"):
+    with pytest.raises(lc.ParameterError, match="not in any param group"):
         dense_to_sigma_state(opt, stranger, layer.sigma, layer.U, layer.V)
-    with pytest.raises(ValueError, match="already"):
+    with pytest.raises(lc.ParameterError, match="already"):
         swap_parameter(opt, lin.weight, lin.bias)
+    with pytest.raises(lc.ParameterTypeError, match="optimizer"):
+        swap_parameter("sgd", lin.weight, layer.sigma)
+    with pytest.raises(lc.ParameterTypeError, match="new"):
+        swap_parameter(opt, lin.weight, "sigma")
+    for bad in (0, 5, 2.5, True, "2"):
+        with pytest.raises(lc.RankError):
+            truncate_sigma_state(opt, lin.weight, bad)
     # factors that do not fit sigma: a ShapeError, and nothing changes
     with pytest.raises(lc.ShapeError):
         dense_to_sigma_state(opt, lin.weight, layer.sigma, layer.U[:, :2], layer.V[:, :2])
