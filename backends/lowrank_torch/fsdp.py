@@ -15,9 +15,10 @@ decisions, same optimizer-state transforms) on sharded weights:
 * **Stability checks** gather one weight at a time.
 
 Every rank computes the same SVDs of the same (all-gathered, bit-identical) matrices, so the factors
-are identical on every rank, as under DDP; the tests check this. ``U`` and ``V`` are frozen buffers,
-which FSDP2 does not shard: every rank holds them whole (``r (m + n)`` numbers per layer, against the
-dense ``m n``), while ``sigma`` (``r x r``) and the bias are sharded.
+are identical on every rank, as under DDP; the tests check this. Everything of a low-rank layer is
+sharded: ``sigma`` (``r x r``) and the bias, and the frozen bases ``U`` and ``V``, which become frozen
+parameters of the FSDP unit (FSDP2 shards parameters, not buffers); they keep their names and
+``state_dict`` keys. Gathering for an update costs one all-gather of ``U``, ``sigma`` and ``V``.
 
 After a switch or update the module tree has new FSDP units; the root's lazy initialization (which
 collects the units at the first forward) is reset so that the next forward sees them. This uses FSDP2's
@@ -175,7 +176,20 @@ class FSDPOIALR(OIALR):
         self.fsdp_kwargs = dict(fsdp_kwargs or {})
 
     # ------------------------------------------------------------------ FSDP plumbing
-    def _shard(self, layer: nn.Module, like: Tensor) -> None:
+    def _shard(self, layer: LowRankLayer, like: Tensor) -> None:
+        """``fully_shard`` a new low-rank layer, its frozen bases included.
+
+        ``U`` and ``V`` are buffers of a :class:`~lowrank_torch.layers.LowRankLayer`, and FSDP2 shards
+        parameters only; they become frozen parameters (``requires_grad=False``, same names, same
+        ``state_dict`` keys) so that each rank holds ``1/world`` of them between forwards, like every
+        other weight. (At the switch a full-rank ``U`` and ``V`` together hold ``(m + n) min(m, n)``
+        numbers, more than the dense ``m n``: kept whole on every rank they would outgrow the dense
+        shard.)
+        """
+        for name in ("U", "V"):
+            value = layer._buffers.pop(name)
+            assert value is not None
+            layer.register_parameter(name, nn.Parameter(value, requires_grad=False))
         kwargs = dict(self.fsdp_kwargs)
         kwargs.setdefault("mesh", like.device_mesh)  # type: ignore[attr-defined]
         _fsdp().fully_shard(layer, **kwargs)
@@ -256,9 +270,10 @@ class FSDPOIALR(OIALR):
         self._reset_lazy_init()
         self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
 
-    def _full_sigma(self, layer: LowRankLayer) -> Tensor:
-        """The layer's ``sigma`` gathered from its shards (every rank gets the same full tensor)."""
-        return _full(layer.sigma.detach())
+    def _full_factors(self, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's factors gathered from their shards (every rank gets the same full tensors)."""
+        U, S, V = (_full(t.detach()) for t in (layer.U, layer.sigma, layer.V))
+        return U, S, V
 
     def _apply_rank_updates(self, plan: list[tuple[str, Any]], t: int) -> bool:
         """Each planned layer is rebuilt at its new rank and sharded again; the state follows."""

@@ -490,10 +490,11 @@ class OIALR:
             for part in self._parts[name]:
                 layer = self.layers[part]
                 try:
+                    U, S, V = self._full_factors(layer)
                     upd = lc.update_rank(
-                        layer.U,
-                        self._full_sigma(layer),
-                        layer.V,
+                        U,
+                        S,
+                        V,
                         self.config.rule,
                         shape=(layer.rows, layer.cols),
                     )
@@ -510,9 +511,10 @@ class OIALR:
                 plan.append((part, upd))
         return plan
 
-    def _full_sigma(self, layer: LowRankLayer) -> Tensor:
-        """The layer's whole ``sigma`` for a rank update (a sharded controller gathers it here)."""
-        return layer.sigma.detach()
+    def _full_factors(self, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's whole ``U``, ``sigma``, ``V`` for a rank update (a sharded controller gathers
+        them here)."""
+        return layer.U, layer.sigma.detach(), layer.V
 
     def _apply_rank_updates(self, plan: list[tuple[str, Any]], t: int) -> bool:
         """Write the planned updates (layers, optimizer state, history); returns whether shapes changed."""

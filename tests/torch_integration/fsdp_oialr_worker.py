@@ -59,9 +59,10 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         assert ctrl.ranks() == ctrl_ref.ranks(), (step, ctrl.ranks(), ctrl_ref.ranks())
         for name, layer in ctrl.layers.items():
             lr = ctrl_ref.layers[name]
-            for t in (layer.U, _full(layer.sigma), layer.V):
+            U, S, V = (_full(t.detach()) for t in (layer.U, layer.sigma, layer.V))
+            for t in (U, S, V):
                 across = max(across, max_diff_across_ranks(t))
-            w = lc.reconstruct(layer.U, _full(layer.sigma.detach()), layer.V)
+            w = lc.reconstruct(U, S, V)
             w_ref = lc.reconstruct(lr.U, lr.sigma.detach(), lr.V)
             vs_ref = max(vs_ref, float((w - w_ref).abs().max()))
         ranks_seen.append(dict(ctrl.ranks()))
@@ -79,10 +80,20 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         "max_vs_reference": vs_ref,
         "output_diff": out_diff,
         "changed_steps": changed_steps,
-        "sigma_sharded": all(
-            type(layer.sigma).__name__ == "DTensor" for layer in ctrl.layers.values()
+        "factors_sharded": all(
+            type(t).__name__ == "DTensor" and t.to_local().shape[0] < t.shape[0]
+            for layer in ctrl.layers.values()
+            for t in (layer.U, layer.sigma, layer.V)
         ),
-        "optimizer_holds_model_params": {id(p) for p in model.parameters()} == in_opt,
+        "bases_frozen": all(
+            not layer.U.requires_grad and not layer.V.requires_grad and layer.sigma.requires_grad
+            for layer in ctrl.layers.values()
+        ),
+        "bases_not_in_optimizer": all(
+            id(t) not in in_opt for layer in ctrl.layers.values() for t in (layer.U, layer.V)
+        ),
+        "optimizer_holds_model_params": {id(p) for p in model.parameters() if p.requires_grad}
+        == in_opt,
         "state_sharded": all(
             type(v).__name__ == "DTensor"
             for layer in ctrl.layers.values()

@@ -94,7 +94,8 @@ def test_oialr_under_fsdp2_matches_single_process_with_identical_factors(tmp_pat
         assert rep["output_diff"] <= TOL, rep
         assert rep["share"] == pytest.approx(rep["share_ref"], rel=0, abs=0)
         assert rep["stability_events"] == 2 and rep["rank_events"] >= 4, rep
-        assert rep["sigma_sharded"] and rep["state_sharded"], rep  # re-sharded after every change
+        assert rep["factors_sharded"] and rep["state_sharded"], rep  # re-sharded after every change
+        assert rep["bases_frozen"] and rep["bases_not_in_optimizer"], rep
         assert rep["optimizer_holds_model_params"], rep  # no stale parameter left in the optimizer
         seen = [r["2"] for r in rep["ranks_seen"] if r]
         assert seen[0] == 24 and seen[-1] < 24  # a truncating update really changed a shape
