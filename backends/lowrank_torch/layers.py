@@ -149,6 +149,8 @@ class LowRankLayer(nn.Module):
                 )
             if not x.is_floating_point():
                 raise lc.DTypeError(f"`{name}` must be a floating tensor, got {x.dtype}")
+            if not bool(torch.isfinite(x).all()):
+                raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
         r = int(Sigma.shape[-1])
         k = min(self.rows, self.cols)
         expect = {

@@ -420,3 +420,22 @@ def test_controller_refuses_wrong_objects():
         OIALR(model, opt, {"switch_step": 3})
     with pytest.raises(lc.LowRankError, match="not in the optimizer"):
         OIALR(model, torch.optim.SGD(list(model.parameters())[:2], lr=0.1))
+
+
+@pytest.mark.parametrize("which", ["U", "Sigma", "V"])
+def test_layers_refuse_nan_factors_and_set_factors_changes_nothing(which):
+    from lowrank_torch.layers import LowRankLinear
+
+    torch.manual_seed(0)
+    layer = LowRankLinear.from_dense(nn.Linear(6, 5).double(), 3)
+    good = {"U": layer.U.clone(), "Sigma": layer.sigma.detach().clone(), "V": layer.V.clone()}
+    bad = dict(good)
+    bad[which] = good[which].clone()
+    bad[which][0, 0] = float("nan")
+    with pytest.raises(lc.NonFiniteError, match=which):
+        LowRankLinear(bad["U"], bad["Sigma"], bad["V"], None)
+    with pytest.raises(lc.NonFiniteError, match=which):
+        layer.set_factors(bad["U"], bad["Sigma"], bad["V"])
+    torch.testing.assert_close(layer.U, good["U"], rtol=0, atol=0)
+    torch.testing.assert_close(layer.sigma.detach(), good["Sigma"], rtol=0, atol=0)
+    torch.testing.assert_close(layer.V, good["V"], rtol=0, atol=0)
