@@ -321,6 +321,20 @@ def _expand_lib(spec: Spec, lib: str) -> Iterator[Case]:
                     True,
                     _call_builder(spec, lib, {i: _lazy(lambda x=x: non_contiguous(x, lib))}),
                 )
+            scalable = (
+                a.opts.get("float", True)
+                and a.opts.get("finite", True)
+                and a.opts.get("scale", True)
+            )
+            if x.size and scalable:
+                for factor in (1e160, 1e-160):
+                    yield case(
+                        f"{a.name}=scaled-{factor:g}",
+                        True,
+                        _call_builder(
+                            spec, lib, {i: _lazy(lambda x=x, f=factor: to_lib(x * f, lib))}
+                        ),
+                    )
             for label, value, template in array_bad_values(a):
                 v = (
                     (lambda value=value: to_lib(value, lib))

@@ -10,7 +10,8 @@ is called with bad inputs derived from its argument kinds (see ``fuzz/specs.py``
 
 and every input array (and module/optimizer state) is compared before and after the call:
 ``mutated`` counts calls that changed an input. Valid variants (the plain call, non-contiguous
-views, NumPy scalars) must succeed: ``rejected`` counts those that raised.
+views, NumPy scalars, inputs scaled by 1e160 and 1e-160) must succeed: ``rejected`` counts those
+that raised, ``nan-output`` those that returned NaN.
 
 Calls run in a worker subprocess that reports one line per case; when it dies, the case it was
 running is recorded as a crash and a new worker continues after it. Exit status 0 only when every
@@ -248,7 +249,7 @@ def verdict(row: dict[str, Any]) -> str:
     o = row["outcome"]
     if row["valid"]:
         if o == "silent":
-            return "ok"
+            return "nan-output" if row.get("nan") else "ok"
         return "crash" if o == "crash" else "rejected"
     return "silent" if o == "build-error" else o
 
@@ -261,27 +262,28 @@ def report(rows: list[dict[str, Any]], out: Any = sys.stdout) -> int:
         per[r["spec"]][v] += 1
         per[r["spec"]]["mutated"] += bool(r.get("mutated"))
         owners[r["spec"]] = r["owner"]
-    cols = ["clear", "generic", "silent", "crash", "mutated", "ok", "rejected"]
+    cols = ["clear", "generic", "silent", "crash", "mutated", "ok", "rejected", "nan-output"]
     width = max(len(s) for s in per) + 2
-    print(f"{'function':<{width}}{'owner':<34}" + "".join(f"{c:>9}" for c in cols), file=out)
+    print(f"{'function':<{width}}{'owner':<34}" + "".join(f"{c:>11}" for c in cols), file=out)
     total: Counter[str] = Counter()
     for name in sorted(per, key=lambda n: (owners[n], n)):
         cnt = per[name]
         total.update(cnt)
         print(
-            f"{name:<{width}}{owners[name]:<34}" + "".join(f"{cnt[c]:>9}" for c in cols), file=out
+            f"{name:<{width}}{owners[name]:<34}" + "".join(f"{cnt[c]:>11}" for c in cols), file=out
         )
-    print(f"{'TOTAL':<{width}}{'':<34}" + "".join(f"{total[c]:>9}" for c in cols), file=out)
+    print(f"{'TOTAL':<{width}}{'':<34}" + "".join(f"{total[c]:>11}" for c in cols), file=out)
     bad = sum(total[c] for c in ("clear", "generic", "silent", "crash"))
     share = 100.0 * total["clear"] / bad if bad else 100.0
     print(
         f"\nbad inputs: {bad}, clear library errors: {total['clear']} ({share:.1f}%), generic "
         f"{total['generic']}, silent {total['silent']}, crash {total['crash']}; mutated inputs "
-        f"{total['mutated']}; valid variants: {total['ok']} ok, {total['rejected']} rejected",
+        f"{total['mutated']}; valid variants: {total['ok']} ok, {total['rejected']} rejected, "
+        f"{total['nan-output']} with NaN output",
         file=out,
     )
-    failed = (
-        total["generic"] + total["silent"] + total["crash"] + total["mutated"] + total["rejected"]
+    failed = sum(
+        total[c] for c in ("generic", "silent", "crash", "mutated", "rejected", "nan-output")
     )
     return 0 if failed == 0 else 1
 
@@ -290,7 +292,8 @@ def failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         r
         for r in rows
-        if verdict(r) in ("generic", "silent", "crash", "rejected") or r.get("mutated")
+        if verdict(r) in ("generic", "silent", "crash", "rejected", "nan-output")
+        or r.get("mutated")
     ]
 
 
