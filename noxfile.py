@@ -72,7 +72,7 @@ def tests(session: nox.Session, backend: str) -> None:
     extra = "[torch]" if backend == "torch" else ""
     # the torch session also gets the model packages of the model-zoo tests (torchvision, timm,
     # transformers), which fail loudly there when they cannot be imported
-    models = group("models") if backend == "torch" else ()
+    models = group("models", "integrations") if backend == "torch" else ()
     install(session, "-e", f".{extra}", *group("test"), *models)
     # The test suite skips a backend it cannot import; make sure that cannot happen silently here.
     probe = f"import {backend} as m; print(m.__name__, getattr(m, '__version__', '?'), m.__file__)"
