@@ -1342,7 +1342,41 @@ def _oialr_nan_step(lib: str) -> tuple[Callable[..., Any], list[Any], dict[str, 
 
 
 # --------------------------------------------------------------------------------------------------
+def _selftest_specs() -> list[Spec]:
+    """Functions with known outcomes, to check the harness itself (``--selftest``)."""
+    import os
+    import signal
+
+    from lowrank_core.errors import ShapeError
+
+    def crash(x: Any) -> None:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    def clear(x: Any) -> None:
+        raise ShapeError("always")
+
+    def generic(x: Any) -> None:
+        raise ValueError("always")
+
+    def silent(x: Any) -> Any:
+        return x
+
+    def mutate(x: Any) -> None:
+        x[...] = 0
+
+    owner = "selftest"
+    one = [arr("x", np.ones((2, 2)), ndims=(), noncontig=False, scale=False)]
+    return [
+        Spec(f"selftest.{f.__name__}", owner, lambda lib, f=f: f, one, libs=("numpy",))
+        for f in (crash, clear, generic, silent, mutate)
+    ]
+
+
 def all_specs(only: str | None = None) -> list[Spec]:
+    import os
+
+    if os.environ.get("FUZZ_SELFTEST"):
+        return _selftest_specs()
     specs = core_specs() + cmd_specs() + dldr_specs() + torch_specs()
     if only:
         specs = [s for s in specs if only in s.name or only in s.owner]
