@@ -109,6 +109,18 @@ def _torch_polar(a: torch.Tensor) -> torch.Tensor:
     return U @ Vh
 
 
+def _core_cases(
+    a: torch.Tensor, b: torch.Tensor, f: Any, sigma: torch.Tensor
+) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """op -> (lowrank-core call, the same math in plain torch)."""
+    return {
+        "svd": (lambda: lc.svd(a), lambda: _torch_svd(a)),
+        "orthogonal_factor": (lambda: lc.orthogonal_factor(a), lambda: _torch_polar(a)),
+        "basis_stability": (lambda: lc.basis_stability(a, b), lambda: (_torch_polar(a) * _torch_polar(b)).sum(0)),
+        "rediagonalize": (lambda: lc.rediagonalize(f.U, sigma, f.V), lambda: torch.linalg.svd(sigma)),
+    }  # fmt: skip
+
+
 def part_core(device: torch.device, dry_run: bool, budget: float) -> tuple[Table, dict[str, Any]]:
     shapes = [(128, 64)] if dry_run else [(1024, 1024), (3072, 768), (4096, 4096)]
     repeat = 3 if dry_run else 7
@@ -128,12 +140,7 @@ def part_core(device: torch.device, dry_run: bool, budget: float) -> tuple[Table
         b = a + 1e-3 * torch.randn(m, n, generator=g).to(device)
         f = lc.factorize(a)
         sigma = f.Sigma + 1e-3 * torch.randn_like(f.Sigma)
-        cases = {
-            "svd": (lambda: lc.svd(a), lambda: _torch_svd(a)),
-            "orthogonal_factor": (lambda: lc.orthogonal_factor(a), lambda: _torch_polar(a)),
-            "basis_stability": (lambda: lc.basis_stability(a, b), lambda: (_torch_polar(a) * _torch_polar(b)).sum(0)),
-            "rediagonalize": (lambda: lc.rediagonalize(f.U, sigma, f.V), lambda: torch.linalg.svd(sigma)),
-        }  # fmt: skip
+        cases = _core_cases(a, b, f, sigma)
         for op, (core, ref) in cases.items():
             t = compare({"core": core, "torch": ref}, repeat=repeat, warmup=1, sync=sync)
             table.rows.append(
@@ -174,6 +181,13 @@ def part_core(device: torch.device, dry_run: bool, budget: float) -> tuple[Table
 
 
 # --- 3. layers ----------------------------------------------------------------------------------
+def _fwd_bwd(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def go() -> None:
+        layer(x).sum().backward()
+
+    return go
+
+
 def part_layers(device: torch.device, dry_run: bool, budget: float) -> tuple[Table, dict[str, Any]]:
     from lowrank_torch.layers import LowRankLinear
 
@@ -192,12 +206,6 @@ def part_layers(device: torch.device, dry_run: bool, budget: float) -> tuple[Tab
         dense = nn.Linear(n, m).to(device=device, dtype=dtype)
         x = torch.randn(tokens, n, device=device, dtype=dtype, requires_grad=True)
 
-        def fwd_bwd(layer: nn.Module) -> Callable[[], None]:
-            def go() -> None:
-                layer(x).sum().backward()
-
-            return go
-
         for frac in (0.1, 0.25, 0.5):
             if time.perf_counter() > deadline:
                 table.notes.append("stopped early: out of time")
@@ -209,7 +217,7 @@ def part_layers(device: torch.device, dry_run: bool, budget: float) -> tuple[Tab
             )
             low = low.to(device)
             t = compare(
-                {"dense": fwd_bwd(dense), "factored": fwd_bwd(low)},
+                {"dense": _fwd_bwd(dense, x), "factored": _fwd_bwd(low, x)},
                 repeat=repeat,
                 warmup=2,
                 sync=sync,
@@ -261,7 +269,9 @@ def part_svd_drivers(
         )
         fns: dict[str, Callable[[], Any]] = {}
         for d in drivers:
-            fns[d or "default"] = lambda d=d: torch.linalg.svd(a, full_matrices=False, driver=d)
+            fns[d or "default"] = lambda d=d, a=a: torch.linalg.svd(
+                a, full_matrices=False, driver=d
+            )
         t = compare(fns, repeat=repeat, warmup=1, sync=sync)
         worst = 0.0
         for d in drivers:
