@@ -227,17 +227,3 @@ def test_dldr_callback_records_then_trains_in_the_subspace_and_resumes(tmp_path:
     assert cb2.driver.phase == "subspace"
     for a, b in zip(module.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
-
-
-def test_importing_lowrank_torch_does_not_import_lightning() -> None:
-    import subprocess
-
-    code = (
-        "import sys, lowrank_torch, lowrank_torch.oialr, lowrank_torch.amp; "
-        "print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'transformers') "
-        "for m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
-    )
-    assert out.stdout.strip() == "False"
