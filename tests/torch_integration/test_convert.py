@@ -623,3 +623,35 @@ def test_conversion_visits_each_module_a_bounded_number_of_times(monkeypatch):
     assert large <= 4.5 * small  # linear (x4 layers), with room for constant overhead
     small, large = switch_visits(50), switch_visits(200)
     assert large <= 4.5 * small  # OIALR's switch: one conversion pass, not one per layer
+
+
+def test_oialr_keeps_every_use_of_shared_weights_trained():
+    from lowrank_torch.oialr import OIALR, OIALRConfig
+
+    torch.manual_seed(12)
+    shared = nn.Linear(6, 6)
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight  # a Parameter shared by two modules: stays dense
+    model = nn.Sequential(
+        nn.Linear(4, 6), shared, nn.Tanh(), shared, a, nn.Tanh(), b, nn.Linear(6, 2)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=1, update_every=1000))
+    assert ctrl.eligible == ["0", "1"]
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+
+    def step():
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctrl.step()
+
+    step()  # the switch
+    assert model[1] is model[3] and isinstance(model[1], LowRankLinear)
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(p) in held for p in model.parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    step()
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), n  # every parameter, shared ones included, moved

@@ -605,3 +605,15 @@ def test_gpt2_tied_head_refused_by_name_and_model_untouched():
     for (k, p), (_, q) in zip(model.state_dict().items(), ref.state_dict().items(), strict=True):
         assert torch.equal(p, q), k
     assert not any(isinstance(m, LowRankLayer) for m in model.modules())
+
+
+def test_gpt2_low_rank_conv1d_back_to_dense():
+    model = CASES["gpt2"].build()
+    conv = model.transformer.h[0].attn.c_attn
+    layer = LowRankConv1D.from_dense(conv)
+    back = layer.to_dense()
+    assert type(back) is type(conv) and back.weight.shape == conv.weight.shape
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), conv(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-4, atol=1e-5)
