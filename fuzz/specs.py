@@ -1084,14 +1084,6 @@ def torch_specs() -> list[Spec]:
             libs=T,
         ),
         Spec(
-            "OIALR",
-            C,
-            fn("lowrank_torch.oialr.OIALR"),
-            [mod("model", _mlp), Arg("optimizer", "object", None, opts={"bad": MODEL})],
-            libs=T,
-            extra_valid=[],
-        ),
-        Spec(
             "CMDConfig",
             C,
             fn("lowrank_torch.cmd.CMDConfig"),
@@ -1177,68 +1169,7 @@ def torch_specs() -> list[Spec]:
             ],
             libs=T,
         ),
-        Spec(
-            "dldr.flatten",
-            C,
-            fn("lowrank_torch.dldr.flatten"),
-            [
-                pos(
-                    "tensors",
-                    "object",
-                    None,
-                    bad=[("None", None), ("int", 3), ("junk", Junk()), ("empty", [])],
-                )
-            ],
-            libs=T,
-        ),
-        Spec(
-            "swap_parameter",
-            C,
-            fn("lowrank_torch.swap_parameter"),
-            [
-                pos("optimizer", "object", None, bad=[("None", None), ("int", 3)]),
-                pos("old", "object", None, bad=[("None", None)]),
-                pos("new", "object", None, bad=[("None", None)]),
-            ],
-            libs=T,
-        ),
-        Spec(
-            "truncate_sigma_state",
-            C,
-            fn("lowrank_torch.truncate_sigma_state"),
-            [
-                pos("optimizer", "object", None, bad=[("None", None), ("int", 3)]),
-                pos("sigma", "object", None, bad=[("None", None)]),
-                pos("rank", "rank", 2),
-            ],
-            libs=T,
-        ),
-        Spec(
-            "checkpoint.save_checkpoint",
-            C,
-            fn("lowrank_torch.checkpoint.save_checkpoint"),
-            [
-                pos(
-                    "path",
-                    "object",
-                    None,
-                    bad=[("None", None), ("int", 3), ("dir", tempfile.gettempdir())],
-                ),
-                Arg("model", "object", _mlp, keyword=True, opts={"factory": True, "bad": MODEL}),
-            ],
-            libs=T,
-        ),
     ]
-    # the valid calls of objects built from None placeholders are not meaningful: drop them
-    for s in specs:
-        if s.name in (
-            "OIALR",
-            "dldr.flatten",
-            "swap_parameter",
-            "truncate_sigma_state",
-            "checkpoint.save_checkpoint",
-        ):
-            s.skip_valid = True  # type: ignore[attr-defined]
     conv = lambda: _torch().nn.Conv2d(3, 4, 3)  # noqa: E731
     specs += [
         Spec("LowRankConv2d.from_dense", C, fn("lowrank_torch.LowRankConv2d/from_dense"),
@@ -1268,12 +1199,6 @@ def torch_specs() -> list[Spec]:
                   opts={"factory": True, "bad": [("None", None), ("int", 3)]}),
               Arg("subspace", "object", lambda: _model_subspace(),
                   opts={"factory": True, "bad": [("None", None), ("junk", Junk())]})], libs=T),
-        Spec("checkpoint.load_checkpoint", C, fn("lowrank_torch.checkpoint.load_checkpoint"),
-             [pos("path", "object", None, bad=[("None", None), ("int", 3),
-                                               ("dir", tempfile.gettempdir()),
-                                               ("missing", "/nonexistent/ckpt.pt")]),
-              Arg("model", "object", _mlp, keyword=True, opts={"factory": True, "bad": MODEL})],
-             libs=T),
     ]  # fmt: skip
     specs += [
         Spec("eligible_names", C, fn("lowrank_torch.eligible_names"),
@@ -1282,21 +1207,10 @@ def torch_specs() -> list[Spec]:
         Spec("LowRankConv1D", C, fn("lowrank_torch.LowRankConv1D"),
              [arr("U", V[:, :3], ndims=(2,), stack=False), arr("Sigma", tS, ndims=(2,), stack=False),
               arr("V", tU, ndims=(2,), stack=False), kw("forward_mode", "choice", "auto")], libs=T),
-        Spec("rotate_sigma_state", C, fn("lowrank_torch.rotate_sigma_state"),
-             [pos("optimizer", "object", None, bad=[("None", None), ("int", 3)]),
-              pos("sigma", "object", None, bad=[("None", None)]),
-              arr("left", np.eye(3), ndims=(2,)), arr("right", np.eye(3), ndims=(2,))], libs=T),
-        Spec("dense_to_sigma_state", C, fn("lowrank_torch.dense_to_sigma_state"),
-             [pos("optimizer", "object", None, bad=[("None", None), ("int", 3)]),
-              pos("dense", "object", None, bad=[("None", None)]),
-              pos("sigma", "object", None, bad=[("None", None)]),
-              arr("U", tU, ndims=(2,)), arr("V", tV, ndims=(2,)), kw("groups", "int", 1, min=1)], libs=T),
     ]  # fmt: skip
+    specs += bound_torch_specs()
     for sp in specs:
-        if sp.name in ("rotate_sigma_state", "dense_to_sigma_state"):
-            sp.skip_valid = True  # type: ignore[attr-defined]
-    for sp in specs:
-        if sp.name in ("checkpoint.load_checkpoint", "LowRankConvNd.from_dense"):  # abstract base
+        if sp.name == "LowRankConvNd.from_dense":  # an abstract base: no valid call
             sp.skip_valid = True  # type: ignore[attr-defined]
     specs.append(
         Spec(
@@ -1438,3 +1352,158 @@ def uncovered_names() -> list[str]:
                 continue
             missing.append(f"{modname}.{name}")
     return sorted(set(missing))
+
+
+# --------------------------------------------------------------------------------------------------
+# lowrank_torch functions whose valid call needs consistent objects (an optimizer holding the
+# parameter, a checkpoint file): the objects are built per case; each is also replaced by junk.
+# --------------------------------------------------------------------------------------------------
+def _sgd_with_state(*shapes: tuple[int, ...]) -> tuple[Any, list[Any]]:
+    torch = _torch()
+    params = [torch.nn.Parameter(torch.ones(sh, dtype=torch.float64)) for sh in shapes]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    for p_ in params:
+        p_.grad = torch.ones_like(p_)
+    opt.step()
+    return opt, params
+
+
+def _ctx_rotate() -> dict[str, Any]:
+    opt, (sigma,) = _sgd_with_state((3, 3))
+    return {"optimizer": opt, "sigma": sigma}
+
+
+def _ctx_truncate() -> dict[str, Any]:
+    opt, (sigma,) = _sgd_with_state((3, 3))
+    return {"optimizer": opt, "sigma": sigma}
+
+
+def _ctx_dense() -> dict[str, Any]:
+    torch = _torch()
+    opt, (dense,) = _sgd_with_state((6, 5))
+    sigma = torch.nn.Parameter(torch.eye(3, dtype=torch.float64))
+    return {"optimizer": opt, "dense": dense, "sigma": sigma}
+
+
+def _ctx_swap() -> dict[str, Any]:
+    torch = _torch()
+    opt, (old,) = _sgd_with_state((3, 3))
+    return {
+        "optimizer": opt,
+        "old": old,
+        "new": torch.nn.Parameter(torch.zeros(3, 3, dtype=torch.float64)),
+    }
+
+
+def _ctx_oialr() -> dict[str, Any]:
+    torch = _torch()
+    model = _mlp()
+    return {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)}
+
+
+_CKPT_DIR = tempfile.mkdtemp(prefix="lowrank_fuzz_")
+
+
+def _ctx_save() -> dict[str, Any]:
+    import os
+
+    return {"path": os.path.join(_CKPT_DIR, "save.pt"), "model": _mlp()}
+
+
+def _ctx_load() -> dict[str, Any]:
+    import os
+
+    import lowrank_torch.checkpoint as ck
+
+    path = os.path.join(_CKPT_DIR, "load.pt")
+    if not os.path.exists(path):
+        ck.save_checkpoint(path, model=_mlp())
+    return {"path": path, "model": _mlp()}
+
+
+def _ctx_flatten() -> dict[str, Any]:
+    return {"tensors": list(_mlp().parameters())}
+
+
+def _bound(path: str, ctx: Callable[[], dict[str, Any]], keyword: tuple[str, ...] = ()) -> Any:
+    """``target`` calling ``path`` with the objects of a fresh ``ctx()`` (positional, in order)."""
+
+    def target(lib: str) -> Callable[..., Any]:
+        objs = ctx()
+        f = fn(path)(lib)
+        pos_objs = [v for k, v in objs.items() if k not in keyword]
+        kw_objs = {k: v for k, v in objs.items() if k in keyword}
+        return functools.partial(f, *pos_objs, **kw_objs)
+
+    return target
+
+
+OBJ_JUNK: list[tuple[str, Any]] = [("None", None), ("int", 3), ("junk", Junk())]
+
+
+def _object_variants(
+    path: str,
+    ctx: Callable[[], dict[str, Any]],
+    args: Callable[[], tuple[list[Any], dict[str, Any]]],
+    keyword: tuple[str, ...] = (),
+    extra_bad: dict[str, list[tuple[str, Any]]] | None = None,
+) -> list[tuple[str, Callable[[str], tuple[Callable[..., Any], list[Any], dict[str, Any]]]]]:
+    names = list(ctx().keys())
+    out = []
+    for name in names:
+        for label, value in [*OBJ_JUNK, *(extra_bad or {}).get(name, [])]:
+
+            def build(lib: str, name: str = name, value: Any = value) -> Any:
+                objs = ctx()
+                objs[name] = value
+                a, k = args()
+                pos_objs = [v for n, v in objs.items() if n not in keyword]
+                kw_objs = {n: v for n, v in objs.items() if n in keyword}
+                return fn(path)(lib), [*pos_objs, *a], {**kw_objs, **k}
+
+            out.append((f"{name}={label}", build))
+    return out
+
+
+def bound_torch_specs() -> list[Spec]:
+    T = ("torch",)
+    eye3 = np.eye(3)
+    U3, V3 = np.ascontiguousarray(U[:, :3]), np.ascontiguousarray(V[:, :3])
+    return [
+        Spec("rotate_sigma_state", C, _bound("lowrank_torch.rotate_sigma_state", _ctx_rotate),
+             [arr("left", eye3, ndims=(2,), stack=False), arr("right", eye3, ndims=(2,), stack=False)],
+             libs=T, inplace=True,
+             extra=_object_variants("lowrank_torch.rotate_sigma_state", _ctx_rotate,
+                                    lambda: ([to_lib(eye3, "torch"), to_lib(eye3, "torch")], {}))),
+        Spec("truncate_sigma_state", C, _bound("lowrank_torch.truncate_sigma_state", _ctx_truncate),
+             [pos("rank", "rank", 2, upper=3)], libs=T, inplace=True,
+             extra=_object_variants("lowrank_torch.truncate_sigma_state", _ctx_truncate,
+                                    lambda: ([2], {}))),
+        Spec("dense_to_sigma_state", C, _bound("lowrank_torch.dense_to_sigma_state", _ctx_dense),
+             [arr("U", U3, ndims=(2,), stack=False), arr("V", V3, ndims=(2,), stack=False),
+              kw("groups", "int", 1, min=1)], libs=T, inplace=True,
+             extra=_object_variants("lowrank_torch.dense_to_sigma_state", _ctx_dense,
+                                    lambda: ([to_lib(U3, "torch"), to_lib(V3, "torch")], {}))),
+        Spec("swap_parameter", C, _bound("lowrank_torch.swap_parameter", _ctx_swap), [], libs=T,
+             inplace=True,
+             extra=_object_variants("lowrank_torch.swap_parameter", _ctx_swap, lambda: ([], {}))),
+        Spec("OIALR", C, _bound("lowrank_torch.oialr.OIALR", _ctx_oialr), [
+                 pos("config", "object", None, bad=[("int", 3), ("junk", Junk()), ("dict", {})])],
+             libs=T, extra=_object_variants("lowrank_torch.oialr.OIALR", _ctx_oialr, lambda: ([], {}))),
+        Spec("dldr.flatten", C, _bound("lowrank_torch.dldr.flatten", _ctx_flatten), [], libs=T,
+             extra=_object_variants("lowrank_torch.dldr.flatten", _ctx_flatten, lambda: ([], {}),
+                                    extra_bad={"tensors": [("empty", []), ("arrays", [np.ones(3)])]})),
+        Spec("checkpoint.save_checkpoint", C,
+             _bound("lowrank_torch.checkpoint.save_checkpoint", _ctx_save, keyword=("model",)), [],
+             libs=T,
+             extra=_object_variants("lowrank_torch.checkpoint.save_checkpoint", _ctx_save,
+                                    lambda: ([], {}), keyword=("model",),
+                                    extra_bad={"path": [("dir", _CKPT_DIR)]})),
+        Spec("checkpoint.load_checkpoint", C,
+             _bound("lowrank_torch.checkpoint.load_checkpoint", _ctx_load, keyword=("model",)), [],
+             libs=T,
+             extra=_object_variants("lowrank_torch.checkpoint.load_checkpoint", _ctx_load,
+                                    lambda: ([], {}), keyword=("model",),
+                                    extra_bad={"path": [("dir", _CKPT_DIR),
+                                                        ("missing", "/nonexistent/ckpt.pt")]})),
+    ]  # fmt: skip
