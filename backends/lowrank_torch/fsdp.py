@@ -196,10 +196,16 @@ class FSDPOIALR(OIALR):
 
     def _reset_lazy_init(self) -> None:
         """Let the root collect its (new) FSDP units again at the next forward."""
-        from torch.distributed.fsdp._fully_shard._fsdp_state import (
-            FSDPStateContext,
-            _get_module_fsdp_state,
-        )
+        try:
+            from torch.distributed.fsdp._fully_shard._fsdp_state import (
+                FSDPStateContext,
+                _get_module_fsdp_state,
+            )
+        except ImportError as exc:  # pragma: no cover - another torch's FSDP2 internals
+            raise ShardingError(
+                f"this torch ({torch.__version__}) lays out FSDP2's internal state differently; "
+                "FSDPOIALR needs it to register new FSDP units (tested with torch 2.13)"
+            ) from exc
 
         for module in self.model.modules():
             state = _get_module_fsdp_state(module)
