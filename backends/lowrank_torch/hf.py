@@ -97,9 +97,10 @@ class OIALRTrainerCallback(_Base):
     @property
     def controller(self) -> OIALR:
         """The OIALR controller (exists from ``on_train_begin`` on, or once a checkpoint loaded)."""
-        if self.driver.controller is None:
+        driver: OIALRDriver = self.driver
+        if driver.controller is None:
             raise RuntimeError("the OIALR controller exists once training has begun")
-        return self.driver.controller
+        return driver.controller
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._begin(args, state, kwargs["model"])
