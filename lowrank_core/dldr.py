@@ -7,8 +7,9 @@ with the stored ones), so fitting the subspace afterwards needs one ``t x t`` ei
 one pass over the snapshots. :func:`fit_subspace` (a ``(t, D)`` matrix at hand) takes the same route:
 one pass for the Gram matrix, one for the basis. No ``D x D`` (nor a second ``t x D``) matrix is ever
 formed: the peak memory of a fit is the snapshot storage, plus the ``d x D`` result *twice* (its column
-pieces and the joined result exist together for a moment), plus ``O(t^2 + t W)`` scratch (``W`` =
-65,536 columns).
+pieces and the joined result exist together for a moment), plus ``3 D`` entries (the centre and its
+pieces), plus one column chunk of scratch, ``O(t^2 + (t + d) W)`` (``W`` = :data:`CHUNK` = 65,536
+columns; ``benchmarks/bench_dldr.py`` measures the peak against exactly this bound).
 
 The :class:`Subspace` (centre, orthonormal basis rows ``P``, explained variance) maps weights to
 coordinates ``c = P (w - origin)`` and back ``w = origin + P^T c``. :func:`bfgs_update`,
@@ -263,7 +264,8 @@ def _top_eigen(
             f"`d` = {d} exceeds the number of directions with non-zero variance that the snapshots "
             f"resolve ({rank}): eigenvalue {d} of their {what} is {shown:.3g}, not above the "
             f"rounding-error level {tol:.3g} of the stored data and of the float64 Gram (trace "
-            f"{trace:.3g}, stored dtype eps {eps:.3g}); take more (or more diverse) snapshots or a smaller `d`"
+            f"{trace:.3g}, stored dtype eps {eps:.3g}); take more (or more diverse) snapshots or a "
+            "smaller `d`"
         )
     V = V[:, :d]
     # sign-canonical: the largest-|.| entry of each eigenvector positive
@@ -736,9 +738,11 @@ class SnapshotStore:
     dot products of length ``D``.
 
     Memory: the stored vectors (``t D`` entries) plus the first snapshot and a running sum (``2 D``);
-    a fit adds the ``d x D`` result twice (its pieces and the joined result, for a moment) and
-    ``O(t^2 + t W)`` scratch. :meth:`add` is thread-safe (one lock); a store is usable as a context
-    manager, and every call after :meth:`close` raises ``SnapshotStoreError``.
+    a fit adds the ``d x D`` result twice (its pieces and the joined result, for a moment), ``3 D``
+    (the centre and its pieces) and one column chunk of scratch, ``O(t^2 + (t + d) W)``; on disk the
+    host memory holds only what the OS caches of the file. :meth:`add` is thread-safe (one lock); a
+    store is usable as a context manager, and every call after :meth:`close` raises
+    ``SnapshotStoreError``.
     """
 
     def __init__(
