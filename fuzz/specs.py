@@ -549,7 +549,7 @@ def cmd_specs() -> list[Spec]:
             "fit_cmd",
             A1,
             fn("lowrank_core.fit_cmd"),
-            [traj("trajectory", TRAJ), pos("max_modes", "int", 3, min=1), *common],
+            [traj("trajectory", TRAJ), pos("max_modes", "int", 3, min=1, optional=True), *common],
         ),
         Spec(
             "choose_num_modes",
@@ -575,7 +575,7 @@ def cmd_specs() -> list[Spec]:
             fn("lowrank_core.cmd.find_modes"),
             [
                 traj("sample", sample),
-                pos("max_modes", "int", 3, min=1),
+                pos("max_modes", "int", 3, min=1, optional=True),
                 kw("metric", "choice", "correlation"),
                 check_finite(),
             ],
@@ -647,7 +647,7 @@ def cmd_specs() -> list[Spec]:
             A1,
             fn("lowrank_core.cmd.sample_indices"),
             [
-                pos("sizes", "shape", (10, 14)),
+                pos("sizes", "shape", (10, 14), not_bad=("int", "one-dim")),
                 pos("num_samples", "int", 5, min=1),
                 kw("seed", "seed", 0),
             ],
@@ -660,7 +660,7 @@ def cmd_specs() -> list[Spec]:
             fn("lowrank_core.OnlineCMD/from_trajectory"),
             [
                 traj("trajectory", TRAJ),
-                pos("max_modes", "int", 3, min=1),
+                pos("max_modes", "int", 3, min=1, optional=True),
                 kw("num_samples", "int", 12, min=1),
                 kw("seed", "seed", 0),
             ],
@@ -763,6 +763,7 @@ def _store(lib: str) -> Any:
 
 def dldr_specs() -> list[Spec]:
     vec = functools.partial(arr, ndims=(1,), stack=False)
+    vec12 = functools.partial(arr, ndims=(1, 2), stack=False)  # (D,) or a stack (n, D)
     H = np.eye(3)
     specs = [
         Spec(
@@ -792,19 +793,19 @@ def dldr_specs() -> list[Spec]:
             fn("lowrank_core.dldr.centred_gram"),
             [arr("gram", SNAP @ SNAP.T, ndims=(2,), stack=False)],
         ),
-        Spec("Subspace.project", A2, method(_subspace, "project"), [vec("w", SNAP[-1])]),
+        Spec("Subspace.project", A2, method(_subspace, "project"), [vec12("w", SNAP[-1])]),
         Spec(
             "Subspace.project_direction",
             A2,
             method(_subspace, "project_direction"),
-            [vec("v", SNAP[-1])],
+            [vec12("v", SNAP[-1])],
         ),
-        Spec("Subspace.lift", A2, method(_subspace, "lift"), [vec("c", np.ones(3))]),
+        Spec("Subspace.lift", A2, method(_subspace, "lift"), [vec12("c", np.ones(3))]),
         Spec(
             "Subspace.lift_direction",
             A2,
             method(_subspace, "lift_direction"),
-            [vec("c", np.ones(3))],
+            [vec12("c", np.ones(3))],
         ),
         Spec(
             "SnapshotStore",
@@ -860,6 +861,7 @@ def dldr_specs() -> list[Spec]:
                 arr("centre", SNAP.mean(axis=0), ndims=(1,), stack=False, keyword=True),
                 kw("orthonormalize", "bool", True),
             ],
+            libs=("numpy",),  # rows() yields NumPy blocks,
         ),
         Spec(
             "dldr.curvature_ok",
@@ -889,7 +891,7 @@ def dldr_specs() -> list[Spec]:
             A2,
             fn("lowrank_core.dldr.armijo_condition"),
             [
-                pos("f_new", "float", 0.5),
+                pos("f_new", "float", 0.5, not_bad=("nan", "inf", "-inf")),
                 pos("f0", "float", 1.0),
                 pos("alpha", "float", 1.0, min=0.0),
                 pos("slope", "float", -1.0),
