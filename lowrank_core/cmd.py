@@ -25,12 +25,12 @@ Pipeline (post-hoc, :func:`fit_cmd`):
 
 Constant parameters. Real networks hold parameters that never move (weights on always-zero inputs, dead
 units). A row counts as *constant* when its motion is at the level of rounding: its centred norm is at most
-``8 eps sqrt(T) (|x_0| + max_t |x_t - x_0|)`` (``eps`` of the trajectory's dtype; the bracket is within a
-factor 3 of ``max_t |x_t|``). A constant row correlates 0 with everything (itself included), is kept out
-of the clustering (its sample label is ``-1``), never serves as a reference, joins mode 0 and gets
-``a = 0``, ``b =`` its mean (so it is reconstructed exactly). When every sampled row is constant, the model
-has one mode whose reference is the first sampled row (every ``a`` is 0). Correlations are true Pearson
-correlations of the centred rows, clipped to ``[-1, 1]``.
+``8 eps sqrt(T) (|x_0| + rms_t(x_t - x_0))`` (``eps`` of the trajectory's dtype; the bracket lies between
+``max_t |x_t| / sqrt(T)`` and ``3 max_t |x_t|``). A constant row correlates 0 with everything
+(itself included), is kept out of the clustering (its sample label is ``-1``), never serves as a
+reference, joins mode 0 and gets ``a = 0``, ``b =`` its mean (so it is reconstructed exactly). When
+every sampled row is constant, the model has one mode whose reference is the first sampled row (every
+``a`` is 0). Correlations are true Pearson correlations of the centred rows, clipped to ``[-1, 1]``.
 
 Scale. Rows are shifted by their first value (exact for rows that move little) and, when their motion is so
 large or small that squares would overflow or underflow, divided by a power of two (exact), so every fit is
@@ -303,51 +303,69 @@ def sample_indices(
 class _Rows:
     """What CMD needs of a block of rows ``x`` ``(c, T)`` (compute dtype).
 
-    ``centred`` are the centred rows divided by ``scale`` (a power of two per row, 1 unless squares would
-    overflow or underflow), ``norm`` the norms of ``centred`` (scaled units), ``mean`` the row means
-    (data units), ``constant`` the rows whose motion is at rounding level (see the module docstring).
+    ``shifted`` are the rows minus their first value, divided by ``scale`` (a power of two per row, 1
+    unless squares would overflow or underflow); ``shift_mean`` their means (so the centred rows are
+    ``shifted - shift_mean``, see :meth:`centred`), ``norm`` the norms of the centred rows (scaled
+    units), ``mean`` the row means (data units), ``constant`` the rows whose motion is at rounding level
+    (see the module docstring).
     """
 
+    shifted: Array
+    shift_mean: Array
     mean: Array
-    centred: Array
     norm: Array
     scale: Array
     constant: Array
 
+    def centred(self, xp: Namespace) -> Array:
+        return self.shifted - self.shift_mean[:, None]
 
-def _rows(xp: Namespace, x: Array, eps: float) -> _Rows:
+
+def _rows(xp: Namespace, x: Array, eps: float, *, finite_name: str | None = None) -> _Rows:
+    """Row statistics of ``x`` in four passes over it (shift, sum of squares, sum; the caller's matmul).
+
+    The shift by the first value is exact for values within a factor 2 of it (Sterbenz), so a constant
+    row gives exact zeros, and the centred sum of squares ``sum d^2 - (sum d)^2 / T`` of the shifted
+    rows loses at most ``log2(T + 1)`` bits (``|mean(d)| <= max|d - mean(d)|``). Rows whose squares
+    would overflow or underflow are redone scaled by a power of two (exact). With ``finite_name`` the
+    block is checked for NaN / Inf on the way (a finite sum of squares proves it finite).
+    """
     x = upcast(xp, x)
     t = int(x.shape[1])
-    x0 = x[:, :1]
-    d = (
-        x - x0
-    )  # exact for values within a factor 2 of x0 (Sterbenz): constant rows give exact zeros
-    amax = xp.max(xp.abs(d), axis=1, keepdims=True)
+    x0 = x[:, 0]
+    d = x - x0[:, None]
+    with np.errstate(over="ignore"):  # an overflow is detected below and redone scaled
+        ss = xp.vecdot(d, d, axis=-1)
+    if finite_name is not None and not bool(xp.all(xp.isfinite(ss) & xp.isfinite(x0))):
+        _check_finite(x, finite_name)  # raises for NaN / Inf; else only the squares overflowed
     info = xp.finfo(x.dtype)
-    lo = math.sqrt(float(info.smallest_normal)) * 2.0**16
-    hi = math.sqrt(float(info.max)) * 2.0**-16
-    one = xp.ones_like(amax)
-    if bool(xp.any((amax > hi) | ((amax < lo) & (amax > 0)))):
+    lo = float(info.smallest_normal) * 2.0**32
+    hi = float(info.max) * 2.0**-32
+    sd = xp.sum(d, axis=1)
+    one = xp.ones_like(x0)
+    if bool(xp.any((ss > hi) | ((ss < lo) & ((ss > 0) | (sd != 0))))):
+        amax = xp.max(xp.abs(d), axis=1)
         pos = amax > 0
         scale = xp.where(pos, 2.0 ** xp.floor(xp.log2(xp.where(pos, amax, one))), one)
-        d = d / scale  # a power of two: exact
+        d = d / scale[:, None]  # a power of two: exact
+        ss = xp.vecdot(d, d, axis=-1)
+        sd = xp.sum(d, axis=1)
     else:
         scale = one
-    mu = xp.mean(d, axis=1, keepdims=True)
-    centred = d - mu
-    norm = xp.sqrt(xp.sum(centred * centred, axis=1))
-    scale = scale[:, 0]
-    mean = x0[:, 0] + scale * mu[:, 0]
-    magnitude = (xp.abs(x0[:, 0]) + amax[:, 0]) / scale  # within a factor 3 of max|x| / scale
+    mu = sd / t
+    norm = xp.sqrt(xp.clip(ss - sd * mu, 0.0, None))
+    mean = x0 + scale * mu
+    magnitude = xp.abs(x0) / scale + xp.sqrt(ss / t)  # |x_0| + rms(x - x_0), scaled
     constant = norm <= (CONSTANT_TOLERANCE * eps * math.sqrt(t)) * magnitude
-    return _Rows(mean=mean, centred=centred, norm=norm, scale=scale, constant=constant)
+    return _Rows(shifted=d, shift_mean=mu, mean=mean, norm=norm, scale=scale, constant=constant)
 
 
 def _unit(xp: Namespace, rows: _Rows) -> Array:
     """Unit centred rows (0 for a constant row)."""
     const = rows.constant
     safe = xp.where(const, xp.ones_like(rows.norm), rows.norm)
-    return xp.where(const[:, None], xp.zeros_like(rows.centred), rows.centred / safe[:, None])
+    centred = rows.centred(xp)
+    return xp.where(const[:, None], xp.zeros_like(centred), centred / safe[:, None])
 
 
 def _abs_corr(xp: Namespace, unit: Array) -> Array:
@@ -386,14 +404,54 @@ def _linkage(distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Complete-linkage merges ``(K-1, 2)`` (slots, smaller first) and their heights, in merge order.
 
     Runs on the host, on a private NumPy float64 copy of the ``K x K`` distances (the only array it
-    writes; the caller's arrays are never written, whatever their library). The loop is ``K - 1``
-    strictly sequential steps of tiny kernels, each ending in a host read of the chosen pair, so on an
-    accelerator it would be latency-bound; its input is only the sample's ``K x K``. Repeatedly merges the
-    closest pair of live clusters (the first in row-major order on ties: ``argmin`` returns the first
-    occurrence); the merged cluster keeps the smaller slot, its distance to every other cluster is the max
-    of the two rows. Only ``max`` and comparisons touch the distances, so the heights are exactly entries
-    of ``distance``. Heights are non-decreasing (complete linkage has no inversions).
+    writes; the caller's arrays are never written, whatever their library). Repeatedly merges the
+    closest pair of live clusters, the first in row-major order on ties (the pair a flat ``argmin`` of
+    the matrix would pick); the merged cluster keeps the smaller slot, its distance to every other
+    cluster is the max of the two rows. Only ``max`` and comparisons touch the distances, so the heights
+    are exactly entries of ``distance``. Heights are non-decreasing (complete linkage has no inversions).
+
+    Each row's minimum and its first column are kept; a merge only raises distances, so only the merged
+    row and the rows whose minimum sat in one of the two merged columns are rescanned: ``O(K^2)`` work
+    on average instead of a ``K x K`` scan per merge (:func:`_linkage_scan`, the plain version, gives the
+    very same merges and heights).
     """
+    k = int(distance.shape[0])
+    d = np.array(distance, dtype=np.float64, copy=True)
+    np.fill_diagonal(d, np.inf)
+    merges = np.zeros((max(k - 1, 0), 2), dtype=np.int64)
+    heights = np.zeros(max(k - 1, 0), dtype=np.float64)
+    if k < 2:
+        return merges, heights
+    arg = np.argmin(d, axis=1)  # first column of each row's minimum
+    low = d[np.arange(k), arg]
+    for step in range(k - 1):
+        i = int(np.argmin(low))  # first row holding the global minimum, then its first column
+        j = int(arg[i])
+        i, j = min(i, j), max(i, j)
+        heights[step] = d[i, j]
+        merges[step] = (i, j)
+        row = np.maximum(d[i, :], d[j, :])
+        d[i, :] = row
+        d[:, i] = row
+        d[i, i] = np.inf
+        d[j, :] = np.inf
+        d[:, j] = np.inf
+        low[j] = np.inf
+        arg[j] = 0
+        # rows whose minimum sat in column i or j (their values there went up), and row i itself
+        stale = np.flatnonzero((arg == i) | (arg == j))
+        stale = np.union1d(stale, [i])
+        stale = stale[np.isfinite(low[stale]) | (stale == i)]
+        if stale.size:
+            sub = np.argmin(d[stale, :], axis=1)
+            arg[stale] = sub
+            low[stale] = d[stale, sub]
+        # any other row keeps its minimum and its first column: values only went up
+    return merges, heights
+
+
+def _linkage_scan(distance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_linkage` by a full ``argmin`` scan per merge (``O(K^3)``): the plain definition."""
     k = int(distance.shape[0])
     d = np.array(distance, dtype=np.float64, copy=True)
     np.fill_diagonal(d, np.inf)
@@ -586,6 +644,7 @@ class _Profiles:
         rows = _rows(xp, profiles, eps)
         self.mean = rows.mean
         self.unit = _unit(xp, rows)  # (M, T), 0 for a constant profile
+        self.unit_sum = xp.sum(self.unit, axis=1)  # ~0 (centred): corrects shifted rows exactly
         self.norm = rows.norm
         self.scale = rows.scale
         self.constant = rows.constant
@@ -605,14 +664,19 @@ def _chunk_stats(
     eps: float,
     *,
     want_cov: bool = False,
+    finite_name: str | None = None,
 ) -> tuple[Array, Array, Array, Array | None]:
     """For a chunk ``w`` (c, T): mode (given or by max |corr|), mean, ``a`` and the co-moment.
 
     The co-moment ``sum_t (w - w̄)(r - r̄)`` with the mode's profile is returned in data units (it is the
     online state; it may overflow at extreme scales, ``a`` never does).
     """
-    rows = _rows(xp, xp.astype(w, prof.dtype) if w.dtype != prof.dtype else w, eps)
-    g = rows.centred @ xp.matrix_transpose(prof.unit)  # (c, M): <w - w̄, unit profile>, scaled
+    rows = _rows(
+        xp, xp.astype(w, prof.dtype) if w.dtype != prof.dtype else w, eps, finite_name=finite_name
+    )
+    # (c, M): <w - w̄, unit profile> (scaled units), from the shifted rows without centring them
+    g = rows.shifted @ xp.matrix_transpose(prof.unit) - rows.shift_mean[:, None] * prof.unit_sum
+
     mode = _assign(xp, rows, g) if assignment is None else assignment
     mode = xp.astype(mode, _index_dtype(xp, w))
     gm = xp.take_along_axis(g, mode[:, None], axis=1)[:, 0]
@@ -665,10 +729,9 @@ def _run_chunks(
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         w = trajectory[s:e, :]
-        if finite:
-            _check_finite(w, "trajectory")
         given = None if assignment is None else assignment[s:e]
-        mode, mean, a, _ = _chunk_stats(xp, w, prof, given, eps)
+        name = "trajectory" if finite else None  # checked on the way, at no extra pass
+        mode, mean, a, _ = _chunk_stats(xp, w, prof, given, eps, finite_name=name)
         modes.append(mode)
         if want != "assign":
             b = mean - a * xp.take(prof.mean, mode)
@@ -1046,15 +1109,16 @@ def choose_num_modes(
     if den == 0.0:
         return 1
     eps = _eps(xp, sample.dtype)
+    centred = rows.centred(xp)
     for m in range(1, upper + 1):
         _, refs = cl.labels_and_refs(m, k)
         prof = _Profiles(xp, xp.take(sample, _index_array(xp, refs, sample), axis=0), eps)
-        g = rows.centred @ xp.matrix_transpose(prof.unit)
+        g = centred @ xp.matrix_transpose(prof.unit)
         mode = _assign(xp, rows, g)
         gm = xp.take_along_axis(g, mode[:, None], axis=1)[:, 0]
         degenerate = rows.constant | xp.take(prof.constant, mode)
         gm = xp.where(degenerate, xp.zeros_like(gm), gm)
-        res = rows.centred - gm[:, None] * xp.take(prof.unit, mode, axis=0)
+        res = centred - gm[:, None] * xp.take(prof.unit, mode, axis=0)
         num = float(xp.sum(weight * xp.sum(res * res, axis=1)))
         if math.sqrt(num / den) <= t:
             return m

@@ -3,7 +3,7 @@
 Written independently of lowrank_core (shares no code with it). A trajectory is ``(N, T)``: one row per
 parameter, one column per epoch. Functions follow the same definitions as ``lowrank_core.cmd``:
 
-- constant rows: centred norm ``<= 8 eps sqrt(T) (|x_0| + max_t |x_t - x_0|)`` (``eps`` of the data's
+- constant rows: centred norm ``<= 8 eps sqrt(T) (|x_0| + rms_t(x_t - x_0))`` (``eps`` of the data's
   dtype, float64 by default); they correlate 0 with everything, are kept out of the clustering (label
   -1), never serve as references, join mode 0 with ``a = 0`` and ``b =`` their mean;
 - correlation: ``|np.corrcoef|`` with constant rows set to 0, clipped to [0, 1];
@@ -45,7 +45,7 @@ __all__ = [
 
 
 def cmd_constant_rows(x: ArrayLike, eps: float = EPS64) -> NDArray[np.bool_]:
-    """Rows whose motion is at rounding level: ``||x - mean|| <= 8 eps sqrt(T) (|x_0| + max|x - x_0|)``."""
+    """Rows whose motion is at rounding level: ``||x - mean|| <= 8 eps sqrt(T) (|x_0| + rms(x - x_0))``."""
     a = as_matrix(x, "x")
     t = a.shape[1]
     out = np.zeros(a.shape[0], dtype=bool)
@@ -57,7 +57,8 @@ def cmd_constant_rows(x: ArrayLike, eps: float = EPS64) -> NDArray[np.bool_]:
             continue
         u = (row - row[0]) / top  # scaled: squares cannot overflow
         spread = float(np.sqrt(np.sum((u - u.mean()) ** 2)))
-        out[n] = spread * top <= 8.0 * eps * math.sqrt(t) * (abs(row[0]) + top)
+        rms = top * float(np.sqrt(np.mean(u**2)))
+        out[n] = spread * top <= 8.0 * eps * math.sqrt(t) * (abs(row[0]) + rms)
     return out
 
 
