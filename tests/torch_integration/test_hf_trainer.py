@@ -240,3 +240,22 @@ def test_importing_lowrank_torch_does_not_import_transformers() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_gpt2_stdlib_example_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "oialr_gpt2_stdlib.py"
+    spec = importlib.util.spec_from_file_location("oialr_gpt2_stdlib", path)
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    files = example.stdlib_files()
+    assert len(files) > 50 and files == sorted(files)  # the fixed list
+    rows = example.main(["--quick", "--steps", "6", "--out", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["dense", "oialr"]
+    assert rows[0]["share"] == 1.0 and rows[1]["share"] < 1.0
+    for r in rows:
+        assert 0.0 < r["bpb"] < 8.5  # 8 bits/byte is a uniform guess; random init is close to it
+    printed = capsys.readouterr().out
+    assert "val bits/byte" in printed and "trainable share" in printed
