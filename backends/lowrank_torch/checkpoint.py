@@ -87,6 +87,12 @@ def _seal(payload: dict[str, Any]) -> dict[str, Any]:
     return blob
 
 
+def _as_path(path: object) -> Path:
+    if isinstance(path, str | os.PathLike) and not isinstance(path, bytes):
+        return Path(path)
+    raise lc.ParameterTypeError(f"`path` must be a str or os.PathLike, got {describe(path)}")
+
+
 def _type_name(obj: object) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -121,7 +127,9 @@ def save_checkpoint(
         )
     if extra is not None and not isinstance(extra, dict):
         raise lc.ParameterTypeError(f"`extra` must be a dict or None, got {describe(extra)}")
-    target = Path(path)
+    target = _as_path(path)
+    if target.is_dir():
+        raise lc.ParameterError(f"`path` {str(target)!r} is a directory; give a file name")
     inner = getattr(model, "module", model)
     payload: dict[str, Any] = {"model": inner.state_dict()}
     if optimizer is not None:
@@ -437,7 +445,7 @@ def load_checkpoint(
             f"`oialr` must be an OIALR controller or None, got {describe(oialr)}"
         )
     verify = check_bool("verify", verify)
-    blob = _read(Path(path), map_location, verify)
+    blob = _read(_as_path(path), map_location, verify)
     for part, given in (("optimizer", optimizer), ("oialr", oialr), ("scheduler", scheduler)):
         if given is not None and part not in blob:
             raise CheckpointError(

@@ -60,9 +60,28 @@ __all__ = [
 ]
 
 
+def _tensors(tensors: Any, name: str) -> list[Tensor]:
+    if isinstance(tensors, Tensor):
+        raise ParameterTypeError(
+            f"`{name}` must be an iterable of tensors, got a single tensor; wrap it in a list"
+        )
+    try:
+        out = list(tensors)
+    except TypeError:
+        raise ParameterTypeError(
+            f"`{name}` must be an iterable of tensors, got {describe(tensors)}"
+        ) from None
+    if not out:
+        raise ParameterError(f"`{name}` is empty: nothing to flatten")
+    for i, t in enumerate(out):
+        if not isinstance(t, Tensor):
+            raise ParameterTypeError(f"`{name}[{i}]` must be a tensor, got {describe(t)}")
+    return out
+
+
 def flatten(tensors: Iterable[Tensor]) -> Tensor:
     """One detached 1-D tensor of all ``tensors``' entries, in order."""
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+    return torch.cat([t.detach().reshape(-1) for t in _tensors(tensors, "tensors")])
 
 
 def flat_grad(params: Iterable[Tensor]) -> Tensor:
@@ -70,7 +89,7 @@ def flat_grad(params: Iterable[Tensor]) -> Tensor:
     return torch.cat(
         [
             (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-            for p in params
+            for p in _tensors(params, "params")
         ]
     )
 

@@ -251,6 +251,10 @@ def low_rank_model(
         raise ParameterTypeError(
             f"`optimizer` must be a torch.optim.Optimizer or None, got {describe(optimizer)}"
         )
+    keep_first = check_bool("keep_first", keep_first)
+    keep_last = check_bool("keep_last", keep_last)
+    allow_rank_one = check_bool("allow_rank_one", allow_rank_one)
+    min_aspect = check_float("min_aspect", min_aspect, min=0.0, max=1.0)
     include = tuple(include)
     exclude_names = (exclude_names,) if isinstance(exclude_names, str) else tuple(exclude_names)
     names = eligible_names(

@@ -95,13 +95,37 @@ def _find(optimizer: torch.optim.Optimizer, param: Tensor) -> tuple[int, int] | 
     return None
 
 
-def _require(optimizer: torch.optim.Optimizer, param: Tensor, name: str) -> tuple[int, int]:
+def _check_objects(optimizer: object, **params: object) -> None:
+    """``optimizer`` is a torch optimizer and every ``params`` value a tensor (else ParameterTypeError)."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise lc.ParameterTypeError(
             f"`optimizer` must be a torch.optim.Optimizer, got {describe(optimizer)}"
         )
-    if not isinstance(param, Tensor):
-        raise lc.ParameterTypeError(f"`{name}` must be a parameter (tensor), got {describe(param)}")
+    for name, param in params.items():
+        if not isinstance(param, Tensor):
+            raise lc.ParameterTypeError(
+                f"`{name}` must be a parameter (tensor), got {describe(param)}"
+            )
+
+
+def _check_rotation(sigma: Tensor, **maps: object) -> None:
+    """``left`` / ``right`` of a re-diagonalization: finite floating tensors of ``sigma``'s shape."""
+    for name, x in maps.items():
+        if not isinstance(x, Tensor):
+            raise lc.ArrayTypeError(f"`{name}` must be a torch.Tensor, got {describe(x)}")
+        if not x.is_floating_point():
+            raise lc.DTypeError(f"`{name}` must be a floating tensor, got {x.dtype}")
+        if x.shape != sigma.shape:
+            raise lc.ShapeError(
+                f"`{name}` must have `sigma`'s shape {tuple(sigma.shape)} (a rotation of its "
+                f"coordinates), got {tuple(x.shape)}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
+
+
+def _require(optimizer: torch.optim.Optimizer, param: Tensor, name: str) -> tuple[int, int]:
+    _check_objects(optimizer, **{name: param})
     where = _find(optimizer, param)
     if where is None:
         raise lc.ParameterError(
@@ -197,12 +221,14 @@ def dense_to_sigma_state(
     module docstring); ``step`` and other entries are kept. Raises ``ParameterError`` when ``dense`` is not in
     the optimizer and ``lowrank_core.ShapeError`` when the factors do not fit; in both cases nothing changes.
     """
+    _check_objects(optimizer, dense=dense, sigma=sigma)
     _require(optimizer, dense, "dense")
     old_state = optimizer.state.get(dense)
     shape = dense.shape
 
     def to_sigma(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
-        return _rotate(lc.weight_to_matrix(x, groups=groups), left, right)
+        # state passes through as it is (like the rotation below): no finiteness check of moments
+        return _rotate(lc.weight_to_matrix(x, groups=groups, check_finite=False), left, right)
 
     new_state: dict[str, Any] | None = None
     if old_state:
@@ -226,8 +252,11 @@ def rotate_sigma_state(
 
     Call it while ``sigma`` still has its old shape, or after ``set_factors`` with the same rank (the
     rotation never changes the shape). Sigma-shaped state tensors are replaced by new tensors; a missing
-    state (never stepped, or ``sigma`` not trained by this optimizer) is a no-op.
+    state (never stepped, or ``sigma`` not trained by this optimizer) is a no-op. ``left`` and ``right``
+    must be finite floating tensors of ``sigma``'s shape (else a ``LowRankError``; nothing changes).
     """
+    _check_objects(optimizer, sigma=sigma)
+    _check_rotation(sigma, left=left, right=right)
     state = optimizer.state.get(sigma)
     if not state:
         return
@@ -252,6 +281,11 @@ def truncate_sigma_state(optimizer: torch.optim.Optimizer, sigma: nn.Parameter, 
     (``step``) are kept. ``rank`` must lie in ``1..r`` (``r`` = ``sigma``'s side), else
     ``lowrank_core.RankError``.
     """
+    _check_objects(optimizer, sigma=sigma)
+    if sigma.ndim < 2:
+        raise lc.ShapeError(
+            f"`sigma` must be (a stack of) square matrices, got shape {tuple(sigma.shape)}"
+        )
     r = int(sigma.shape[-1])
     rank = check_rank(rank, r, what="the rank of `sigma`")
     state = optimizer.state.get(sigma)

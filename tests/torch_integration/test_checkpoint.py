@@ -388,3 +388,45 @@ def test_oialr_load_state_dict_alone_is_atomic(tmp_path):
     with pytest.raises(lc.LowRankError, match="'2'"):
         ctrl.load_state_dict(state)
     _assert_unchanged(before, _full_state(model, opt, ctrl, sched))
+
+
+def test_bad_paths_and_objects_get_library_errors(tmp_path):
+    model, opt, _sched, ctrl = _build()
+    for bad in (None, 3, b"bytes.pt"):
+        with pytest.raises(lc.ParameterTypeError, match="path"):
+            save_checkpoint(bad, model=model)
+        with pytest.raises(lc.ParameterTypeError, match="path"):
+            load_checkpoint(bad, model=model)
+    with pytest.raises(lc.ParameterError, match="directory"):
+        save_checkpoint(tmp_path, model=model)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path, model=model)
+    with pytest.raises(lc.ParameterTypeError, match="model"):
+        save_checkpoint(tmp_path / "x.pt", model="model")
+    with pytest.raises(lc.ParameterTypeError, match="optimizer"):
+        save_checkpoint(tmp_path / "x.pt", model=model, optimizer="adamw")
+    with pytest.raises(lc.ParameterTypeError, match="extra"):
+        save_checkpoint(tmp_path / "x.pt", model=model, extra=[1, 2])
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, oialr=ctrl)
+    with pytest.raises(lc.ParameterTypeError, match="verify"):
+        load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, verify="no")
+    other, _oopt, _, octrl = _build()
+    with pytest.raises(CheckpointError, match="another model"):
+        load_checkpoint(path, model=other, optimizer=opt, oialr=ctrl)
+    assert not ctrl.switched and not octrl.switched
+
+
+def test_files_of_the_previous_format_load_only_unchecked(tmp_path):
+    path, saved = _trained_checkpoint(tmp_path)
+    blob = torch.load(path, weights_only=True)
+    blob.pop("digest")
+    blob.pop("optimizer_type")
+    blob.pop("scheduler_type")
+    blob["format"] = "lowrank_torch.checkpoint/1"
+    torch.save(blob, path)
+    model, opt, sched, ctrl = _build()
+    with pytest.raises(CheckpointError, match="verify=False"):
+        load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    assert not ctrl.switched
+    load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched, verify=False)
+    assert ctrl.ranks() == saved.ranks()

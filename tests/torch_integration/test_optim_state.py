@@ -533,3 +533,47 @@ def test_low_precision_state_keeps_its_dtype(dtype):
     close(new["exp_avg"].to(F64), left.T @ old["exp_avg"].to(F64) @ right64, atol=tol, rtol=tol)
     want = (left**2).T @ old["exp_avg_sq"].to(F64) @ right64**2
     close(new["exp_avg_sq"].to(F64), want, atol=tol, rtol=tol)
+
+
+def test_rotation_and_truncation_refuse_bad_maps_without_changing_the_state():
+    lin = linear(0, 4, 4)
+    opt = sgd(lin.parameters(), False, 0.0)
+    X, Y = regression(0, 4, 4)
+    train(lin, opt, X, Y, 1)
+    layer = LowRankLinear.from_dense(lin)
+    dense_to_sigma_state(opt, lin.weight, layer.sigma, layer.U, layer.V)
+    before = opt.state[layer.sigma]["momentum_buffer"].clone()
+    eye = torch.eye(4, dtype=F64)
+    nan = eye.clone()
+    nan[0, 1] = float("nan")
+    for left, error in (
+        (eye[:, :3], lc.ShapeError),
+        (eye[None], lc.ShapeError),
+        (nan, lc.NonFiniteError),
+        (eye.to(torch.int64), lc.DTypeError),
+        (eye.numpy(), lc.ArrayTypeError),
+        ([[1.0]], lc.ArrayTypeError),
+    ):
+        with pytest.raises(error):
+            rotate_sigma_state(opt, layer.sigma, left, eye)
+        with pytest.raises(error):
+            rotate_sigma_state(opt, layer.sigma, eye, left)
+    with pytest.raises(lc.ParameterTypeError, match="optimizer"):
+        rotate_sigma_state(None, layer.sigma, eye, eye)
+    with pytest.raises(lc.ParameterTypeError, match="sigma"):
+        truncate_sigma_state(opt, None, 2)
+    with pytest.raises(lc.ShapeError):
+        truncate_sigma_state(opt, lin.bias, 1)
+    assert torch.equal(opt.state[layer.sigma]["momentum_buffer"], before)
+
+
+def test_flatten_refuses_what_is_not_a_list_of_tensors():
+    from lowrank_torch.dldr import flat_grad, flatten
+
+    for bad in (None, 3, torch.zeros(3), [torch.zeros(2), "x"]):
+        with pytest.raises(lc.ParameterTypeError):
+            flatten(bad)
+        with pytest.raises(lc.ParameterTypeError):
+            flat_grad(bad)
+    with pytest.raises(lc.ParameterError, match="empty"):
+        flatten([])
