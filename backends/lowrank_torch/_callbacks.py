@@ -299,9 +299,11 @@ class DLDRConfig:
 
     After the recording, training continues inside the affine subspace ``w_T + span(P^T)`` through the
     trainer's own optimizer: each gradient is projected, ``g <- P^T P g``, before the optimizer step and
-    each step's result is projected back onto the subspace afterwards. With SGD (momentum, no weight
-    decay) this is exactly P-SGD (:class:`lowrank_torch.dldr.SubspaceSGD`); with another optimizer it is
-    that optimizer projected onto the subspace.
+    each step's result is projected back onto the subspace afterwards, so the iterates stay in the
+    subspace whatever the optimizer. With SGD and momentum the steps are P-SGD's
+    (:class:`lowrank_torch.dldr.SubspaceSGD`) except for the momentum carried over from the recording
+    phase, whose out-of-subspace part the projection of the weights removes; with another optimizer
+    (Adam, weight decay) it is that optimizer projected onto the subspace.
     """
 
     record_steps: int = 100

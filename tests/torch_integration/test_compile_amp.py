@@ -11,15 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
-import torch._dynamo as dynamo
-import torch._inductor.config as inductor_config
-from torch import nn
-from torch._dynamo.testing import CompileCounter
 
-from lowrank_torch import LowRankLayer, to_low_rank
-from lowrank_torch.amp import SkippedStepMonitor, full_precision
-from lowrank_torch.oialr import OIALR, OIALRConfig
+torch = pytest.importorskip("torch")
+
+import torch._dynamo as dynamo  # noqa: E402
+import torch._inductor.config as inductor_config  # noqa: E402
+from torch import nn  # noqa: E402
+from torch._dynamo.testing import CompileCounter  # noqa: E402
+
+from lowrank_torch import LowRankLayer, to_low_rank  # noqa: E402
+from lowrank_torch.amp import SkippedStepMonitor, full_precision  # noqa: E402
+from lowrank_torch.oialr import OIALR, OIALRConfig  # noqa: E402
 
 
 class DropOne:

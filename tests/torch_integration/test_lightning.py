@@ -227,3 +227,37 @@ def test_dldr_callback_records_then_trains_in_the_subspace_and_resumes(tmp_path:
     assert cb2.driver.phase == "subspace"
     for a, b in zip(module.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class Overflowing(Module):
+    """Poisons the gradients of the optimizer steps in ``at`` once each (an fp16 overflow)."""
+
+    def __init__(self, at: tuple[int, ...]) -> None:
+        super().__init__()
+        self.todo = set(at)
+
+    def on_after_backward(self) -> None:
+        step = self.trainer.global_step
+        if step in self.todo:
+            self.todo.discard(step)
+            self.net[4].weight.grad[0, 0] = float("inf")
+
+
+def test_oialr_callback_ignores_steps_the_grad_scaler_skipped(tmp_path: Path) -> None:
+    # Lightning's "16-mixed" on CPU comes without a scaler; give it one explicitly
+    from lightning.pytorch.plugins import MixedPrecision
+
+    torch.manual_seed(0)
+    module = Overflowing(at=(2, 5))
+    cb = OIALRCallback(_oialr())
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = _trainer(tmp_path, [cb], plugins=[plugin], enable_checkpointing=False, max_epochs=2)
+    trainer.fit(module, _loader())
+    assert trainer.global_step == 12  # Lightning counts the two skipped steps
+    assert cb._watch.monitor.skipped == 2
+    ctrl = cb.controller
+    assert ctrl.step_count == 10  # OIALR does not
+    # the 4th applied step (optimizer step 5, as step 2 was skipped) is the switch
+    assert set(ctrl.switched.values()) == {4}
+    for layer in ctrl.layers.values():
+        assert torch.isfinite(layer.sigma).all()
