@@ -115,7 +115,7 @@ class OIALRCallback(_Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             _single_process(trainer, "OIALRCallback")
-            self.driver.attach(pl_module)
+        self.driver.attach(pl_module)  # every stage: a checkpoint may be loaded (validate, test)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.driver.start(pl_module, _single_optimizer(trainer))
@@ -145,7 +145,7 @@ class CMDCallback(_Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             _single_process(trainer, "CMDCallback")
-            self.driver.attach(pl_module)
+        self.driver.attach(pl_module)  # every stage: a checkpoint may be loaded (validate, test)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.driver.start(pl_module)
@@ -184,7 +184,7 @@ class DLDRCallback(_Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             _single_process(trainer, "DLDRCallback")
-            self.driver.attach(pl_module)
+        self.driver.attach(pl_module)  # every stage: a checkpoint may be loaded (validate, test)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         _single_optimizer(trainer)

@@ -155,6 +155,15 @@ def test_oialr_resume_through_lightning_checkpoint_is_exact(tmp_path: Path) -> N
         if k != "_lowrank_state":
             assert torch.equal(a[k], b[k]), k
 
+    # validating a checkpoint on a fresh dense module rebuilds the low-rank structure too
+    fresh = Module()
+    _trainer(tmp_path / "d", [OIALRCallback(_oialr())]).validate(
+        fresh, _loader(seed=1, batches=1), ckpt_path=ckpt, verbose=False
+    )
+    assert isinstance(fresh.net[2], LowRankLayer)
+    assert fresh.net[2].rank == first.net[2].rank
+    assert torch.equal(fresh.net[2].sigma, first.net[2].sigma)
+
 
 def test_cmd_callback_swaps_cmd_weights_in_for_validation_and_resumes(tmp_path: Path) -> None:
     torch.manual_seed(0)
