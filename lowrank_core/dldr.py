@@ -105,6 +105,10 @@ CHUNK = 1 << 16
 """Columns per chunk of every long reduction (float32 or float64 products, chunks summed in float64)."""
 
 _EPS64 = float(np.finfo(np.float64).eps)
+_OVERFLOW = (
+    "{what} overflows {dtype} although the snapshots are finite: their scale is too large for "
+    "squared norms and variances to be represented; rescale them (the subspace is scale invariant)"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,14 +165,20 @@ def _gram64(xp: Namespace, A: Array, B: Array | None = None) -> Any:
     """``A B^T`` (``B = A`` by default) computed in float64 (see :func:`_to64`)."""
     A64 = _to64(xp, A)
     B64 = A64 if B is None else _to64(xp, B)
-    if isinstance(A64, np.ndarray):
-        return A64 @ np.swapaxes(B64, -1, -2)
-    return A64 @ xp.matrix_transpose(B64)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is detected and reported later
+        if isinstance(A64, np.ndarray):
+            return A64 @ np.swapaxes(B64, -1, -2)
+        return A64 @ xp.matrix_transpose(B64)
 
 
 def _sumsq64(xp: Namespace, x: Array, *, centred: bool = False) -> Any:
     """``sum(x^2)`` in float64 (of ``x`` minus its column means when ``centred``)."""
     x64 = _to64(xp, x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _sumsq64_(xp, x64, centred)
+
+
+def _sumsq64_(xp: Namespace, x64: Any, centred: bool) -> Any:
     if isinstance(x64, np.ndarray):
         c = x64 - x64.mean(axis=0, keepdims=True) if centred else x64
         return np.sum(c * c)
@@ -194,7 +204,11 @@ def gram_matrix(snapshots: Array, *, check_finite: bool = True) -> Array:
     xp = namespace(snapshots=snapshots)
     _check_snapshot_matrix(xp, snapshots, check_bool("check_finite", check_finite))
     X = snapshots
-    return X @ xp.matrix_transpose(X)
+    with np.errstate(over="ignore", invalid="ignore"):
+        G = X @ xp.matrix_transpose(X)
+    if not get_backend(G).all_finite(G):
+        raise NonFiniteError(_OVERFLOW.format(what="X X^T", dtype=X.dtype))
+    return G
 
 
 def centred_gram(gram: Array) -> Array:
@@ -424,6 +438,19 @@ def _finish_basis(
     return P
 
 
+def _check_no_overflow(G: np.ndarray, what: str = "the Gram matrix of the snapshots") -> None:
+    if not np.all(np.isfinite(G)):
+        raise NonFiniteError(_OVERFLOW.format(what=what, dtype="float64"))
+
+
+def _variances(xp: Namespace, lam: np.ndarray, t: int, like: Array) -> Array:
+    """The explained variances ``lam / (t - 1)`` in ``like``'s dtype (NonFiniteError on overflow)."""
+    ev = lam / max(t - 1, 1)
+    if float(ev.max()) > float(xp.finfo(like.dtype).max):
+        raise NonFiniteError(_OVERFLOW.format(what="the explained variance", dtype=like.dtype))
+    return _to_xp(xp, ev, like)
+
+
 def _fit_exact(
     xp: Namespace,
     G: np.ndarray,
@@ -433,6 +460,7 @@ def _fit_exact(
     orthonormalize: bool,
 ) -> Subspace:
     """Exact PCA from the float64 Gram ``G`` of the stored vectors and their column slabs."""
+    _check_no_overflow(G)
     t = G.shape[0]
     d = _check_d(d, t)
     Gc = _centre_host(G)
@@ -440,7 +468,7 @@ def _fit_exact(
     lam, V = _top_eigen(Gc, d, trace=float(np.trace(G)), eps=eps)
     P = _basis(xp, (V / np.sqrt(lam)).T, slabs, centre, orthonormalize)
     total = float(np.trace(Gc)) / max(t - 1, 1)
-    ev = _to_xp(xp, lam / max(t - 1, 1), centre)
+    ev = _variances(xp, lam, t, centre)
     return Subspace(centre, P, ev, total, t)
 
 
@@ -528,7 +556,7 @@ def subspace_from_gram(
         raise ShapeError(f"`rows()` yielded {expect} vectors, the Gram matrix has {t}")
     P = _finish_basis(xp, [P], orthonormalize, reduce)
     total = float(np.trace(Gc)) / max(t - 1, 1)
-    ev = _to_xp(xp, lam / max(t - 1, 1), centre)
+    ev = _variances(xp, lam, t, centre)
     return Subspace(centre, P, ev, total, t)
 
 
@@ -643,7 +671,9 @@ def _randomized(
         for (_j0, _j1, S), Bj in zip(slabs(), B, strict=True):
             part = _gram64(xp, S, Bj)
             out = part if out is None else out + part
-        return J @ _host(out).astype(np.float64)
+        out_h = _host(out).astype(np.float64)
+        _check_no_overflow(out_h, "the sketch of the snapshots")
+        return J @ out_h
 
     for _ in range(power_iterations):
         Q = np.linalg.qr(apply_t(mix(Q)))[0]
@@ -657,6 +687,7 @@ def _randomized(
         trace = sq if trace is None else trace + sq
     tr = float(_host(trace))
     Gbh = _host(Gb).astype(np.float64)
+    _check_no_overflow(np.append(Gbh.ravel(), tr))
     eps = float(xp.finfo(centre.dtype).eps)
     lam, W = _top_eigen(Gbh, d, trace=tr, eps=eps, what="sketch (k = d + oversample mixtures)")
     C = _to_xp(xp, (W / np.sqrt(lam)).T, centre)
@@ -669,7 +700,7 @@ def _randomized(
         part = _sumsq64(xp, S, centred=True)
         tv = part if tv is None else tv + part
     total = float(_host(tv)) / max(t - 1, 1)
-    ev = _to_xp(xp, lam / max(t - 1, 1), centre)
+    ev = _variances(xp, lam, t, centre)
     return Subspace(centre, P, ev, total, t)
 
 
@@ -904,6 +935,10 @@ class SnapshotStore:
             part = _sumsq64(xp, y[j0:j1])
             sq = part if sq is None else sq + part
         self_dot = float(_host(sq))
+        if not (math.isfinite(self_dot) and np.all(np.isfinite(row))):
+            raise NonFiniteError(
+                _OVERFLOW.format(what="the snapshot's dot products", dtype="float64")
+            )
         t = self._t
         G = np.block([[self._gram, row[:, None]], [row[None, :], np.array([[self_dot]])]])
         if self.path is not None:
@@ -930,19 +965,29 @@ class SnapshotStore:
         self._t = t + 1
 
     def _dots(self, xp: Namespace, y: Array, D: int) -> np.ndarray:
-        """``(t,)`` float64: the stored vectors dotted with ``y`` (float64 chunk products)."""
+        """``(t,)`` float64: the stored vectors dotted with ``y``, row by row and column chunk by
+        column chunk in float64 (the same operations in memory and on disk)."""
+        if self.path is not None:
+            self._check_file(self._t)
         acc = None
-        if self.path is None:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow: reported by the caller
             for j0, j1 in _chunks(D):
                 yj = _to64(xp, y[j0:j1])
-                vals = [_to64(xp, r[j0:j1]) @ yj for r in self._rows]
+                vals = [_to64(xp, r) @ yj for r in self._row_chunks(j0, j1)]
                 part = np.stack(vals) if isinstance(yj, np.ndarray) else xp.stack(vals)
                 acc = part if acc is None else acc + part
-        else:
-            for j0, j1, S in self._slabs():
-                part = _to64(xp, S) @ _to64(xp, y[j0:j1])
-                acc = part if acc is None else acc + part
         return _host(acc).astype(np.float64).reshape(-1)
+
+    def _row_chunks(self, j0: int, j1: int) -> Iterator[Array]:
+        """Columns ``j0:j1`` of each stored vector (views where the library allows)."""
+        if self.path is None:
+            for r in self._rows:
+                yield r[j0:j1]
+            return
+        assert self._mm is not None
+        assert self._like is not None
+        for i in range(self._t):
+            yield _to_xp(self._xp, self._mm[i, j0:j1], self._like)
 
     # -- reading -----------------------------------------------------------------------------
     def _slabs(self, t: int | None = None) -> Iterator[tuple[int, int, Array]]:

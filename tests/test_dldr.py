@@ -886,3 +886,36 @@ def test_fit_subspace_and_store_run_on_jax_arrays():
         )
     rnd = dl.fit_subspace(Xj, 3, method="randomized")
     assert min_cosine(np.asarray(rnd.basis, np.float64), want.basis.astype(np.float64)) >= 0.999
+
+
+def test_extreme_scales_fit_or_refuse_clearly(backend):
+    """Scale invariance where the numbers allow it; a clear error where variances cannot be
+    represented (|w| ~ 1e160 squares beyond float64), never NaN or a LinAlgError."""
+    X = trajectory(6, 8, 60, 2)
+    want = dl.fit_subspace(backend.asarray(X, "float64"), 2)
+    for scale, dtype in (
+        (1e-150, "float64"),
+        (1e100, "float64"),
+        (1e15, "float32"),
+        (1e-15, "float32"),
+    ):
+        Xb = backend.asarray(X * scale, dtype)
+        sub = dl.fit_subspace(Xb, 2)
+        assert min_cosine(to_np(backend, sub.basis), to_np(backend, want.basis)) >= 0.999
+        assert np.all(np.isfinite(to_np(backend, sub.explained_variance)))
+    huge = backend.asarray(X * 1e160, "float64")
+    before = snapshot(backend, huge)
+    for call in (
+        lambda: dl.fit_subspace(huge, 2),
+        lambda: dl.fit_subspace(huge, 2, method="randomized"),
+        lambda: dl.gram_matrix(huge),
+        lambda: dl.fit_subspace(backend.asarray(X * 1e20, "float32"), 2),  # variance > float32 max
+    ):
+        with pytest.raises(NonFiniteError, match="overflows"):
+            call()
+    assert_unchanged(backend, before, huge)
+    store = dl.SnapshotStore()
+    store.add(huge[0, :])
+    with pytest.raises(NonFiniteError, match="overflows"):
+        store.add(huge[1, :])
+    assert len(store) == 1
