@@ -106,8 +106,9 @@ CHUNK = 1 << 16
 
 _EPS64 = float(np.finfo(np.float64).eps)
 _OVERFLOW = (
-    "{what} overflows {dtype} although the snapshots are finite: their scale is too large for "
-    "squared norms and variances to be represented; rescale them (the subspace is scale invariant)"
+    "overflow in {dtype}: {what} cannot be represented although the snapshots are finite (their "
+    "scale is too large for squared norms and variances); rescale them (the subspace is scale "
+    "invariant)"
 )
 
 
