@@ -650,10 +650,22 @@ class _Profiles:
         self.constant = rows.constant
         self.dtype = rows.mean.dtype
 
-    def m2(self, xp: Namespace) -> Array:
-        """Centred sums of squares in data units (the online state; may overflow at extreme scales)."""
-        length = self.scale * self.norm
+    def m2(self, xp: Namespace, unit: float = 1.0) -> Array:
+        """Centred sums of squares in units of ``unit**2`` (a power of two: the online state's unit)."""
+        length = (self.scale / unit) * self.norm
         return xp.where(self.constant, xp.zeros_like(length), length * length)
+
+    def unit_for_state(self, xp: Namespace) -> float:
+        """A power of two near the largest profile's motion, so the online co-moments neither overflow
+        nor underflow at any scale of the trajectory (1 when every profile is constant)."""
+        moving = ~self.constant
+        if not bool(xp.any(moving)):
+            return 1.0
+        logs = xp.log2(xp.where(moving, self.scale, xp.ones_like(self.scale))) + xp.log2(
+            xp.where(moving, self.norm, xp.ones_like(self.norm))
+        )
+        top = float(xp.max(xp.where(moving, logs, xp.full_like(logs, -float("inf")))))
+        return 2.0 ** max(-1000, min(1000, math.floor(top)))
 
 
 def _chunk_stats(
@@ -664,6 +676,7 @@ def _chunk_stats(
     eps: float,
     *,
     want_cov: bool = False,
+    cov_unit: float = 1.0,
     finite_name: str | None = None,
 ) -> tuple[Array, Array, Array, Array | None]:
     """For a chunk ``w`` (c, T): mode (given or by max |corr|), mean, ``a`` and the co-moment.
@@ -687,7 +700,8 @@ def _chunk_stats(
     a = xp.where(degenerate, xp.zeros_like(gm), (gm / safe_norm) * (rows.scale / p_scale))
     cov = None
     if want_cov:
-        cov = xp.where(degenerate, xp.zeros_like(gm), (gm * p_norm) * (rows.scale * p_scale))
+        ratio = (rows.scale / cov_unit) * (p_scale / cov_unit)  # powers of two: exact
+        cov = xp.where(degenerate, xp.zeros_like(gm), (gm * p_norm) * ratio)
     return mode, rows.mean, a, cov
 
 
@@ -1062,12 +1076,14 @@ def relative_error(
 
 
 def _assign(xp: Namespace, rows: _Rows, g: Array) -> Array:
-    """Mode of each row: the largest true, clipped |pearson| (0 for constant rows; first on ties)."""
-    const = rows.constant
-    safe = xp.where(const, xp.ones_like(rows.norm), rows.norm)
-    corr = xp.clip(xp.abs(g) / safe[:, None], 0.0, 1.0)
-    corr = xp.where(const[:, None], xp.zeros_like(corr), corr)
-    return xp.astype(xp.argmax(corr, axis=1), _index_dtype(xp, g))
+    """Mode of each row: the largest |pearson| with a profile (0 for constant rows; first on ties).
+
+    ``g`` holds ``<w - w̄, unit profile>`` (0 for a constant profile), i.e. the correlations times the
+    row's positive norm, which does not change the argmax: the true correlations are compared without
+    forming them (``abs_correlation`` reports them clipped to ``[0, 1]``).
+    """
+    mode = xp.astype(xp.argmax(xp.abs(g), axis=1), _index_dtype(xp, g))
+    return xp.where(rows.constant, xp.zeros_like(mode), mode)
 
 
 def choose_num_modes(
@@ -1128,7 +1144,7 @@ def choose_num_modes(
 # --------------------------------------------------------------------------------------------------
 # online CMD
 # --------------------------------------------------------------------------------------------------
-_STATE_KEYS = ("references", "assignment", "profiles", "r_mean", "r_m2", "w_mean", "c_wr")
+_STATE_KEYS = ("references", "assignment", "profiles", "r_mean", "r_m2", "w_mean", "c_wr", "unit")
 
 
 class OnlineCMD:
@@ -1149,7 +1165,10 @@ class OnlineCMD:
     equal (up to rounding) the batch least-squares fit over all ``t`` epochs. This is the same recursion as
     ``A_t = (A_{t-1} G_{t-1} + w r~^T) G_t^{-1}`` with ``G_t = sum r~ r~^T``, written in centered
     coordinates: it never forms ``sum r^2`` and ``(sum r)^2`` (whose difference cancels catastrophically
-    in float32 when weights move little) and never multiplies by ``G`` and ``G^{-1}`` in turn. A profile
+    in float32 when weights move little) and never multiplies by ``G`` and ``G^{-1}`` in turn. The
+    sums of squares and co-moments are kept in units of ``unit**2``, ``unit`` a power of two near the
+    profiles' motion (chosen at the fit), so the state neither overflows nor underflows at any scale of
+    the weights (``a`` and ``b`` do not depend on it). A profile
     whose ``r_m2`` is at rounding level (``<= (8 eps)^2 t r_mean^2``) counts as constant: its parameters
     get ``a = 0``, ``b = w_mean``.
 
@@ -1167,7 +1186,11 @@ class OnlineCMD:
         r_m2: Array,
         w_mean: Array,
         c_wr: Array,
+        unit: float = 1.0,
     ) -> None:
+        unit = check_float("unit", unit, min=0.0, min_open=True)
+        if 2.0 ** math.floor(math.log2(unit)) != unit:
+            raise ParameterError(f"`unit` must be a power of two, got {unit!r}")
         xp = namespace(
             assignment=assignment,
             profiles=profiles,
@@ -1220,6 +1243,7 @@ class OnlineCMD:
         self.r_m2 = r_m2
         self.w_mean = w_mean
         self.c_wr = c_wr
+        self.unit = unit
         self._xp = xp
         self._ref_idx = _index_array(xp, self.references, w_mean)
 
@@ -1265,6 +1289,7 @@ class OnlineCMD:
         chunk = _check_chunk(chunk_size)
         eps = _eps(xp, trajectory.dtype)
         prof = _Profiles(xp, fit.profiles, eps)
+        unit = prof.unit_for_state(xp)
         n = int(trajectory.shape[0])
         means: list[Array] = []
         covs: list[Array] = []
@@ -1272,18 +1297,24 @@ class OnlineCMD:
             e = min(s + chunk, n)
             with np.errstate(over="ignore"):
                 _, mean, _, cov = _chunk_stats(
-                    xp, trajectory[s:e, :], prof, fit.assignment[s:e], eps, want_cov=True
+                    xp,
+                    trajectory[s:e, :],
+                    prof,
+                    fit.assignment[s:e],
+                    eps,
+                    want_cov=True,
+                    cov_unit=unit,
                 )
             assert cov is not None
             means.append(mean)
             covs.append(cov)
         w_mean, c_wr = _join(xp, means), _join(xp, covs)
         with np.errstate(over="ignore"):
-            r_m2 = prof.m2(xp)
+            r_m2 = prof.m2(xp, unit)
         if not (get_backend(c_wr).all_finite(c_wr) and get_backend(r_m2).all_finite(r_m2)):
             raise NonFiniteError(
-                "the online CMD state (co-moments in the trajectory's units) overflows at this scale; "
-                "rescale the trajectory (the post-hoc fit_cmd is scale-invariant)"
+                "the online CMD co-moments overflow: the parameters' scales span too many orders of "
+                "magnitude for one state unit"
             )
         return cls(
             references=fit.references,
@@ -1293,6 +1324,7 @@ class OnlineCMD:
             r_m2=r_m2,
             w_mean=w_mean,
             c_wr=c_wr,
+            unit=unit,
         )
 
     # ----------------------------------------------------------------------------------- properties
@@ -1361,10 +1393,12 @@ class OnlineCMD:
         t = self.epochs + 1
         dr = r - self.r_mean
         r_mean = self.r_mean + dr / t
-        r_m2 = self.r_m2 + dr * (r - r_mean)
+        u = self.unit  # a power of two: dividing by it is exact
+        dr_new = (r - r_mean) / u
+        r_m2 = self.r_m2 + (dr / u) * dr_new
         dw = w - self.w_mean
         w_mean = self.w_mean + dw / t
-        c_wr = self.c_wr + dw * xp.take(r - r_mean, self.assignment)
+        c_wr = self.c_wr + (dw / u) * xp.take(dr_new, self.assignment)
         profiles = xp.concat([self.profiles, r[:, None]], axis=1)
         # every new value computed first, then all assigned (a failure above leaves the state as it was)
         self.r_mean, self.r_m2, self.w_mean, self.c_wr, self.profiles = (
@@ -1381,7 +1415,8 @@ class OnlineCMD:
         eps = _eps(xp, self.dtype)
         r_mean = xp.take(self.r_mean, self.assignment)
         m2 = xp.take(self.r_m2, self.assignment)
-        floor = (CONSTANT_TOLERANCE * eps) ** 2 * self.epochs * (r_mean * r_mean)
+        level = r_mean / self.unit
+        floor = (CONSTANT_TOLERANCE * eps) ** 2 * self.epochs * (level * level)
         pos = m2 > floor
         a = xp.where(pos, self.c_wr / xp.where(pos, m2, xp.ones_like(m2)), xp.zeros_like(m2))
         b = self.w_mean - a * r_mean
@@ -1419,6 +1454,7 @@ class OnlineCMD:
             "r_m2": self.r_m2,
             "w_mean": self.w_mean,
             "c_wr": self.c_wr,
+            "unit": self.unit,
         }
 
     @classmethod
@@ -1431,6 +1467,9 @@ class OnlineCMD:
         if not isinstance(state, Mapping):
             raise ParameterTypeError(f"the CMD state must be a dict, got {describe(state)}")
         keys = set(state)
+        if "unit" not in keys:  # states saved before the unit existed: data units
+            state = {**state, "unit": 1.0}
+            keys.add("unit")
         missing = sorted(set(_STATE_KEYS) - keys)
         if missing:
             raise ParameterError(f"the CMD state is missing {missing}")

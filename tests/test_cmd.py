@@ -553,6 +553,28 @@ def test_fit_is_scale_invariant(backend, dtype, exponent):
         assert abs(cmd.relative_error(y, fit) - cmd.relative_error(backend.asarray(x), base)) < 1e-9
 
 
+@pytest.mark.parametrize("exponent", [-1, 1])
+def test_online_cmd_is_scale_invariant(backend, dtype, exponent):
+    # the online co-moments are kept in a power-of-two unit chosen at the fit: no overflow at 1e160
+    x, _, _ = modal_trajectory(np.random.default_rng(12), 40, 10, 2, noise=0.1)
+    big = 2.0 ** (exponent * (560 if dtype == "float64" else 70))
+    base = cmd.OnlineCMD.from_trajectory(backend.asarray(x[:, :6], dtype), 2, num_samples=40)
+    scaled = cmd.OnlineCMD.from_trajectory(
+        backend.asarray(x[:, :6] * big, dtype), 2, num_samples=40
+    )
+    for t in range(6, 10):
+        base.update(backend.asarray(x[:, t], dtype))
+        scaled.update(backend.asarray(x[:, t] * big, dtype))
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    (a0, b0), (a1, b1) = base.coefficients(), scaled.coefficients()
+    np.testing.assert_allclose(backend.to_numpy(a1), backend.to_numpy(a0), rtol=tol, atol=tol)
+    np.testing.assert_allclose(backend.to_numpy(b1) / big, backend.to_numpy(b0), rtol=tol, atol=tol)
+    again = cmd.OnlineCMD.from_state_dict(scaled.state_dict())
+    assert again.unit == scaled.unit
+    old_format = {k: v for k, v in base.state_dict().items() if k != "unit"}
+    assert cmd.OnlineCMD.from_state_dict(old_format).unit == 1.0  # states saved before the unit
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad input (issue 9, validation gaps): a LowRankError that names the problem, nothing modified
 # ---------------------------------------------------------------------------------------------------
@@ -575,6 +597,8 @@ def _bad_states(backend, state):
 
     out = []
     for key in state:
+        if key == "unit":  # optional: states saved before it existed load in data units
+            continue
         bad = dict(state)
         del bad[key]
         out.append((f"missing {key}", bad))
@@ -609,6 +633,8 @@ def _bad_states(backend, state):
         ("assignment float", with_("assignment", xp.astype(state["assignment"], xp.float64)))
     )
     refs = state["references"]
+    for value in (0.0, -1.0, 3.0, float("nan"), float("inf"), "1", None, True):
+        out.append((f"unit {value!r}", with_("unit", value)))
     out += [
         ("references float", with_("references", refs.astype(np.float64))),
         ("references bool", with_("references", np.ones(m, dtype=bool))),
