@@ -1100,6 +1100,7 @@ def torch_specs() -> list[Spec]:
                 kw("embed", "bool", False),
                 kw("embed_every", "int", 10, min=1),
                 kw("embed_fraction", "float", 0.1, min=0.0, max=1.0, min_open=True),
+                kw("every_n_steps", "int", None, min=1, optional=True),
             ],
             libs=T,
         ),

@@ -226,7 +226,8 @@ def _adopt_order(optimizer: torch.optim.Optimizer, order: list[Tensor]) -> None:
 # CMD
 # ==================================================================================================
 class CMDDriver:
-    """Online CMD for a trainer: one ``after_epoch`` per epoch, CMD weights swapped in for evaluation."""
+    """Online CMD for a trainer: one ``after_epoch`` per epoch (or ``step`` per applied optimizer step
+    with ``CMDConfig.every_n_steps``), CMD weights swapped in for evaluation."""
 
     name = "cmd"
 
@@ -247,11 +248,29 @@ class CMDDriver:
             self._pending = None
         return self.tracker
 
+    @property
+    def per_step(self) -> bool:
+        """Whether the config asks for the per-step cadence (``CMDConfig.every_n_steps``)."""
+        return self.config.every_n_steps is not None
+
     def after_epoch(self) -> None:
+        """End of a training epoch: one time point in the per-epoch cadence, else nothing."""
         if self.tracker is None:
             raise RuntimeError("the CMD callback was not started")
-        with full_precision():
-            self.tracker.after_epoch()
+        if not self.per_step:
+            with full_precision():
+                self.tracker.after_epoch()
+
+    def after_step(self, skipped: bool = False) -> None:
+        """After an applied optimizer step: :meth:`CMDTracker.step` in the per-step cadence.
+
+        A step the GradScaler skipped changed no weight and is not counted.
+        """
+        if self.tracker is None:
+            raise RuntimeError("the CMD callback was not started")
+        if self.per_step and not skipped:
+            with full_precision():
+                self.tracker.step()
 
     @property
     def swapped_in(self) -> bool:

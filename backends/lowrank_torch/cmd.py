@@ -9,6 +9,24 @@
         with cmd.swapped():               # the CMD weights a * r(t) + b, only inside the block
             evaluate(model)
 
+or, like :class:`torch.optim.swa_utils.AveragedModel` and Lightning's callbacks, one call per optimizer
+step, with the cadence in the config (here one time point every 100 steps)::
+
+    cmd = CMDTracker(model, CMDConfig(warmup_epochs=20, max_modes=10, every_n_steps=100))
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cmd.step()                        # every 100th call: what after_epoch() does
+
+A CMD **time point** is one recorded snapshot of the weights, whichever cadence produced it: one
+:meth:`CMDTracker.after_epoch` call, or every ``every_n_steps``-th :meth:`CMDTracker.step` call. The
+counts in :class:`CMDConfig` (``warmup_epochs``, ``embed_every``) and :attr:`CMDTracker.epochs_seen`
+count time points; the names come from the per-epoch cadence of the paper. With ``every_n_steps``
+equal to the number of optimizer steps per epoch, ``step()`` gives exactly the state that
+``after_epoch()`` at the end of each epoch gives. A tracker uses one cadence: ``after_epoch()`` refuses
+a config with ``every_n_steps``, and ``step()`` one without.
+
 All math is :mod:`lowrank_core.cmd` (the modes, the least squares, the exact recursive updates, the
 embedding selection); this module only moves tensors. The parameters covered are the model's trainable
 floating parameters in ``named_parameters()`` order, viewed as one flat vector of ``N`` scalars (each
@@ -22,7 +40,7 @@ the last embedding). Nothing grows with the epochs but the ``M x t`` profiles.
 
 Distributed data parallel: the CMD state is a deterministic function of the weights and the seed, so when
 the weights are identical on every rank (as DDP keeps them) the state is identical too; call
-:meth:`CMDTracker.after_epoch` on every rank, no communication is needed.
+:meth:`CMDTracker.after_epoch` (or :meth:`CMDTracker.step`) on every rank, no communication is needed.
 """
 
 from __future__ import annotations
@@ -65,7 +83,8 @@ class NotFittedError(LowRankError, RuntimeError):
 class CMDConfig:
     """Settings of :class:`CMDTracker` (defaults from the paper where it has one).
 
-    - ``warmup_epochs`` (``F``, 20): epochs recorded before the modes are fitted (>= 2);
+    - ``warmup_epochs`` (``F``, 20): time points (epochs, or ``every_n_steps`` steps each) recorded
+      before the modes are fitted (>= 2);
     - ``max_modes`` (``M``, 10) or ``tol``: the number of modes, or the automatic choice (the smallest
       ``M`` whose relative error on the sample is <= ``tol``); ``tol`` wins when both are set;
     - ``num_samples`` (``K``, 1000), ``seed``, ``metric`` (``'euclidean'``, the default: the paper's
@@ -75,8 +94,11 @@ class CMDConfig:
     - ``dtype``: dtype of the CMD state (``None``: float64 for float64 parameters, else float32);
     - ``embed``, ``embed_every`` (``L``, 10), ``embed_fraction`` (``P``, 0.1): embedded CMD: every ``L``
       epochs after the fit, the ``ceil(P N)`` parameters whose ``(a, b)`` moved least since the last
-      embedding are embedded; embedded parameters are overwritten by their model ``a r(t) + b`` after
-      every epoch.
+      embedding are embedded; embedded parameters are overwritten by their model ``a r(t) + b`` at
+      every time point (``L`` counts time points too);
+    - ``every_n_steps`` (``None``): the per-step cadence: :meth:`CMDTracker.step`, called after every
+      optimizer step, makes a time point of every ``every_n_steps``-th call. ``None`` (the default):
+      one time point per :meth:`CMDTracker.after_epoch` call.
 
     Every field is validated at construction (``ParameterError`` / ``ParameterTypeError``, ``RankError``
     for ``max_modes`` and ``num_samples``): integers must be integers (NumPy integer scalars are accepted,
@@ -96,6 +118,7 @@ class CMDConfig:
     embed: bool = False
     embed_every: int = 10
     embed_fraction: float = 0.1
+    every_n_steps: int | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -147,6 +170,7 @@ class CMDConfig:
             "embed_fraction",
             check_float("embed_fraction", self.embed_fraction, min=0.0, max=1.0, min_open=True),
         )
+        put("every_n_steps", check_int("every_n_steps", self.every_n_steps, min=1, optional=True))
 
 
 def _trainable(model: nn.Module | Iterable[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
@@ -200,7 +224,10 @@ class CMDTracker:
         else:
             all64 = all(p.dtype == torch.float64 for p in self.params)
             self.dtype = torch.float64 if all64 else torch.float32
+        #: CMD time points so far (one per ``after_epoch()``, or per ``every_n_steps`` steps)
         self.epochs_seen = 0
+        #: :meth:`step` calls so far (0 in the per-epoch cadence)
+        self.steps_seen = 0
         self._warmup: Tensor | None = None
         self.state: core.OnlineCMD | None = None
         self.embedded: Tensor | None = None
@@ -235,14 +262,51 @@ class CMDTracker:
         """Whether the warm-up is over and the modes are fitted."""
         return self.state is not None
 
+    @property
+    def time_points(self) -> int:
+        """CMD time points recorded so far (the same count as :attr:`epochs_seen`, for either cadence)."""
+        return self.epochs_seen
+
     def after_epoch(self, epoch: int | None = None) -> None:
-        """Feed the weights at the end of an epoch (``epoch`` is accepted for hook use and ignored)."""
+        """Feed the weights at the end of an epoch (``epoch`` is accepted for hook use and ignored).
+
+        One time point: recorded during the warm-up, the fit after the ``warmup_epochs``-th, an online
+        update after that. Only for the per-epoch cadence (``every_n_steps=None``).
+        """
+        n = self.config.every_n_steps
+        if n is not None:
+            raise ParameterError(
+                f"this tracker records every {n} optimizer steps (CMDConfig.every_n_steps={n}): call "
+                "step() after each optimizer.step(), not after_epoch()"
+            )
+        self._time_point()
+
+    def step(self) -> None:
+        """Call after every ``optimizer.step()``: every ``every_n_steps``-th call is one time point.
+
+        The per-step counterpart of :meth:`after_epoch` (as :meth:`AveragedModel.update_parameters
+        <torch.optim.swa_utils.AveragedModel.update_parameters>` is called per step); the cadence is
+        ``CMDConfig.every_n_steps``, and :attr:`steps_seen` counts the calls (saved by
+        :meth:`state_dict`). A call that raises does not count.
+        """
+        n = self.config.every_n_steps
+        if n is None:
+            raise ParameterError(
+                "step() needs the per-step cadence: CMDConfig(every_n_steps=n) makes a time point "
+                "of every n-th call; for one time point per epoch call after_epoch() instead"
+            )
+        if (self.steps_seen + 1) % n == 0:
+            self._time_point()
+        self.steps_seen += 1
+
+    def _time_point(self) -> None:
         cfg = self.config
-        self.epochs_seen += 1
+        t = self.epochs_seen + 1
         if self.state is None:
-            self._record(self._flat())
-            if self.epochs_seen == cfg.warmup_epochs:
-                self._fit()
+            self._record(self._flat(), t - 1)
+            if t == cfg.warmup_epochs:
+                self._fit(t)
+            self.epochs_seen = t
             return
         state = self.state
         flat = self._flat()
@@ -251,20 +315,22 @@ class CMDTracker:
             flat = torch.where(self.embedded, model, flat)
             self._write(flat, self.embedded)
         state.update(flat, check_finite=True)
-        if cfg.embed and (self.epochs_seen - self._fit_epoch) % cfg.embed_every == 0:
+        self.epochs_seen = t
+        if cfg.embed and (t - self._fit_epoch) % cfg.embed_every == 0:
             self._embed(flat)
 
-    def _record(self, flat: Tensor) -> None:
+    def _record(self, flat: Tensor, column: int) -> None:
         if not bool(torch.isfinite(flat).all()):
             raise NonFiniteError("the model's parameters contain NaN or Inf")
         if self._warmup is None:
             device = self.config.warmup_device or self.device
-            self._warmup = torch.empty(
+            # zeros, not empty: a checkpoint taken during the warm-up holds no uninitialized memory
+            self._warmup = torch.zeros(
                 (self.num_params, self.config.warmup_epochs), dtype=self.dtype, device=device
             )
-        self._warmup[:, self.epochs_seen - 1] = flat.to(self._warmup.device)
+        self._warmup[:, column] = flat.to(self._warmup.device)
 
-    def _fit(self) -> None:
+    def _fit(self, time_point: int) -> None:
         cfg = self.config
         assert self._warmup is not None
         fitted = core.OnlineCMD.from_trajectory(
@@ -280,7 +346,7 @@ class CMDTracker:
         )
         self._warmup = None
         self.state = _to_device(fitted, self.device)
-        self._fit_epoch = self.epochs_seen
+        self._fit_epoch = time_point
         if cfg.embed:
             self.embedded = torch.zeros(self.num_params, dtype=torch.bool, device=self.device)
             self._prev = self.state.coefficients()
@@ -362,6 +428,7 @@ class CMDTracker:
             "config": asdict(self.config),
             "num_params": self.num_params,
             "epochs_seen": self.epochs_seen,
+            "steps_seen": self.steps_seen,
             "fit_epoch": self._fit_epoch,
             "warmup": self._warmup,
             "embedded": self.embedded,
@@ -387,6 +454,7 @@ class CMDTracker:
             "config",
             "num_params",
             "epochs_seen",
+            "steps_seen",
             "fit_epoch",
             "warmup",
             "embedded",
@@ -411,6 +479,7 @@ class CMDTracker:
         except TypeError as exc:  # unknown field names
             raise ParameterError(f"the CMD state's config does not fit CMDConfig: {exc}") from None
         epochs_seen = check_int("epochs_seen", state["epochs_seen"], min=0)
+        steps_seen = check_int("steps_seen", state["steps_seen"], min=0)
         fit_epoch = check_int("fit_epoch", state["fit_epoch"], min=0)
         warmup = state["warmup"]
         if warmup is not None and (
@@ -462,6 +531,7 @@ class CMDTracker:
         # everything checked: apply
         self.config = config
         self.epochs_seen = epochs_seen
+        self.steps_seen = steps_seen
         self._fit_epoch = fit_epoch
         self._warmup = warmup
         self.embedded = None if embedded is None else embedded.to(self.device)

@@ -415,7 +415,8 @@ class ShardedCMDTracker:
     indices), profiles and the sampled parameters are the ones the single-process tracker finds on the
     unsharded model, while ``assignment``, ``a``, ``b`` and the running sums cover this rank's entries
     (in :attr:`ShardLayout.index` order). Embedded CMD (``embed=True``) is not supported here: its
-    selection ranks the coefficient changes of all ``N`` parameters at once.
+    selection ranks the coefficient changes of all ``N`` parameters at once; nor is the per-step
+    cadence (``every_n_steps``): call :meth:`after_epoch` at each time point instead.
     """
 
     def __init__(
@@ -427,6 +428,11 @@ class ShardedCMDTracker:
         if self.config.embed:
             raise ParameterError(
                 "embedded CMD (embed=True) is not supported on sharded parameters; use embed=False"
+            )
+        if self.config.every_n_steps is not None:
+            raise ParameterError(
+                "the per-step cadence (every_n_steps) is not supported on sharded parameters: call "
+                "after_epoch() at each time point (e.g. every n-th optimizer step) instead"
             )
         self.layout = _layout(params)
         self.device = self.layout.device

@@ -13,7 +13,8 @@ configures itself from the Trainer's optimizer (accelerate's wrapper is looked t
 - :class:`OIALRTrainerCallback`: OIALR steps after every optimizer step the Trainer applied
   (``on_step_end``: once per gradient-accumulation cycle; never after a step the fp16 GradScaler
   skipped, read from accelerate's ``optimizer.step_was_skipped``).
-- :class:`CMDTrainerCallback`: one CMD ``after_epoch`` per epoch (``on_epoch_end``); when the Trainer is
+- :class:`CMDTrainerCallback`: one CMD ``after_epoch`` per epoch (``on_epoch_end``; with
+  ``CMDConfig(every_n_steps=n)``: ``CMDTracker.step`` in every ``on_step_end``); when the Trainer is
   about to evaluate, the CMD weights are swapped in, and the trained ones put back when the evaluation
   ends (``on_evaluate``), before any checkpoint is written.
 - :class:`DLDRTrainerCallback`: snapshots during the first ``record_steps`` optimizer steps, then the
@@ -122,6 +123,7 @@ class CMDTrainerCallback(_Base):
         self.driver.start(kwargs["model"])
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.driver.after_step(_skipped(kwargs.get("optimizer")))
         if getattr(control, "should_evaluate", False):
             self.driver.swap_in()
 

@@ -10,7 +10,8 @@ optimizer, automatic or manual optimization) and runs on single-process strategi
 - :class:`OIALRCallback`: OIALR steps after every *applied* optimizer step (gradient accumulation:
   once per accumulated step; ``precision="16-mixed"``: never after a step the GradScaler skipped, see
   :mod:`lowrank_torch.amp`).
-- :class:`CMDCallback`: one CMD ``after_epoch`` at the end of every training epoch; during validation
+- :class:`CMDCallback`: one CMD ``after_epoch`` at the end of every training epoch (with
+  ``CMDConfig(every_n_steps=n)``: ``CMDTracker.step`` after every applied optimizer step); during validation
   the CMD weights are swapped into the model and the trained ones put back afterwards (like Lightning's
   weight-averaging callbacks), so checkpoints always hold the trained weights.
 - :class:`DLDRCallback`: snapshots during the first ``record_steps`` optimizer steps, then training
@@ -137,6 +138,7 @@ class CMDCallback(_Callback):
     def __init__(self, config: CMDConfig | None = None) -> None:
         super().__init__()
         self.driver = CMDDriver(config)
+        self._watch = _StepWatch()
 
     @property
     def state_key(self) -> str:
@@ -150,9 +152,17 @@ class CMDCallback(_Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.driver.start(pl_module)
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._watch.reset(trainer)
+
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self.driver.per_step:
+            stepped, skipped = self._watch.stepped(trainer)
+            if stepped:
+                self.driver.after_step(skipped)
+            return
         # the epoch's last batch: record before the end-of-epoch validation sees the weights
         total = trainer.num_training_batches
         if isinstance(total, int) and batch_idx + 1 == total:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -334,3 +335,169 @@ def test_cmd_identical_on_every_rank_under_ddp(tmp_path):
         assert rep["max_swap_diff"] == 0.0, rep  # and the exact weights back after evaluation
     assert reports[0]["references"] == reports[1]["references"]
     assert reports[0]["final_loss"] != reports[1]["final_loss"]  # really different data shards
+
+
+# ------------------------------------------------------------------------------ per-step cadence
+def _state_tensors(state: dict, prefix: str = "") -> dict:
+    """Every tensor and plain value of a (nested) tracker state, by dotted key."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(_state_tensors(v, f"{prefix}{k}."))
+        elif isinstance(v, (list, tuple)):
+            out.update({f"{prefix}{k}.{i}": x for i, x in enumerate(v)})
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _assert_same_state(a: dict, b: dict, skip: tuple[str, ...] = ()) -> None:
+    fa, fb = _state_tensors(a), _state_tensors(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        if k in skip:
+            continue
+        x, y = fa[k], fb[k]
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y), k
+        else:
+            assert x == y, k
+
+
+@pytest.mark.parametrize("epochs", [2, 9])  # during the warm-up; after the fit and 3 embeddings
+def test_step_every_epoch_length_equals_after_epoch_bit_for_bit(epochs):
+    base = dict(warmup_epochs=3, max_modes=2, num_samples=100, embed=True, embed_every=2,
+                embed_fraction=0.2)  # fmt: skip
+    per_epoch_model, per_epoch, _ = _run(CMDConfig(**base), epochs=epochs)
+    # the same training, CMD fed once per optimizer step (4 steps per epoch in _train_epoch)
+    model = _model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    per_step = CMDTracker(model, CMDConfig(**base, every_n_steps=4))
+    for _ in range(epochs):
+        for _ in range(4):
+            x = torch.randn(32, 8, generator=gen)
+            y = torch.randint(0, 3, (32,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            per_step.step()
+    assert per_step.steps_seen == 4 * epochs and per_epoch.steps_seen == 0
+    assert per_step.epochs_seen == per_step.time_points == per_epoch.epochs_seen == epochs
+    assert per_step.fitted == per_epoch.fitted == (epochs >= 3)
+    _assert_same_state(
+        per_step.state_dict(), per_epoch.state_dict(), skip=("steps_seen", "config.every_n_steps")
+    )
+    # the embedding wrote the same values into both models
+    for p, q in zip(model.parameters(), per_epoch_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    if epochs >= 3:
+        for u, v in zip(per_step.cmd_weights(), per_epoch.cmd_weights(), strict=True):
+            assert torch.equal(u, v)
+
+
+def test_step_makes_a_time_point_of_every_nth_call():
+    model = _model()
+    cmd = CMDTracker(
+        model, CMDConfig(warmup_epochs=3, max_modes=2, num_samples=50, every_n_steps=3)
+    )
+    points = []
+    for i in range(1, 11):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * i * torch.randn_like(p))
+        cmd.step()
+        points.append(cmd.time_points)
+    assert points == [0, 0, 1, 1, 1, 2, 2, 2, 3, 3]  # the fit at the 9th call
+    assert cmd.steps_seen == 10 and cmd.fitted
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (0, ParameterError),
+        (-3, ParameterError),
+        (2.5, ParameterTypeError),
+        (True, ParameterTypeError),
+        ("4", ParameterTypeError),
+        (4.0, ParameterTypeError),
+    ],
+)
+def test_every_n_steps_is_validated_at_construction(value, error):
+    with pytest.raises(error, match="every_n_steps"):
+        CMDConfig(every_n_steps=value)
+
+
+def test_every_n_steps_accepts_numpy_integers_and_round_trips():
+    cfg = CMDConfig(every_n_steps=np.int64(5))
+    assert type(cfg.every_n_steps) is int and cfg.every_n_steps == 5
+    assert CMDConfig().every_n_steps is None
+    assert CMDConfig(**dataclasses.asdict(cfg)) == cfg
+
+
+def test_one_cadence_per_tracker_and_a_wrong_call_changes_nothing():
+    per_epoch = CMDTracker(_model(), CMDConfig(warmup_epochs=3, max_modes=2))
+    with pytest.raises(ParameterError, match="every_n_steps"):
+        per_epoch.step()
+    per_step = CMDTracker(_model(), CMDConfig(warmup_epochs=3, max_modes=2, every_n_steps=2))
+    per_step.step()
+    with pytest.raises(ParameterError, match=r"step\(\)"):
+        per_step.after_epoch()
+    for c in (per_epoch, per_step):
+        assert c.epochs_seen == 0 and c.state_nbytes() == 0
+    assert per_epoch.steps_seen == 0 and per_step.steps_seen == 1
+
+
+def test_a_failed_time_point_is_not_counted():
+    # regression: after_epoch counted the epoch before the NaN check refused it
+    model = _model()
+    cmd = CMDTracker(model, CMDConfig(warmup_epochs=3, max_modes=2, every_n_steps=2))
+    epoch_cmd = CMDTracker(model, CMDConfig(warmup_epochs=3, max_modes=2))
+    cmd.step()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(LowRankError, match="NaN"):
+        cmd.step()
+    with pytest.raises(LowRankError, match="NaN"):
+        epoch_cmd.after_epoch()
+    assert cmd.steps_seen == 1 and cmd.epochs_seen == 0
+    assert epoch_cmd.epochs_seen == 0
+
+
+@pytest.mark.parametrize("stop", [5, 13])  # between time points, during the warm-up; after the fit
+def test_state_dict_keeps_the_step_counter(stop):
+    cfg = CMDConfig(warmup_epochs=3, max_modes=2, num_samples=100, every_n_steps=3)
+
+    def nudge(m: nn.Module, i: int) -> None:
+        with torch.no_grad():
+            for j, p in enumerate(m.parameters()):
+                g = torch.Generator().manual_seed(100 * i + j)
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+
+    model = _model()
+    cmd = CMDTracker(model, cfg)
+    for i in range(stop):
+        nudge(model, i)
+        cmd.step()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "cmd": cmd.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert saved["cmd"]["steps_seen"] == stop
+    twin_model = _model(seed=1)
+    twin_model.load_state_dict(saved["model"])
+    twin = CMDTracker(twin_model, CMDConfig(warmup_epochs=5, max_modes=3))
+    twin.load_state_dict(saved["cmd"])
+    assert twin.steps_seen == stop and twin.config == cfg
+    for i in range(stop, 20):
+        for m, c in ((model, cmd), (twin_model, twin)):
+            nudge(m, i)
+            c.step()
+    _assert_same_state(cmd.state_dict(), twin.state_dict())
+    assert cmd.steps_seen == 20 and cmd.epochs_seen == 6
+    for bad in (-1, 2.5, "5", None):
+        with pytest.raises(LowRankError, match="steps_seen"):
+            twin.load_state_dict({**saved["cmd"], "steps_seen": bad})
+    assert twin.steps_seen == 20
+    with pytest.raises(LowRankError, match="steps_seen"):
+        twin.load_state_dict({k: v for k, v in saved["cmd"].items() if k != "steps_seen"})

@@ -195,6 +195,27 @@ def test_cmd_trainer_callback_evaluates_cmd_weights(tmp_path: Path) -> None:
     assert not torch.equal(seen[-1], trained) and not cb.driver.swapped_in
 
 
+def test_cmd_trainer_callback_per_step_cadence(tmp_path: Path) -> None:
+    # every_n_steps = optimizer steps per epoch (16 samples / batch 4): the per-epoch state bit for bit
+    states = []
+    for name, extra in (("epoch", {}), ("step", {"every_n_steps": 4})):
+        cb = CMDTrainerCallback(CMDConfig(warmup_epochs=2, max_modes=2, num_samples=50, **extra))
+        trainer = transformers.Trainer(
+            model=_model(),
+            args=_args(tmp_path / name, max_steps=-1, num_train_epochs=3),
+            train_dataset=Tokens(16),
+            callbacks=[cb],
+        )
+        trainer.train()
+        tracker = cb.driver.tracker
+        assert tracker is not None and tracker.fitted and tracker.epochs_seen == 3
+        states.append(tracker.state_dict())
+    assert states[1]["steps_seen"] == 12 and states[0]["steps_seen"] == 0
+    for key, value in states[0]["core"].items():
+        other = states[1]["core"][key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+
+
 def test_dldr_trainer_callback_trains_in_the_subspace_and_resumes(tmp_path: Path) -> None:
     config = DLDRConfig(record_steps=6, every=1, dim=3)
     straight = _model()

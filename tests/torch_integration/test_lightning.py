@@ -204,6 +204,38 @@ def test_cmd_callback_swaps_cmd_weights_in_for_validation_and_resumes(tmp_path: 
         assert torch.equal(x, y)
 
 
+def test_cmd_callback_per_step_cadence_matches_the_per_epoch_one(tmp_path: Path) -> None:
+    # CMDConfig(every_n_steps=steps per epoch): CMDTracker.step after each optimizer step gives the
+    # per-epoch state bit for bit; with accumulation only applied optimizer steps count
+    states = []
+    for name, extra in (("epoch", {}), ("step", {"every_n_steps": BATCHES})):
+        torch.manual_seed(0)
+        module = Module()
+        cb = CMDCallback(CMDConfig(warmup_epochs=2, max_modes=2, num_samples=50, **extra))
+        _trainer(tmp_path / name, [cb], max_epochs=3, enable_checkpointing=False).fit(
+            module, _loader(), _loader(seed=1, batches=1)
+        )
+        tracker = cb.driver.tracker
+        assert tracker is not None and tracker.fitted and tracker.epochs_seen == 3
+        states.append(tracker.state_dict())
+    assert states[1]["steps_seen"] == 3 * BATCHES and states[0]["steps_seen"] == 0
+    for key in ("epochs_seen", "fit_epoch"):
+        assert states[0][key] == states[1][key]
+    for key, value in states[0]["core"].items():
+        other = states[1]["core"][key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
+
+    torch.manual_seed(0)
+    cb = CMDCallback(CMDConfig(warmup_epochs=2, max_modes=2, num_samples=50, every_n_steps=2))
+    trainer = _trainer(
+        tmp_path / "acc", [cb], max_epochs=2, accumulate_grad_batches=2, enable_checkpointing=False
+    )
+    trainer.fit(Module(), _loader(), _loader(seed=1, batches=1))
+    tracker = cb.driver.tracker
+    assert tracker is not None and trainer.global_step == BATCHES  # 2 epochs of BATCHES / 2 steps
+    assert tracker.steps_seen == BATCHES and tracker.epochs_seen == BATCHES // 2
+
+
 def test_dldr_callback_records_then_trains_in_the_subspace_and_resumes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     module = Module()
