@@ -501,6 +501,10 @@ def core_specs() -> list[Spec]:
             libs=("numpy",),
         ),
     ]
+    for sp in specs:
+        if sp.name in ("basis_stability", "polar_stability", "principal_angle_cosines",
+                       "projector_distance", "balanced_to_factors"):
+            sp.scale_all = True
     return specs
 
 

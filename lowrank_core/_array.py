@@ -133,8 +133,9 @@ def check_rank(rank: object, upper: int, *, name: str = "rank", what: str = "min
 def diag_embed(xp: Namespace, d: Array) -> Array:
     """Stack of diagonal matrices from a stack of vectors ``(..., r) -> (..., r, r)``."""
     r = d.shape[-1]
-    eye = xp.eye(r, dtype=d.dtype, device=array_api_compat.device(d))
-    return d[..., None] * eye
+    eye = xp.eye(r, dtype=xp.bool, device=array_api_compat.device(d))
+    # where, not d * eye: an infinite d must not put inf * 0 = NaN off the diagonal
+    return xp.where(eye, d[..., None], xp.zeros_like(d[..., None]))
 
 
 def batch_shape(x: Array) -> tuple[int, ...]:

@@ -468,10 +468,13 @@ def balanced_to_factors(left: Array, right: Array, *, check_finite: bool = True)
         )
     dt = result_dtype(xp, left, right)
     L, R = upcast(xp, cast_to(xp, left, dt)), upcast(xp, cast_to(xp, right, dt))
-    Q1, R1 = _qr(xp, L)
-    Q2, R2 = _qr(xp, R)
+    # R1 R2^T of two large factors overflows: factor the normalized ones, scale s back at the end
+    cl, cr = _max_abs(xp, L), _max_abs(xp, R)
+    Q1, R1 = _qr(xp, L / cl)
+    Q2, R2 = _qr(xp, R / cr)
     P, s, T = _svd(xp, R1 @ xp.matrix_transpose(R2))
     U, V = _canonical_signs(xp, Q1 @ P, Q2 @ T)
+    s = (s * cl[..., 0]) * cr[..., 0]  # inf only where the true singular value exceeds the range
     return _finish_factors(xp, U, s, V, dt)
 
 

@@ -62,10 +62,18 @@ def polar_stability(
     return cast_to(xp, _polar_cosine(xp, qp, qc), dtype)
 
 
+def _max_abs(xp: Namespace, x: Array) -> Array:
+    """``max |x|`` over the last two axes, shape ``(..., 1, 1)``; 1 where ``x`` is all zero."""
+    top = xp.max(xp.max(xp.abs(x), axis=-1, keepdims=True), axis=-2, keepdims=True)
+    return xp.where(top > 0, top, xp.ones_like(top))
+
+
 def _polar_cosine(xp: Namespace, qp: Array, qc: Array) -> Array:
     """Mean cosine of corresponding unit-side vectors of two polar factors (columns if m >= n)."""
     m, n = qp.shape[-2], qp.shape[-1]
     axis = -2 if m >= n else -1
+    # cosines are scale-free: divide by max|.| first so that the squared norms cannot overflow
+    qp, qc = qp / _max_abs(xp, qp), qc / _max_abs(xp, qc)
     dots = xp.sum(qp * qc, axis=axis)
     norms = xp.sqrt(xp.sum(qp * qp, axis=axis) * xp.sum(qc * qc, axis=axis))
     positive = norms > 0

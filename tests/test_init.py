@@ -582,3 +582,30 @@ def test_init_weight_factors_validates_unused_random_options(backend, method, kw
     w = backend.asarray(np.random.default_rng(0).standard_normal((4, 6)))
     with pytest.raises(error):
         li.init_weight_factors(w, 2, method=method, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [("float32", 3e19), ("float32", 1e-25), ("float64", 1e160)]
+)
+def test_balanced_to_factors_at_extreme_scales(backend, dtype, scale):
+    """QR factors are scale-free; R1 R2^T of two huge factors overflows unless normalized first."""
+    rng = np.random.default_rng(5)
+    left, right = rng.standard_normal((6, 2)), rng.standard_normal((5, 2))
+    base = li.balanced_to_factors(backend.asarray(left, dtype), backend.asarray(right, dtype))
+    with np.errstate(over="ignore"):  # a singular value may truly exceed the dtype's range
+        big = li.balanced_to_factors(
+            backend.asarray(left * scale, dtype), backend.asarray(right * scale, dtype)
+        )
+    U0, U1 = backend.to_numpy(base.U), backend.to_numpy(big.U)
+    assert np.isfinite(U1).all() and np.isfinite(backend.to_numpy(big.V)).all()
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    np.testing.assert_allclose(U1, U0, atol=tol)
+    s0 = np.diagonal(backend.to_numpy(base.Sigma)).astype(np.float64)
+    s1 = np.diagonal(backend.to_numpy(big.Sigma)).astype(np.float64)
+    with np.errstate(over="ignore"):
+        expected = s0 * scale * scale
+    info = np.finfo(dtype)
+    finite = np.abs(expected) < info.max
+    normal = finite & (np.abs(expected) >= info.tiny)  # not under/overflowing in this dtype
+    np.testing.assert_allclose(s1[normal], expected[normal], rtol=tol)
+    assert np.isinf(s1[~finite]).all()

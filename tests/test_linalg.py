@@ -369,3 +369,19 @@ def test_wide_matrices_match_the_reference(backend, dtype, data):
         assert_columns_match(V_[idx], Vhr.T * signs, vt, err_msg=f"V at {idx}")
         assert_close(P_[idx], ref.orthogonal_factor(seen[idx]), atol=tol, err_msg=f"at {idx}")
     assert_sign_canonical(U_, err_msg=f"svd U, dtype {dtype}")
+
+
+def test_polar_stability_is_scale_free(backend):
+    """Cosines do not depend on the length of the vectors: no overflow of their squared norms."""
+    import lowrank_core as lc
+
+    rng = np.random.default_rng(2)
+    q = np.linalg.qr(rng.standard_normal((6, 3)))[0]
+    p = np.linalg.qr(q + 0.1 * rng.standard_normal((6, 3)))[0]
+    for dtype, scale in (("float32", 3e19), ("float32", 1e-25), ("float64", 1e160)):
+        base = lc.polar_stability(backend.asarray(q, dtype), backend.asarray(p, dtype))
+        big = lc.polar_stability(
+            backend.asarray(q * scale, dtype), backend.asarray(p * scale, dtype)
+        )
+        b0, b1 = float(backend.to_numpy(base)), float(backend.to_numpy(big))
+        assert b1 == pytest.approx(b0, rel=1e-5), (dtype, scale)
