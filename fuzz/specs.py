@@ -502,8 +502,13 @@ def core_specs() -> list[Spec]:
         ),
     ]
     for sp in specs:
-        if sp.name in ("basis_stability", "polar_stability", "principal_angle_cosines",
-                       "projector_distance", "balanced_to_factors"):
+        if sp.name in (
+            "basis_stability",
+            "polar_stability",
+            "principal_angle_cosines",
+            "projector_distance",
+            "balanced_to_factors",
+        ):
             sp.scale_all = True
     return specs
 
