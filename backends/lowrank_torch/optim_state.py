@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 import lowrank_core as lc
 from lowrank_core._array import check_rank
-from lowrank_core._validate import describe
+from lowrank_core._validate import check_int, describe
 
 __all__ = [
     "MAGNITUDE_KEYS",
@@ -119,6 +119,32 @@ def _check_rotation(sigma: Tensor, **maps: object) -> None:
             raise lc.ShapeError(
                 f"`{name}` must have `sigma`'s shape {tuple(sigma.shape)} (a rotation of its "
                 f"coordinates), got {tuple(x.shape)}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
+
+
+def _check_bases(dense: Tensor, sigma: Tensor, U: object, V: object, groups: object) -> None:
+    """``U`` / ``V``: finite floating tensors that fit ``dense``'s matrix view and ``sigma``'s rank."""
+    g = check_int("groups", groups, min=1)
+    try:
+        want = tuple(lc.matrix_shape(tuple(dense.shape), groups=g))
+    except lc.LowRankError as exc:
+        raise lc.ShapeError(
+            f"`dense` (shape {tuple(dense.shape)}) has no matrix view: {exc}"
+        ) from None
+    batch, m, n = want[:-2], want[-2], want[-1]
+    r = int(sigma.shape[-1]) if sigma.ndim >= 1 else -1
+    for name, x, rows in (("U", U, m), ("V", V, n)):
+        if not isinstance(x, Tensor):
+            raise lc.ArrayTypeError(f"`{name}` must be a torch.Tensor, got {describe(x)}")
+        if not x.is_floating_point():
+            raise lc.DTypeError(f"`{name}` must be a floating tensor, got {x.dtype}")
+        expect = (*batch, rows, r)
+        if tuple(x.shape) != expect:
+            raise lc.ShapeError(
+                f"`{name}` must have shape {expect} for a dense weight {tuple(dense.shape)} "
+                f"(groups={g}) and `sigma` {tuple(sigma.shape)}, got {tuple(x.shape)}"
             )
         if not bool(torch.isfinite(x).all()):
             raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
@@ -222,6 +248,7 @@ def dense_to_sigma_state(
     the optimizer and ``lowrank_core.ShapeError`` when the factors do not fit; in both cases nothing changes.
     """
     _check_objects(optimizer, dense=dense, sigma=sigma)
+    _check_bases(dense, sigma, U, V, groups)
     _require(optimizer, dense, "dense")
     old_state = optimizer.state.get(dense)
     shape = dense.shape

@@ -577,3 +577,31 @@ def test_flatten_refuses_what_is_not_a_list_of_tensors():
             flat_grad(bad)
     with pytest.raises(lc.ParameterError, match="empty"):
         flatten([])
+
+
+def test_switch_refuses_bad_bases_without_changing_the_optimizer():
+    lin = linear(0, 4, 4)
+    opt = sgd(lin.parameters(), False, 0.0)
+    X, Y = regression(0, 4, 4)
+    train(lin, opt, X, Y, 1)
+    layer = LowRankLinear.from_dense(lin)
+    U, V = layer.U.clone(), layer.V.clone()
+    nan = U.clone()
+    nan[0, 0] = float("nan")
+    cases = [
+        (dict(U=nan), lc.NonFiniteError),
+        (dict(V=V.to(torch.int64)), lc.DTypeError),
+        (dict(U=U.numpy()), lc.ArrayTypeError),
+        (dict(V=None), lc.ArrayTypeError),
+        (dict(U=U[1:]), lc.ShapeError),
+        (dict(groups=0), lc.ParameterError),
+        (dict(groups=1.0), lc.ParameterTypeError),
+    ]
+    for change, error in cases:
+        args = {"U": U, "V": V, "groups": 1, **change}
+        with pytest.raises(error):
+            dense_to_sigma_state(
+                opt, lin.weight, layer.sigma, args["U"], args["V"], groups=args["groups"]
+            )
+        assert opt.param_groups[0]["params"] == [lin.weight, lin.bias]
+        assert layer.sigma not in opt.state
