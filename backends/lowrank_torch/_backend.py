@@ -8,6 +8,7 @@ import array_api_compat.torch as torch_xp
 import numpy as np
 import torch
 
+from lowrank_core._validate import check_seed, check_shape
 from lowrank_core.backend import StandardBackend
 
 __all__ = ["TorchBackend"]
@@ -51,6 +52,8 @@ class TorchBackend(StandardBackend):
         device: Any = None,
         seed: int | None = None,
     ) -> torch.Tensor:
+        shape = check_shape("shape", shape, min=0)  # the same rule as the base backend
+        seed = check_seed("seed", seed)
         dev = torch.device("cpu") if device is None else torch.device(device)
         generator = None
         if seed is not None:

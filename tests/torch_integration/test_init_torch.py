@@ -395,3 +395,15 @@ def test_init_layer_and_penalty_refuse_bad_input():
         frobenius_decay_penalty("model")
     with pytest.raises(lc.LowRankError, match="LowRankLayer"):
         train_bases_(dense)
+
+
+def test_torch_backend_random_normal_validates_shape_and_seed():
+    b = lc.get_backend(torch.zeros(1))
+    for shape in ((2, 2.5), (-1, 3), "ab", 3, (True, 2)):
+        with pytest.raises(lc.LowRankError):
+            b.random_normal(shape)
+    for seed in (-1, 1.5, True, "1"):
+        with pytest.raises(lc.LowRankError, match="seed"):
+            b.random_normal((2, 2), seed=seed)
+    a = b.random_normal((2, 3), seed=np.int64(4), dtype=torch.float64)
+    assert torch.equal(a, b.random_normal((2, 3), seed=4, dtype=torch.float64))
