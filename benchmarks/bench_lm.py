@@ -10,7 +10,8 @@ suites, ``site-packages`` and IDLE left out), sorted by path; a file goes to val
 its relative path is divisible by 10, so the split is fixed by the file list alone. Tokens are bytes.
 
 Dense and OIALR train the same model from the same initialization on the same batches (one seeded
-generator), with AdamW. OIALR runs its warm-up stability checks at the published interval (every 100
+generator), with AdamW, interleaved step by step (one dense step, one OIALR step, ...: load on the machine
+hits both alike). OIALR runs its warm-up stability checks at the published interval (every 100
 steps), switches every eligible Linear at 40% of training, and updates ranks every 10% with
 ``SigmaCutoff(0.2)``. Every timing is a wall-clock measurement of the run itself: the training step
 (forward, backward, optimizer) and, separately, each ``OIALR.step()``, so the cost of a check, a rank
@@ -196,43 +197,51 @@ def _validate(model: nn.Module, val: torch.Tensor, cfg: LMConfig) -> float:
     return total / cfg.val_batches / math.log(2)
 
 
-def train_one(
-    cfg: LMConfig,
-    method: str,
-    init: dict[str, torch.Tensor],
-    train: torch.Tensor,
-    val: torch.Tensor,
-) -> dict[str, Any]:
-    """Train dense or OIALR from ``init``; per-step wall times of the step and of OIALR.step()."""
-    device = torch.device(cfg.device)
-    model = ByteGPT(cfg).to(device)
-    model.load_state_dict(init)
-    dense_trainable = count_trainable(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    switch = max(1, int(cfg.switch_fraction * cfg.steps))
-    ctrl = None
-    if method == "oialr":
-        ocfg = OIALRConfig(
-            switch_step=switch,
-            stability_threshold=1.0,  # checks for their cost; the switch happens at `switch`
-            stability_every=cfg.check_every,
-            update_every=max(1, int(cfg.update_fraction * cfg.steps)),
-            rule=lc.SigmaCutoff(cfg.cutoff),
+class _Run:
+    """One training run (dense or OIALR) from ``init``, advanced one step at a time.
+
+    Per-step wall times of the training step and of ``OIALR.step()`` are recorded. :func:`train_both`
+    alternates the two runs step by step, so that load on the machine (other processes, frequency
+    changes) hits dense and OIALR alike.
+    """
+
+    def __init__(
+        self, cfg: LMConfig, method: str, init: dict[str, torch.Tensor], train: torch.Tensor
+    ) -> None:
+        self.cfg, self.method, self.train = cfg, method, train
+        self.device = torch.device(cfg.device)
+        self.model = ByteGPT(cfg).to(self.device)
+        self.model.load_state_dict(init)
+        self.dense_trainable = count_trainable(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.01)
+        self.switch = max(1, int(cfg.switch_fraction * cfg.steps))
+        self.ctrl: OIALR | None = None
+        if method == "oialr":
+            ocfg = OIALRConfig(
+                switch_step=self.switch,
+                stability_threshold=1.0,  # checks for their cost; the switch happens at `switch`
+                stability_every=cfg.check_every,
+                update_every=max(1, int(cfg.update_fraction * cfg.steps)),
+                rule=lc.SigmaCutoff(cfg.cutoff),
+            )
+            self.ctrl = OIALR(self.model, self.opt, ocfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # the same batches in both runs
+        self.step_s: list[float] = []
+        self.ctrl_s: list[float] = []
+        self.events: dict[int, str] = {}
+
+    def step(self, step: int) -> None:
+        cfg, device, ctrl = self.cfg, self.device, self.ctrl
+        starts = torch.randint(
+            0, self.train.numel() - cfg.context - 1, (cfg.batch,), generator=self.gen
         )
-        ctrl = OIALR(model, opt, ocfg)
-    g = torch.Generator().manual_seed(cfg.seed)
-    step_s: list[float] = []
-    ctrl_s: list[float] = []
-    events: dict[int, str] = {}
-    for step in range(1, cfg.steps + 1):
-        starts = torch.randint(0, train.numel() - cfg.context - 1, (cfg.batch,), generator=g)
-        x, y = _windows(train, starts.to(device), cfg.context)
+        x, y = _windows(self.train, starts.to(device), cfg.context)
         _sync(device)
         t0 = time.perf_counter()
-        loss = _loss(model, x, y, cfg)
-        opt.zero_grad(set_to_none=True)
+        loss = _loss(self.model, x, y, cfg)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        self.opt.step()
         _sync(device)
         t1 = time.perf_counter()
         if ctrl is not None:
@@ -241,27 +250,59 @@ def train_one(
             _sync(device)
             kinds = {e["event"] for e in ctrl.history[n_hist:]}
             if "switch" in kinds:
-                events[step] = "switch"
+                self.events[step] = "switch"
             elif "rank" in kinds or (ctrl.layers and step % ctrl.config.update_every == 0):
-                events[step] = "update"
+                self.events[step] = "update"
             elif "stability" in kinds or (not ctrl.layers and step % cfg.check_every == 0):
-                events[step] = "check"
+                self.events[step] = "check"
         t2 = time.perf_counter()
-        step_s.append(t1 - t0)
-        ctrl_s.append(t2 - t1)
-    result: dict[str, Any] = {
-        "method": method,
-        "val_bpb": _validate(model, val, cfg),
-        "trainable_share": count_trainable(model) / dense_trainable,
-        "state_bytes": _state_bytes(model, opt),
-        "step_s": step_s,
-        "ctrl_s": ctrl_s,
-        "events": events,
-        "switch_step": switch,
-    }
-    if ctrl is not None:
-        result["ranks"] = ctrl.ranks()
-    return result
+        self.step_s.append(t1 - t0)
+        self.ctrl_s.append(t2 - t1)
+
+    def result(self, val: torch.Tensor) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "method": self.method,
+            "val_bpb": _validate(self.model, val, self.cfg),
+            "trainable_share": count_trainable(self.model) / self.dense_trainable,
+            "state_bytes": _state_bytes(self.model, self.opt),
+            "step_s": self.step_s,
+            "ctrl_s": self.ctrl_s,
+            "events": self.events,
+            "switch_step": self.switch,
+        }
+        if self.ctrl is not None:
+            result["ranks"] = self.ctrl.ranks()
+        return result
+
+
+def train_one(
+    cfg: LMConfig,
+    method: str,
+    init: dict[str, torch.Tensor],
+    train: torch.Tensor,
+    val: torch.Tensor,
+) -> dict[str, Any]:
+    """Train dense or OIALR from ``init`` alone; per-step wall times of the step and of OIALR.step()."""
+    run = _Run(cfg, method, init, train)
+    for step in range(1, cfg.steps + 1):
+        run.step(step)
+    return run.result(val)
+
+
+def train_both(
+    cfg: LMConfig, init: dict[str, torch.Tensor], train: torch.Tensor, val: torch.Tensor
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Dense and OIALR from the same ``init`` on the same batches, interleaved step by step.
+
+    Which of the two goes first alternates from step to step, so neither always runs on a cache the
+    other has just warmed (or cooled).
+    """
+    dense = _Run(cfg, "dense", init, train)
+    oialr = _Run(cfg, "oialr", init, train)
+    for step in range(1, cfg.steps + 1):
+        for run in (dense, oialr) if step % 2 else (oialr, dense):
+            run.step(step)
+    return dense.result(val), oialr.result(val)
 
 
 def _median(values: list[float]) -> float:
@@ -276,8 +317,11 @@ def summarize(
     n = cfg.steps
     tail = max(1, n // 10)
     d_step = _median(dense["step_s"][5:])  # the first steps warm the allocator up
+    # each OIALR phase against the dense steps of the same step range (run interleaved with them)
     before = _median(oialr["step_s"][5 : s - 1])
+    dense_before = _median(dense["step_s"][5 : s - 1])
     after = _median(oialr["step_s"][s + 1 : min(n, s + tail + 1)])
+    dense_after = _median(dense["step_s"][s + 1 : min(n, s + tail + 1)])
     end = _median(oialr["step_s"][-tail:])
     dense_end = _median(dense["step_s"][-tail:])
     ev = oialr["events"]
@@ -295,8 +339,8 @@ def summarize(
     rows = [
         ("validation loss (bits/byte)", dense["val_bpb"], oialr["val_bpb"], oialr["val_bpb"] / dense["val_bpb"]),
         ("trainable share at the end", 1.0, oialr["trainable_share"], oialr["trainable_share"]),
-        ("step before the switch (ms)", 1e3 * d_step, 1e3 * before, before / d_step),
-        ("step after the switch (ms)", 1e3 * d_step, 1e3 * after, after / d_step),
+        ("step before the switch (ms)", 1e3 * dense_before, 1e3 * before, before / dense_before),
+        ("step after the switch (ms)", 1e3 * dense_after, 1e3 * after, after / dense_after),
         ("step at the end (ms)", 1e3 * dense_end, 1e3 * end, end / dense_end),
         ("parameter + optimizer bytes", dense["state_bytes"], oialr["state_bytes"], oialr["state_bytes"] / dense["state_bytes"]),
     ]  # fmt: skip
@@ -328,6 +372,8 @@ def summarize(
         "oialr": {k: v for k, v in oialr.items() if k not in ("step_s", "ctrl_s")},
         "dense_step_s": d_step,
         "oialr_step_before_s": before,
+        "dense_step_before_s": dense_before,
+        "dense_step_after_s": dense_after,
         "oialr_step_after_s": after,
         "oialr_step_end_s": end,
         "dense_step_end_s": dense_end,
@@ -345,8 +391,7 @@ def measure(cfg: LMConfig) -> tuple[Table, dict[str, Any]]:
     val = torch.frombuffer(bytearray(val_b), dtype=torch.uint8).long().to(device)
     torch.manual_seed(cfg.seed)
     init = copy.deepcopy(ByteGPT(cfg).state_dict())
-    dense = train_one(cfg, "dense", init, train, val)
-    oialr = train_one(cfg, "oialr", init, train, val)
+    dense, oialr = train_both(cfg, init, train, val)
     table, data = summarize(cfg, dense, oialr)
     data["text"] = info
     table.notes.append(
