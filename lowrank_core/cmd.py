@@ -1338,7 +1338,7 @@ class OnlineCMD:
 
     @property
     def epochs(self) -> int:
-        """Epochs seen so far (warm-up included)."""
+        """Time points seen so far (warm-up included): epochs, or whatever cadence fed the updates."""
         return int(self.profiles.shape[1])
 
     @property

@@ -4,6 +4,8 @@ Importing this package imports torch. lowrank-core finds it on its own (entry po
 group ``lowrank_core.backends``) the first time it meets a ``torch.Tensor``; nothing needs to be
 registered by hand. The PyTorch integration: OIALR layers and controller (``lowrank_torch.oialr``),
 DLDR (``lowrank_torch.dldr``), CMD (``lowrank_torch.cmd``), low-rank initialization (``lowrank_torch.init``).
+The names users start from are importable from the package itself (``from lowrank_torch import OIALR,
+OIALRConfig, CMDTracker, SubspaceSGD, low_rank_model``).
 """
 
 from __future__ import annotations
@@ -70,13 +72,17 @@ __all__ += [
     "truncate_sigma_state",
 ]
 
-from .cmd import CMDConfig, CMDTracker  # noqa: E402
+from .cmd import CMDConfig, CMDTracker, NotFittedError  # noqa: E402
 from .dldr import SnapshotRecorder, SubspaceBFGS, SubspaceParametrization, SubspaceSGD  # noqa: E402
 from .init import frobenius_decay_penalty, init_low_rank_layer_, low_rank_model  # noqa: E402
+from .oialr import OIALR, OIALRConfig  # noqa: E402
 
 __all__ += [
+    "OIALR",
     "CMDConfig",
     "CMDTracker",
+    "NotFittedError",
+    "OIALRConfig",
     "SnapshotRecorder",
     "SubspaceBFGS",
     "SubspaceParametrization",

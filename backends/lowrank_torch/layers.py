@@ -414,6 +414,10 @@ class TransformersConv1D(metaclass=_Conv1DMeta):
 class LowRankConv1D(LowRankLayer):
     """transformers' ``Conv1D`` held as OIALR factors: ``y = x U Sigma V^T + b``.
 
+    Not to be confused with :class:`LowRankConv1d` (lower-case ``d``, the factorized ``nn.Conv1d``):
+    each name mirrors the layer it replaces, ``transformers.pytorch_utils.Conv1D`` (GPT-2's transposed
+    Linear) and ``torch.nn.Conv1d``.
+
     A ``Conv1D(nf, nx)`` is a Linear whose weight is stored transposed, ``(in, out) = (nx, nf)``, and
     computes ``x @ weight + bias``. Its matrix view is that weight as it is (the transpose of
     :class:`LowRankLinear`'s ``(out, in)``): ``U (in, r)``, ``Sigma (r, r)``, ``V (out, r)``, and
@@ -704,7 +708,8 @@ class LowRankConvNd(LowRankLayer):
 
 
 class LowRankConv1d(LowRankConvNd):
-    """Factorized ``nn.Conv1d`` (see :class:`LowRankConvNd`)."""
+    """Factorized ``nn.Conv1d`` (see :class:`LowRankConvNd`); for transformers' ``Conv1D`` (a transposed
+    Linear, upper-case ``D``) see :class:`LowRankConv1D`."""
 
     _nd = 1
     _dense_type = nn.Conv1d
