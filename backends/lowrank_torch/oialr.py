@@ -178,7 +178,7 @@ def _weight_matrices(module: nn.Module) -> list[Tensor]:
         return mats
     groups = int(getattr(module, "groups", 1))
     weight: Any = module.weight
-    matrix: Tensor = lc.weight_to_matrix(weight.detach(), groups=groups)
+    matrix: Tensor = lc.weight_to_matrix(weight.detach(), groups=groups, check_finite=False)
     return [matrix]
 
 
@@ -394,9 +394,13 @@ class OIALR:
         ready: list[str] = []
         for name in self.pending:
             # Keep each check's polar factors, not the weights: one SVD per matrix per check.
-            polars = [
-                lc.orthogonal_factor(m) for m in _weight_matrices(self.model.get_submodule(name))
-            ]
+            try:
+                polars = [
+                    lc.orthogonal_factor(m)
+                    for m in _weight_matrices(self.model.get_submodule(name))
+                ]
+            except lc.LowRankError as exc:
+                raise _named(exc, f"stability check of layer {name!r} at step {t}") from exc
             prev = self._snapshots.get(name)
             self._snapshots[name] = polars
             if prev is None:
@@ -415,6 +419,12 @@ class OIALR:
     def _switch(self, names: list[str], t: int) -> None:
         # one conversion call for all layers due (one pass over the model, not one per layer)
         olds = {name: _dense_params(self.model.get_submodule(name)) for name in names}
+        for name in names:  # checked first, so that the error names the layer
+            for m in _weight_matrices(self.model.get_submodule(name)):
+                if not bool(torch.isfinite(m).all()):
+                    raise lc.NonFiniteError(
+                        f"switch of layer {name!r} at step {t}: its weight contains NaN or Inf"
+                    )
         converted = to_low_rank(
             self.model,
             include=self.config.include,

@@ -439,3 +439,22 @@ def test_layers_refuse_nan_factors_and_set_factors_changes_nothing(which):
     torch.testing.assert_close(layer.U, good["U"], rtol=0, atol=0)
     torch.testing.assert_close(layer.sigma.detach(), good["Sigma"], rtol=0, atol=0)
     torch.testing.assert_close(layer.V, good["V"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("when", ["switch", "stability"])
+def test_a_nan_weight_at_the_switch_or_a_stability_check_names_the_layer(when):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    if when == "switch":
+        cfg = OIALRConfig(switch_step=3, update_every=100)
+    else:
+        cfg = OIALRConfig(switch_step=None, stability_threshold=0.9, stability_every=3)
+    ctrl = OIALR(model, opt, cfg)
+    _train(model, opt, ctrl, _data(), stop=2)
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    before = _snapshot(model, opt, ctrl)
+    with pytest.raises(lc.NonFiniteError, match="layer '2'"):
+        ctrl.step()
+    _assert_same(before, _snapshot(model, opt, ctrl))
+    assert not ctrl.switched and not ctrl._snapshots
