@@ -24,6 +24,7 @@ from .errors import (
     ParameterTypeError,
     RankError,
     ShapeError,
+    SnapshotStoreError,
     SpectrumError,
 )
 from .factors import (
@@ -96,6 +97,7 @@ __all__ = [
     "ShapeError",
     "SigmaCutoff",
     "SnapshotStore",
+    "SnapshotStoreError",
     "SpectrumError",
     "StableRank",
     "StandardBackend",
