@@ -1,12 +1,14 @@
 """Every check lowrank-core has, one nox session each.
 
-    nox                       # lint, typecheck, tests (all three CPU backends)
+    nox                       # lint, typecheck, tests (every CPU backend), docs
     nox -s tests              # the three CPU backends: numpy, array_api_strict, torch
     nox -s "tests(torch)"     # a single backend; arguments after -- go to pytest
     nox -s gpu                # torch CUDA + CuPy, with the current interpreter (no installs)
     nox -s demo               # the main job: MNIST-1D, dense vs OIALR, result table
     nox -s bench -- --quick   # benchmarks/run.py
     nox -s fuzz               # bad-input sweep + property suite with random seeds (not in CI)
+    nox -s docs               # the documentation site, strict (figures, backend matrix, API)
+    nox -s package            # sdist + wheel, twine check, installed-wheel quick starts
 
 Every session that installs torch passes ``-c constraints/cpu.txt``: an unpinned torch would pull
 the multi-GB CUDA build. The constraints file is passed to every install, so no session can drift.
@@ -25,7 +27,7 @@ import nox
 
 nox.needs_version = ">=2025.2.9"  # nox.project.dependency_groups
 nox.options.default_venv_backend = "virtualenv"  # seeds pip itself; needs no ensurepip
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
 
 ROOT = Path(__file__).resolve().parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
