@@ -182,6 +182,40 @@ def _weight_matrices(module: nn.Module) -> list[Tensor]:
     return [matrix]
 
 
+#: Largest number of matrix entries decomposed in one batched call of a stability check (a bound on
+#: the extra memory of stacking: 2**26 float32 entries are 256 MiB).
+_BATCH_ELEMENTS = 2**26
+
+
+def _same_shape_chunks(
+    slots: list[tuple[str, int, Tensor]],
+) -> list[list[tuple[str, int, Tensor]]]:
+    """``slots`` grouped by (shape, dtype, device), in first-seen order, each group cut into chunks of
+    at most :data:`_BATCH_ELEMENTS` entries (at least one matrix per chunk)."""
+    groups: dict[tuple[Any, ...], list[tuple[str, int, Tensor]]] = {}
+    for slot in slots:
+        m = slot[2]
+        groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(slot)
+    chunks: list[list[tuple[str, int, Tensor]]] = []
+    for group in groups.values():
+        per = max(1, _BATCH_ELEMENTS // max(1, group[0][2].numel()))
+        chunks += [group[i : i + per] for i in range(0, len(group), per)]
+    return chunks
+
+
+def _chunk_error(
+    exc: lc.LowRankError, chunk: list[tuple[str, int, Tensor]], t: int
+) -> lc.LowRankError:
+    """The error of a failed batched stability check, naming the (first) layer that causes it."""
+    for name, _, m in chunk:  # the error path only: find the matrix the batch failed on
+        try:
+            lc.orthogonal_factor(m)
+        except lc.LowRankError as single:
+            return _named(single, f"stability check of layer {name!r} at step {t}")
+    layers = sorted({name for name, _, _ in chunk})
+    return _named(exc, f"stability check of layers {layers} at step {t}")
+
+
 def _named(exc: lc.LowRankError, where: str) -> lc.LowRankError:
     """``exc``'s kind of error with ``where`` in front of its message."""
     try:
@@ -391,25 +425,45 @@ class OIALR:
         self.structure_changed = changed
 
     def _check_stability(self, t: int) -> list[str]:
-        ready: list[str] = []
-        for name in self.pending:
-            # Keep each check's polar factors, not the weights: one SVD per matrix per check.
+        """One stability check of every pending layer; returns those that reached the threshold.
+
+        Matrices of the same shape (dtype, device) are decomposed in one batched call (in chunks of at
+        most :data:`_BATCH_ELEMENTS` entries) and all values reach the host in one transfer: one SVD
+        call per shape instead of one per layer, and no host synchronisation per layer. Each check
+        keeps the polar factors, not the weights: one SVD per matrix per check.
+        """
+        names = self.pending
+        mats = {name: _weight_matrices(self.model.get_submodule(name)) for name in names}
+        slots = [(name, j, m) for name in names for j, m in enumerate(mats[name])]
+        polars: dict[tuple[str, int], Tensor] = {}
+        values: dict[tuple[str, int], Tensor] = {}
+        for chunk in _same_shape_chunks(slots):
+            stack = torch.stack([m for _, _, m in chunk]) if len(chunk) > 1 else chunk[0][2][None]
             try:
-                polars = [
-                    lc.orthogonal_factor(m)
-                    for m in _weight_matrices(self.model.get_submodule(name))
-                ]
+                q = lc.orthogonal_factor(stack)
             except lc.LowRankError as exc:
-                raise _named(exc, f"stability check of layer {name!r} at step {t}") from exc
-            prev = self._snapshots.get(name)
-            self._snapshots[name] = polars
-            if prev is None:
+                raise _chunk_error(exc, chunk, t) from exc
+            prev = [self._snapshots.get(name) for name, _, _ in chunk]
+            for (name, j, _), qi in zip(chunk, q.unbind(0), strict=True):
+                polars[(name, j)] = qi
+            have = [i for i, p in enumerate(prev) if p is not None]
+            if have:
+                p_stack = torch.stack([prev[i][chunk[i][1]] for i in have])  # type: ignore[index]
+                sel = q if len(have) == len(chunk) else q[torch.tensor(have, device=q.device)]
+                cos = lc.polar_stability(p_stack, sel)  # (len(have), *batch)
+                means = cos.reshape(len(have), -1).mean(dim=-1)
+                for i, v in zip(have, means.unbind(0), strict=True):
+                    values[(chunk[i][0], chunk[i][1])] = v
+        host = torch.stack(list(values.values())).tolist() if values else []
+        per_slot = dict(zip(values, host, strict=True))
+        ready: list[str] = []
+        for name in names:
+            had_snapshot = name in self._snapshots
+            self._snapshots[name] = [polars[(name, j)] for j in range(len(mats[name]))]
+            if not had_snapshot:
                 continue
-            values = [
-                float(torch.mean(lc.polar_stability(p, q)))
-                for p, q in zip(prev, polars, strict=True)
-            ]
-            value = sum(values) / len(values)
+            vals = [per_slot[(name, j)] for j in range(len(mats[name]))]
+            value = float(sum(vals) / len(vals))
             self.history.append({"step": t, "event": "stability", "layer": name, "value": value})
             assert self.config.stability_threshold is not None
             if value >= self.config.stability_threshold:

@@ -1,0 +1,128 @@
+"""OIALR's stability checks decompose all same-shape weights in one batched call, same values."""
+
+from __future__ import annotations
+
+import pytest
+
+import lowrank_core as lc
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import lowrank_torch.oialr as oialr_mod  # noqa: E402
+from lowrank_torch.oialr import OIALR, OIALRConfig  # noqa: E402
+
+
+class _Spy:
+    """A backend that counts SVD calls and delegates to the torch backend."""
+
+    name = "spy"
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.shapes: list[tuple[int, ...]] = []
+
+    def svd(self, a):
+        self.shapes.append(tuple(a.shape))
+        return self.inner.svd(a)
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    # four 24x24 Linears, one 24x16, one 16x24, one MultiheadAttention (packed 72x24 + 24x24 out_proj);
+    # the last Linear (the head) is kept dense by default
+    return nn.ModuleDict(
+        {
+            "a": nn.Linear(24, 24), "b": nn.Linear(24, 24), "c": nn.Linear(24, 24),
+            "d": nn.Linear(24, 24), "e": nn.Linear(24, 16), "f": nn.Linear(16, 24),
+            "att": nn.MultiheadAttention(24, 4), "head": nn.Linear(24, 3),
+        }
+    ).double()  # fmt: skip
+
+
+def _perturb(model: nn.Module, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def _expected(model: nn.Module, before: dict[str, list[torch.Tensor]], name: str) -> float:
+    """The per-layer value computed one matrix at a time with lc.basis_stability."""
+    mats = oialr_mod._weight_matrices(model.get_submodule(name))
+    vals = [
+        float(torch.mean(lc.basis_stability(p, q))) for p, q in zip(before[name], mats, strict=True)
+    ]
+    return sum(vals) / len(vals)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 0.3])
+def test_batched_check_gives_the_per_layer_values(scale):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
+    assert ctrl.pending == ["a", "b", "c", "d", "e", "f", "att"]
+    before = {n: [m.clone() for m in oialr_mod._weight_matrices(model.get_submodule(n))]
+              for n in ctrl.pending}  # fmt: skip
+    assert ctrl._check_stability(1) == []  # the first check only takes snapshots
+    _perturb(model, scale, seed=1)
+    ready = ctrl._check_stability(2)
+    got = {e["layer"]: e["value"] for e in ctrl.events("stability")}
+    assert list(got) == ["a", "b", "c", "d", "e", "f", "att"]
+    for name, value in got.items():
+        # float64; the batched and the single SVD differ only by rounding
+        assert value == pytest.approx(_expected(model, before, name), abs=1e-10), name
+    assert ready == [n for n, v in got.items() if v >= 0.99]
+    if scale == 0.0:
+        assert ready == list(got)
+    # the snapshots are this check's polar factors, one per matrix, of the matrix's shape
+    for name in got:
+        mats = oialr_mod._weight_matrices(model.get_submodule(name))
+        snaps = ctrl._snapshots[name]
+        assert [tuple(s.shape) for s in snaps] == [tuple(m.shape) for m in mats]
+        for s, m in zip(snaps, mats, strict=True):
+            torch.testing.assert_close(s, lc.orthogonal_factor(m), rtol=0, atol=1e-10)
+
+
+def test_one_svd_call_per_shape():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    spy = _Spy(lc.get_backend(x))
+    lc.register_backend("torch", spy)
+    try:
+        ctrl._check_stability(1)
+    finally:
+        lc.register_backend("torch", None)
+    # shapes: 24x24 (a, b, c, d, att.out_proj), 24x16, 16x24 (transposed: 24x16), 72x24
+    assert sorted(spy.shapes) == sorted([(5, 24, 24), (1, 24, 16), (1, 24, 16), (1, 72, 24)])
+
+
+def test_chunks_bound_the_stacked_entries(monkeypatch):
+    monkeypatch.setattr(oialr_mod, "_BATCH_ELEMENTS", 2 * 24 * 24)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
+    ctrl._check_stability(1)
+    _perturb(model, 1e-2, seed=2)
+    before = {n: list(s) for n, s in ctrl._snapshots.items()}
+    ctrl._check_stability(2)
+    for e in ctrl.events("stability"):
+        mats = oialr_mod._weight_matrices(model.get_submodule(e["layer"]))
+        vals = [float(torch.mean(lc.polar_stability(p, lc.orthogonal_factor(q))))
+                for p, q in zip(before[e["layer"]], mats, strict=True)]  # fmt: skip
+        assert e["value"] == pytest.approx(sum(vals) / len(vals), abs=1e-10)
+
+
+def test_a_layer_without_a_snapshot_in_a_batch_gets_one():
+    """A restored controller can hold snapshots for some layers of a shape and not for others."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
+    ctrl._check_stability(1)
+    del ctrl._snapshots["b"], ctrl._snapshots["att"]
+    ctrl._check_stability(2)
+    layers = [e["layer"] for e in ctrl.events("stability")]
+    assert layers == ["a", "c", "d", "e", "f"]
+    assert set(ctrl._snapshots) == {"a", "b", "c", "d", "e", "f", "att"}
