@@ -501,3 +501,10 @@ def test_state_dict_keeps_the_step_counter(stop):
     assert twin.steps_seen == 20
     with pytest.raises(LowRankError, match="steps_seen"):
         twin.load_state_dict({k: v for k, v in saved["cmd"].items() if k != "steps_seen"})
+
+
+def test_sharded_tracker_refuses_the_per_step_cadence_clearly():
+    from lowrank_torch.distributed import ShardedCMDTracker
+
+    with pytest.raises(ParameterError, match="every_n_steps"):
+        ShardedCMDTracker(_model(), CMDConfig(every_n_steps=2))  # before any process group check
