@@ -54,6 +54,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lowrank_core as lc
+from lowrank_core._validate import check_bool, check_float, check_int, describe
 
 from .layers import (
     LowRankConv1D,
@@ -267,8 +268,10 @@ def _select(
         raise lc.ParameterTypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     types = _check_include(include)
     patterns = (exclude_names,) if isinstance(exclude_names, str) else tuple(exclude_names)
-    if not 0.0 <= float(min_aspect) <= 1.0:
-        raise lc.ParameterError(f"`min_aspect` must lie in [0, 1], got {min_aspect}")
+    keep_first = check_bool("keep_first", keep_first)
+    keep_last = check_bool("keep_last", keep_last)
+    allow_rank_one = check_bool("allow_rank_one", allow_rank_one)
+    min_aspect = check_float("min_aspect", min_aspect, min=0.0, max=1.0)
 
     scan = _scan(model, types)
     cands = scan.candidates
@@ -424,6 +427,8 @@ def to_low_rank(
 
 def count_trainable(model: nn.Module) -> int:
     """Number of trainable scalars: the sizes of the parameters with ``requires_grad`` (each counted once)."""
+    if not isinstance(model, nn.Module):
+        raise lc.ParameterTypeError(f"`model` must be an nn.Module, got {describe(model)}")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -434,6 +439,5 @@ def trainable_share(model: nn.Module, dense_count: int) -> float:
     its ``sigma`` (``r^2`` per group) and its bias; ``U`` and ``V`` are buffers, so this is
     ``count_trainable(model) / dense_count``.
     """
-    if isinstance(dense_count, bool) or not isinstance(dense_count, int) or dense_count <= 0:
-        raise ValueError(f"`dense_count` must be a positive int, got {dense_count!r}")
+    dense_count = check_int("dense_count", dense_count, min=1)
     return count_trainable(model) / dense_count

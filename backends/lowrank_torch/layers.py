@@ -57,6 +57,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import lowrank_core as lc
+from lowrank_core._validate import check_int, check_shape
+from lowrank_core.errors import ParameterError, ParameterTypeError
 
 __all__ = [
     "FORWARD_MODES",
@@ -112,8 +114,8 @@ class LowRankLayer(nn.Module):
         forward_mode: str = "auto",
     ) -> None:
         super().__init__()
-        self.weight_shape: tuple[int, ...] = tuple(int(d) for d in weight_shape)
-        self.groups = int(groups)
+        self.weight_shape: tuple[int, ...] = check_shape("weight_shape", weight_shape, min_ndim=2)
+        self.groups = int(check_int("groups", groups, min=1))
         want = lc.matrix_shape(self.weight_shape, groups=self.groups)
         self.rows, self.cols = int(want[-2]), int(want[-1])
         U, Sigma, V = (_as_factor(U, "U"), _as_factor(Sigma, "Sigma"), _as_factor(V, "V"))
@@ -129,6 +131,10 @@ class LowRankLayer(nn.Module):
             out = self.weight_shape[self._bias_axis]
             if tuple(b.shape) != (out,):
                 raise lc.ShapeError(f"`bias` must have shape ({out},), got {tuple(b.shape)}")
+            if not b.is_floating_point():
+                raise lc.DTypeError(f"`bias` must be a floating tensor, got {b.dtype}")
+            if not bool(torch.isfinite(b).all()):
+                raise lc.NonFiniteError("`bias` contains NaN or Inf")
             self.bias = nn.Parameter(self._copy(b, dtype, device))
         self._forward_mode = "auto"
         self.forward_mode = forward_mode
@@ -198,7 +204,7 @@ class LowRankLayer(nn.Module):
     @forward_mode.setter
     def forward_mode(self, mode: str) -> None:
         if mode not in self._modes:
-            raise ValueError(
+            raise (ParameterError if isinstance(mode, str) else ParameterTypeError)(
                 f"`forward_mode` of {type(self).__name__} must be one of {self._modes}, got {mode!r}"
             )
         self._forward_mode = mode
@@ -225,7 +231,7 @@ class LowRankLayer(nn.Module):
     def flops(self, tokens: int) -> dict[str, int]:
         """Multiply-accumulates of one forward pass over ``tokens`` tokens, per path (module docstring)."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise ValueError(f"`tokens` must be a non-negative int, got {tokens!r}")
+            raise ParameterError(f"`tokens` must be a non-negative int, got {tokens!r}")
         g, r, m, n, T = self.groups, self.rank, self.rows, self.cols, tokens
         dense = g * (T * m * n + m * r * (r + n))
         return {"factorized": self._factorized_flops(T), "dense": dense}
@@ -333,7 +339,7 @@ class LowRankLinear(LowRankLayer):
     ) -> LowRankLinear:
         """Factorize ``module.weight`` (full rank by default: exact); the bias is copied."""
         if not isinstance(module, nn.Linear):
-            raise TypeError(
+            raise ParameterTypeError(
                 f"LowRankLinear.from_dense needs an nn.Linear, got {type(module).__name__}"
             )
         f = _factorize(module.weight, rank, 1)
@@ -470,7 +476,7 @@ class LowRankConv1D(LowRankLayer):
     ) -> LowRankConv1D:
         """Factorize a transformers ``Conv1D``'s weight ``(in, out)`` (full rank by default: exact)."""
         if not is_transformers_conv1d(type(module)):
-            raise TypeError(
+            raise ParameterTypeError(
                 f"LowRankConv1D.from_dense needs a transformers Conv1D, got {type(module).__name__}"
             )
         weight: Any = module.weight
@@ -524,7 +530,7 @@ def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
         return (value,) * nd
     t = tuple(int(v) for v in value)
     if len(t) != nd:
-        raise ValueError(f"`{name}` must be an int or a sequence of {nd} ints, got {value!r}")
+        raise ParameterError(f"`{name}` must be an int or a sequence of {nd} ints, got {value!r}")
     return t
 
 
@@ -579,13 +585,15 @@ class LowRankConvNd(LowRankLayer):
     ) -> None:
         nd = self._nd
         if nd not in (1, 2, 3):
-            raise TypeError("use LowRankConv1d, LowRankConv2d or LowRankConv3d")
+            raise ParameterTypeError("use LowRankConv1d, LowRankConv2d or LowRankConv3d")
         if padding_mode not in PADDING_MODES:
-            raise ValueError(f"`padding_mode` must be one of {PADDING_MODES}, got {padding_mode!r}")
+            raise ParameterError(
+                f"`padding_mode` must be one of {PADDING_MODES}, got {padding_mode!r}"
+            )
         U = _as_factor(U, "U")
         g = int(groups)
         if g < 1 or in_channels % g:
-            raise ValueError(f"in_channels={in_channels} is not divisible by groups={g}")
+            raise lc.ShapeError(f"in_channels={in_channels} is not divisible by groups={g}")
         out = int(U.shape[-2]) * (g if U.ndim == 3 else 1)
         kernel = _tuple(kernel_size, nd, "kernel_size")
         self.in_channels = int(in_channels)
@@ -618,7 +626,7 @@ class LowRankConvNd(LowRankLayer):
         """Factorize ``module.weight`` per group (full rank by default: exact); the bias is copied."""
         dense_type = cls._dense_type
         if cls._nd == 0 or not isinstance(module, dense_type):
-            raise TypeError(
+            raise ParameterTypeError(
                 f"{cls.__name__}.from_dense needs an nn.{dense_type.__name__}, got {type(module).__name__}"
             )
         assert isinstance(module, nn.modules.conv._ConvNd)
@@ -783,11 +791,11 @@ def low_rank_attention_(
     The returned names are relative to ``mha`` (``"out_proj"``, ``"parametrizations.in_proj_weight.0"``).
     """
     if not isinstance(mha, nn.MultiheadAttention):
-        raise TypeError(
+        raise ParameterTypeError(
             f"low_rank_attention_ needs an nn.MultiheadAttention, got {type(mha).__name__}"
         )
     if attention_is_low_rank(mha):
-        raise ValueError("this MultiheadAttention is already in low-rank form")
+        raise ParameterError("this MultiheadAttention is already in low-rank form")
     out: dict[str, LowRankLayer] = {}
     new_in: LowRankWeight | None = None
     if mha._qkv_same_embed_dim and mha.in_proj_weight is not None:
@@ -824,4 +832,4 @@ def dense_matrix_shape(module: nn.Module) -> tuple[int, int]:
         g = int(module.groups)
         cols = int(module.in_channels) // g * math.prod(module.kernel_size)
         return int(module.out_channels) // g, cols
-    raise TypeError(f"no matrix view for {type(module).__name__}")
+    raise ParameterTypeError(f"no matrix view for {type(module).__name__}")

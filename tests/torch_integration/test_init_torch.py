@@ -407,3 +407,48 @@ def test_torch_backend_random_normal_validates_shape_and_seed():
             b.random_normal((2, 2), seed=seed)
     a = b.random_normal((2, 3), seed=np.int64(4), dtype=torch.float64)
     assert torch.equal(a, b.random_normal((2, 3), seed=4, dtype=torch.float64))
+
+
+def test_layer_and_conversion_errors_are_library_errors():
+    """Fuzz findings in layers.py / convert.py fixed alongside (each was a plain error or silent)."""
+    from lowrank_torch.convert import count_trainable as count
+    from lowrank_torch.convert import eligible_names, trainable_share
+    from lowrank_torch.layers import LowRankConv2d, low_rank_attention_
+
+    dense = nn.Linear(6, 5).double()
+    layer = LowRankLinear.from_dense(dense, 2)
+    U, S, V = layer.U, layer.sigma.detach(), layer.V
+    for bias, error in (
+        (torch.full((5,), float("nan"), dtype=F64), lc.NonFiniteError),
+        (torch.zeros(5, dtype=torch.int64), lc.DTypeError),
+    ):
+        with pytest.raises(error, match="bias"):
+            LowRankLinear(U, S, V, bias)
+    for mode, error in (("bogus", lc.ParameterError), (3, lc.ParameterTypeError)):
+        with pytest.raises(error, match="forward_mode"):
+            LowRankLinear(U, S, V, None, forward_mode=mode)
+    for bad in (None, 3, torch.zeros(2)):
+        with pytest.raises(lc.ParameterTypeError):
+            LowRankLinear.from_dense(bad)
+        with pytest.raises(lc.ParameterTypeError):
+            LowRankConv2d.from_dense(bad)
+        with pytest.raises(lc.ParameterTypeError):
+            low_rank_attention_(bad)
+    with pytest.raises(lc.LowRankError, match="groups"):
+        LowRankLayer(U, S, V, None, weight_shape=(5, 6), groups=True)
+    with pytest.raises(lc.LowRankError, match="weight_shape"):
+        LowRankLayer(U, S, V, None, weight_shape="ab")
+    with pytest.raises(lc.ParameterTypeError, match="model"):
+        count("model")
+    for bad in (0, 1.5, True, None):
+        with pytest.raises(lc.LowRankError, match="dense_count"):
+            trainable_share(dense, bad)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    for kwargs in (
+        {"keep_first": 1},
+        {"keep_last": None},
+        {"min_aspect": "0.1"},
+        {"min_aspect": True},
+    ):
+        with pytest.raises(lc.LowRankError):
+            eligible_names(model, **kwargs)
