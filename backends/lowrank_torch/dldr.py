@@ -174,11 +174,16 @@ class SnapshotRecorder:
         self.store.add(flatten(self.tensors()))
 
     def step(self) -> bool:
-        """Count one call; record on every ``every``-th. Returns whether it recorded."""
-        self._calls += 1
-        if self._calls % self.every == 0:
+        """Count one call; record on every ``every``-th. Returns whether it recorded.
+
+        A call whose recording raises (a NaN weight, a closed store) does not count, so the cadence
+        continues where it was once the cause is fixed.
+        """
+        if (self._calls + 1) % self.every == 0:
             self.record()
+            self._calls += 1
             return True
+        self._calls += 1
         return False
 
     def __len__(self) -> int:

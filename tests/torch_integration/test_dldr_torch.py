@@ -200,6 +200,21 @@ def test_recorder_excludes_batchnorm_buffers_by_default(tmp_path):
     assert len(every) == 2
 
 
+def test_recorder_step_that_raises_is_not_counted():
+    # regression: the call was counted before the snapshot was refused, shifting the cadence
+    model = nn.Linear(3, 2)
+    rec = SnapshotRecorder(model, every=2)
+    assert rec.step() is False
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN|finite"):
+        rec.step()
+    with torch.no_grad():
+        model.weight[0, 0] = 0.0
+    assert rec.step() is True and len(rec) == 1  # the retried 2nd call records
+    assert [rec.step() for _ in range(2)] == [False, True]
+
+
 def test_recorder_snapshots_match_the_parameters_and_fit_works():
     torch.manual_seed(0)
     x, y = _regression(1)
