@@ -56,8 +56,15 @@ def _expected(model: nn.Module, before: dict[str, list[torch.Tensor]], name: str
     return sum(vals) / len(vals)
 
 
+@pytest.fixture(params=[True, False], ids=["batched", "looped"])
+def batch_on_cpu(request, monkeypatch):
+    """Both ways of the check on the CPU: batched by shape (what accelerators do) and per matrix."""
+    monkeypatch.setattr(oialr_mod, "_BATCH_ON_CPU", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("scale", [0.0, 1e-3, 0.3])
-def test_batched_check_gives_the_per_layer_values(scale):
+def test_batched_check_gives_the_per_layer_values(scale, batch_on_cpu):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
@@ -84,7 +91,8 @@ def test_batched_check_gives_the_per_layer_values(scale):
             torch.testing.assert_close(s, lc.orthogonal_factor(m), rtol=0, atol=1e-10)
 
 
-def test_one_svd_call_per_shape():
+def test_one_svd_call_per_shape(monkeypatch):
+    monkeypatch.setattr(oialr_mod, "_BATCH_ON_CPU", True)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
@@ -99,7 +107,21 @@ def test_one_svd_call_per_shape():
     assert sorted(spy.shapes) == sorted([(5, 24, 24), (1, 24, 16), (1, 24, 16), (1, 72, 24)])
 
 
+def test_cpu_default_is_one_call_per_matrix():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
+    spy = _Spy(lc.get_backend(torch.zeros(2, 2)))
+    lc.register_backend("torch", spy)
+    try:
+        ctrl._check_stability(1)
+    finally:
+        lc.register_backend("torch", None)
+    assert len(spy.shapes) == 8 and all(s[0] == 1 for s in spy.shapes)
+
+
 def test_chunks_bound_the_stacked_entries(monkeypatch):
+    monkeypatch.setattr(oialr_mod, "_BATCH_ON_CPU", True)
     monkeypatch.setattr(oialr_mod, "_BATCH_ELEMENTS", 2 * 24 * 24)
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -115,7 +137,7 @@ def test_chunks_bound_the_stacked_entries(monkeypatch):
         assert e["value"] == pytest.approx(sum(vals) / len(vals), abs=1e-10)
 
 
-def test_a_layer_without_a_snapshot_in_a_batch_gets_one():
+def test_a_layer_without_a_snapshot_in_a_batch_gets_one(batch_on_cpu):
     """A restored controller can hold snapshots for some layers of a shape and not for others."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -126,3 +148,23 @@ def test_a_layer_without_a_snapshot_in_a_batch_gets_one():
     layers = [e["layer"] for e in ctrl.events("stability")]
     assert layers == ["a", "c", "d", "e", "f"]
     assert set(ctrl._snapshots) == {"a", "b", "c", "d", "e", "f", "att"}
+
+
+def test_a_nan_in_a_batch_names_its_layer_and_changes_nothing(monkeypatch):
+    monkeypatch.setattr(oialr_mod, "_BATCH_ON_CPU", True)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctrl = OIALR(
+        model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99, stability_every=1)
+    )
+    ctrl.step()
+    snaps = {n: [s.clone() for s in v] for n, v in ctrl._snapshots.items()}
+    with torch.no_grad():
+        model["c"].weight[1, 2] = float("nan")  # "c" is decomposed together with a, b, d
+    with pytest.raises(lc.NonFiniteError, match="layer 'c'"):
+        ctrl.step()
+    assert ctrl.step_count == 1 and not ctrl.events("stability")
+    assert set(ctrl._snapshots) == set(snaps)
+    for n, v in snaps.items():
+        for a, b in zip(ctrl._snapshots[n], v, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
