@@ -141,6 +141,11 @@ def init_low_rank_layer_(
     if init != "random" and not bool(torch.isfinite(weight).all()):
         raise NonFiniteError("`weight` contains NaN or Inf")
     w = weight.detach().to(device=layer.sigma.device, dtype=layer.sigma.dtype)
+    if init != "random" and w.dtype != weight.dtype and not bool(torch.isfinite(w).all()):
+        raise NonFiniteError(
+            f"`weight` ({weight.dtype}) has entries too large for the layer's dtype {w.dtype} "
+            f"(max |w| = {float(weight.detach().abs().max()):.3g}); convert the layer first"
+        )
     f = init_weight_factors(
         w,
         layer.rank,

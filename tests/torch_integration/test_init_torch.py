@@ -379,6 +379,8 @@ def test_init_layer_and_penalty_refuse_bad_input():
         init_low_rank_layer_(layer, dense.weight, init="random", seed="x")
     with pytest.raises(lc.LowRankError, match="train_bases"):
         init_low_rank_layer_(layer, dense.weight, train_bases=None)
+    with pytest.raises(lc.NonFiniteError, match="too large for the layer's dtype"):
+        init_low_rank_layer_(layer, dense.weight.detach().double() * 1e160)  # a float32 layer
     with pytest.raises(lc.LowRankError, match="shape"):
         layer_rank((0, 5), 0.5)
     with pytest.raises(lc.LowRankError, match="shape"):
