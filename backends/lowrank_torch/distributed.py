@@ -230,11 +230,16 @@ class ShardedSnapshotRecorder:
         self.store.add(self.layout.flat())
 
     def step(self) -> bool:
-        """Count one call; record on every ``every``-th. Returns whether it recorded."""
-        self._calls += 1
-        if self._calls % self.every == 0:
+        """Count one call; record on every ``every``-th. Returns whether it recorded.
+
+        A call whose recording raises does not count (as :meth:`SnapshotRecorder.step
+        <lowrank_torch.dldr.SnapshotRecorder.step>`).
+        """
+        if (self._calls + 1) % self.every == 0:
             self.record()
+            self._calls += 1
             return True
+        self._calls += 1
         return False
 
     def __len__(self) -> int:

@@ -194,6 +194,21 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
     )
     other_sharding = cmd.state_dict()
     other_sharding["index"] = other_sharding["index"][1:]  # saved on a rank that held other entries
+    # a recording refused (NaN in this rank's shard) is not counted: the retried call records
+    retry = ShardedSnapshotRecorder(layout, every=2)
+    first = retry.step()
+    local = next(t for t in layout.locals() if t.numel())
+    with torch.no_grad():
+        saved = local.reshape(-1)[0].clone()
+        local.reshape(-1)[0] = float("nan")
+    try:
+        retry.step()
+        nan_refused = False
+    except LowRankError:
+        nan_refused = True
+    with torch.no_grad():
+        local.reshape(-1)[0] = saved
+    recorder_retry = [first, nan_refused, retry.step(), len(retry)]
     refused = []  # bad input: clear errors from the LowRankError hierarchy
     for make in (
         partial(ShardLayout, ref.parameters()),  # plain tensors: not sharded
@@ -205,7 +220,13 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
             make()
         except LowRankError as exc:
             refused.append(type(exc).__name__)
-    report = {"rank": rank, **report_cmd, **report_dldr, "refused": refused}
+    report = {
+        "rank": rank,
+        **report_cmd,
+        **report_dldr,
+        "refused": refused,
+        "recorder_retry": recorder_retry,
+    }
     del model, opt, psgd, bfgs, layout, rec, cmd, resumed
     finish(rank, out, report)
 

@@ -54,6 +54,12 @@ def test_sharded_dldr_equals_single_process(sharded_reports):
     assert total_local == sharded_reports[0]["global_entries"]  # the shards cover the model
 
 
+def test_sharded_recorder_does_not_count_a_refused_recording(sharded_reports):
+    for rep in sharded_reports:
+        # every=2: the 2nd call is refused (NaN), its retry records
+        assert rep["recorder_retry"] == [False, True, True, 1], rep
+
+
 def test_sharded_methods_refuse_unsharded_input(sharded_reports):
     for rep in sharded_reports:
         assert rep["refused"] == [
