@@ -8,7 +8,7 @@ not imported already:
 1. an explicit :func:`register_backend` call;
 2. an entry point in the group ``lowrank_core.backends`` whose *name* is the array library's top-level
    module (``torch``, ``cupy``, ...) and whose *value* is a backend class or instance;
-3. the built-in backends of this distribution (``lowrank_torch``, ``lowrank_cupy``), for source trees
+3. the built-in backends of this distribution (``lowrank_torch``, ``lowrank_cupy``, ``lowrank_jax``), for source trees
    that are on ``sys.path`` without being installed;
 4. :class:`StandardBackend`, which uses nothing but the standard (and NumPy for random numbers).
 
@@ -34,7 +34,13 @@ from .errors import ArrayTypeError, ParameterError, ParameterTypeError
 __all__ = ["Backend", "StandardBackend", "get_backend", "register_backend"]
 
 ENTRY_POINT_GROUP = "lowrank_core.backends"
-_BUILTIN = {"torch": "lowrank_torch:TorchBackend", "cupy": "lowrank_cupy:CupyBackend"}
+_BUILTIN = {
+    "torch": "lowrank_torch:TorchBackend",
+    "cupy": "lowrank_cupy:CupyBackend",
+    # jax.Array's concrete type lives in jaxlib, its tracers (under jit / vmap) in jax
+    "jax": "lowrank_jax:JaxBackend",
+    "jaxlib": "lowrank_jax:JaxBackend",
+}
 
 
 class StandardBackend:

@@ -1115,20 +1115,21 @@ class SnapshotStore:
 # --------------------------------------------------------------------------------------------------
 # P-BFGS math
 # --------------------------------------------------------------------------------------------------
-def _check_pair(s: Array, y: Array) -> Namespace:
+def _check_pair(s: Array, y: Array, *, finite: bool = True) -> Namespace:
     xp = namespace(s=s, y=y)
-    _check_vector(xp, s, "s")
-    _check_vector(xp, y, "y")
+    _check_vector(xp, s, "s", finite=finite)
+    _check_vector(xp, y, "y", finite=finite)
     if s.shape != y.shape:
         raise ShapeError(f"`s` {tuple(s.shape)} and `y` {tuple(y.shape)} must have the same shape")
     return xp
 
 
-def _check_h(xp: Namespace, H: Array, d: int, what: str) -> None:
+def _check_h(xp: Namespace, H: Array, d: int, what: str, *, finite: bool = True) -> None:
     if H.ndim != 2 or tuple(H.shape) != (d, d):
         raise ShapeError(f"`H` must have shape ({d}, {d}) to match {what}, got {tuple(H.shape)}")
     check_floating(xp, H, "H")
-    check_finite(xp, H, "H")
+    if finite:
+        check_finite(xp, H, "H")
 
 
 def _common(xp: Namespace, *arrays: Array) -> tuple[Array, ...]:
@@ -1148,22 +1149,35 @@ def curvature_ok(s: Array, y: Array, *, eps: float = 1e-8) -> bool:
     return sy > eps * ns * ny and sy > 0.0
 
 
-def bfgs_update(H: Array, s: Array, y: Array, *, eps: float = 1e-8) -> tuple[Array, bool]:
+def bfgs_update(
+    H: Array, s: Array, y: Array, *, eps: float = 1e-8, check_finite: bool = True
+) -> tuple[Array, Any]:
     """One inverse-Hessian BFGS update ``H+ = (I - r s y^T) H (I - r y s^T) + r s s^T``, ``r = 1/(y.s)``.
 
     Returns ``(H+, True)``, or ``(H, False)`` when the pair fails :func:`curvature_ok` (then ``H``
     is returned unchanged). ``H+ y = s`` (secant equation); ``H+`` stays symmetric positive definite
     when ``H`` is. Computed in the expanded, symmetric form (``O(d^2)``), in the promoted dtype of the
     three arrays (mixed float32 / float64 inputs give float64).
+
+    ``check_finite=False`` reads nothing back to the host (the form for traced code, e.g. inside
+    ``jax.jit``): the inputs are not checked for NaN/Inf, the guard is applied element-wise (``H+``
+    where the pair passes it, ``H`` in the promoted dtype where not) and the second value is a 0-d
+    boolean array of the inputs' library instead of a Python ``bool``.
     """
-    xp = _check_pair(s, y)
+    xp = _check_pair(s, y, finite=check_finite)
     xp = namespace(H=H, s=s, y=y)
-    _check_h(xp, H, int(s.shape[0]), "`s`")
+    _check_h(xp, H, int(s.shape[0]), "`s`", finite=check_finite)
     eps = check_float("eps", eps, min=0.0)
-    if not curvature_ok(s, y, eps=eps):
+    if check_finite and not curvature_ok(s, y, eps=eps):
         return H, False
     H, s, y = _common(xp, H, s, y)
-    rho = 1.0 / xp.sum(s * y)
+    sy = xp.sum(s * y)
+    ok = None
+    if not check_finite:  # the guard of curvature_ok, on the device
+        norms = xp.sqrt(xp.sum(s * s)) * xp.sqrt(xp.sum(y * y))
+        ok = xp.logical_and(sy > eps * norms, sy > 0.0)
+        sy = xp.where(ok, sy, xp.ones_like(sy))
+    rho = 1.0 / sy
     Hy = H @ y
     yHy = xp.sum(y * Hy)
     outer_sHy = s[:, None] * Hy[None, :]
@@ -1172,14 +1186,19 @@ def bfgs_update(H: Array, s: Array, y: Array, *, eps: float = 1e-8) -> tuple[Arr
         - rho * (outer_sHy + xp.matrix_transpose(outer_sHy))
         + (rho * rho * yHy + rho) * (s[:, None] * s[None, :])
     )
-    return H_new, True
+    if ok is None:
+        return H_new, True
+    return xp.where(ok, H_new, H), ok
 
 
-def bfgs_direction(H: Array, g: Array) -> Array:
-    """The quasi-Newton direction ``p = -H g`` (in the promoted dtype of ``H`` and ``g``)."""
+def bfgs_direction(H: Array, g: Array, *, check_finite: bool = True) -> Array:
+    """The quasi-Newton direction ``p = -H g`` (in the promoted dtype of ``H`` and ``g``).
+
+    ``check_finite=False``: ``H`` and ``g`` are not checked for NaN/Inf (no host read; for traced code).
+    """
     xp = namespace(H=H, g=g)
-    _check_vector(xp, g, "g")
-    _check_h(xp, H, int(g.shape[0]), "`g`")
+    _check_vector(xp, g, "g", finite=check_finite)
+    _check_h(xp, H, int(g.shape[0]), "`g`", finite=check_finite)
     H, g = _common(xp, H, g)
     return -(H @ g)
 

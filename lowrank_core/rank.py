@@ -41,13 +41,16 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- spectrum measures
-def _check_spectrum(xp: Namespace, s: Array, *, descending: bool) -> None:
+def _check_spectrum(xp: Namespace, s: Array, *, descending: bool, values: bool = True) -> None:
+    """Shape and dtype of a spectrum; with ``values`` also its values (finite, >= 0, order: host reads)."""
     if s.ndim < 1 or any(int(d) == 0 for d in s.shape):
         raise ShapeError(
             f"`s` must be a non-empty spectrum (or stack of spectra) of shape (..., k), "
             f"got shape {tuple(s.shape)}"
         )
     check_floating(xp, s, "s")
+    if not values:
+        return
     check_finite(xp, s, "s")
     if bool(xp.any(s < 0)):
         raise SpectrumError("`s` must be non-negative (singular values)")
@@ -86,20 +89,25 @@ def _stable_rank(xp: Namespace, s: Array) -> Array:
     return xp.where(nonzero, ratio, xp.zeros_like(ratio))
 
 
-def effective_rank(s: Array) -> Array:
+def effective_rank(s: Array, *, check_finite: bool = True) -> Array:
     """Effective rank (Roy & Vetterli 2007): ``exp`` of the entropy of ``s / sum(s)``; 0 if ``s == 0``.
 
     ``s``: singular values ``(..., k)``. Returns shape ``(...)``, a real number in ``[1, k]`` otherwise.
+    ``check_finite=False`` skips the checks of the values (finite, non-negative), which read the data on
+    the host: the form for traced code (``jax.jit``, ``jax.vmap``); shape and dtype are still checked.
     """
     xp = namespace(s=s)
-    _check_spectrum(xp, s, descending=False)
+    _check_spectrum(xp, s, descending=False, values=check_finite)
     return _effective_rank(xp, s)
 
 
-def stable_rank(s: Array) -> Array:
-    """Stable rank ``||A||_F^2 / ||A||_2^2 = sum(s^2) / max(s)^2``; 0 if ``s == 0``. Shape ``(...)``."""
+def stable_rank(s: Array, *, check_finite: bool = True) -> Array:
+    """Stable rank ``||A||_F^2 / ||A||_2^2 = sum(s^2) / max(s)^2``; 0 if ``s == 0``. Shape ``(...)``.
+
+    ``check_finite=False`` skips the value checks, as in :func:`effective_rank`.
+    """
     xp = namespace(s=s)
-    _check_spectrum(xp, s, descending=False)
+    _check_spectrum(xp, s, descending=False, values=check_finite)
     return _stable_rank(xp, s)
 
 
@@ -174,12 +182,19 @@ class RankRuleBase:
         return ranks.reshape(tuple(s.shape[:-1]))
 
 
+def _int(xp: Namespace) -> Any:
+    """The library's default integer dtype (int64; int32 for JAX without x64, where int64 is unavailable).
+
+    Ranks are small, and the host copy is int64 either way."""
+    return xp.__array_namespace_info__().default_dtypes()["integral"]
+
+
 def _count(xp: Namespace, mask: Array) -> Array:
-    return xp.sum(xp.astype(mask, xp.int64), axis=-1)
+    return xp.sum(xp.astype(mask, _int(xp)), axis=-1)
 
 
 def _full_like(xp: Namespace, ref: Array, value: int) -> Array:
-    return xp.full(tuple(ref.shape), value, dtype=xp.int64, device=array_api_compat.device(ref))
+    return xp.full(tuple(ref.shape), value, dtype=_int(xp), device=array_api_compat.device(ref))
 
 
 @dataclass(frozen=True)
@@ -280,7 +295,7 @@ class OptimalHardThreshold(RankRuleBase):
 
 
 def _round_half_up(xp: Namespace, x: Array) -> Array:
-    return xp.astype(xp.floor(x + 0.5), xp.int64)
+    return xp.astype(xp.floor(x + 0.5), _int(xp))
 
 
 @dataclass(frozen=True)

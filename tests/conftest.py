@@ -1,9 +1,9 @@
 """Shared fixtures for the lowrank-core test suite.
 
 The ``backend`` fixture is parametrized over the array namespaces named in the environment variable
-``LOWRANK_TEST_BACKENDS`` (comma list of ``numpy``, ``array_api_strict``, ``torch``, ``torch_cuda``,
-``cupy``). When it is unset, every CPU namespace that can be imported is used. A backend that was asked for
-but cannot run here (library missing, no CUDA device) is skipped with the reason, never an error.
+``LOWRANK_TEST_BACKENDS`` (comma list of ``numpy``, ``array_api_strict``, ``torch``, ``jax``,
+``torch_cuda``, ``cupy``). When it is unset, every CPU namespace that can be imported is used. A backend
+that was asked for but cannot run here (library missing, no CUDA device) is skipped with the reason, never an error.
 
 Hypothesis profiles: ``ci`` (chosen when ``CI`` is set: derandomized, so every CI run draws the same
 examples and a failure reproduces on any machine), ``dev`` (otherwise), ``thorough`` (300 examples) and
@@ -68,8 +68,8 @@ settings.load_profile(
 # --------------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------------
-ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "torch_cuda", "cupy")
-CPU_BACKENDS = ("numpy", "array_api_strict", "torch")
+ALL_BACKENDS = ("numpy", "array_api_strict", "torch", "jax", "torch_cuda", "cupy")
+CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
 GPU_BACKENDS = ("torch_cuda", "cupy")
 
 
@@ -124,6 +124,9 @@ class BackendCase:
         if self.name == "cupy":
             cp = self.native
             return cp.asarray(np.asarray(a, dtype=np.dtype(dtype)))
+        if self.name == "jax":
+            jnp = self.native.numpy
+            return self.native.device_put(jnp.asarray(a, dtype=getattr(jnp, dtype)), self.device)
         raise AssertionError(self.name)
 
     def to_numpy(self, x: Any) -> np.ndarray:
@@ -141,6 +144,9 @@ class BackendCase:
             return x.get()
         if mod == "array_api_strict":
             return np.array(np.from_dlpack(x), copy=True)
+        if mod in ("jax", "jaxlib"):
+            out = np.array(x, copy=True)
+            return out.astype(np.float32) if str(out.dtype) == "bfloat16" else out
         return np.asarray(x)
 
 
@@ -206,6 +212,23 @@ def _make_backend(name: str) -> BackendCase:
             module_name="cupy",
             array_type=cupy.ndarray,
             native=cupy,
+        )
+    if name == "jax":
+        try:
+            import jax
+        except ImportError as exc:
+            pytest.skip(f"jax is not installed: {exc}")
+        # float64 cases need x64; float32 arrays stay float32 (every case builds its dtype explicitly,
+        # and the dtype checks of the suite fail if a result is silently promoted)
+        jax.config.update("jax_enable_x64", True)
+        jnp = jax.numpy
+        return BackendCase(
+            name="jax",
+            xp=array_api_compat.array_namespace(jnp.zeros(0)),
+            device=jax.devices("cpu")[0],
+            module_name="jaxlib",
+            array_type=type(jnp.zeros(0)),
+            native=jax,
         )
     raise AssertionError(name)
 

@@ -1,0 +1,547 @@
+"""OIALR for JAX: parameter pytrees (plain dicts, Flax Linen ``params``, Flax NNX ``State``) and optax.
+
+The schedule of the PyTorch integration (:mod:`lowrank_torch.oialr`), functional: the controller keeps
+the bookkeeping (step count, switched kernels, ranks, history), the arrays travel in and out.
+
+- **Trainable tree.** The parameter pytree keeps its structure; a switched kernel's leaf becomes its
+  ``Sigma`` ``(r, r)``. The frozen bases live in :attr:`OIALR.frozen`, a dict ``{path: Basis}`` (a pytree:
+  pass it to your jitted step as an argument; it changes only at a switch or a rank update).
+- **Apply.** :func:`materialize` ``(trainable, frozen)`` gives the dense parameter tree, each switched
+  kernel rebuilt as ``U @ Sigma @ V.T`` (``lowrank_core.reconstruct``), differentiable in Sigma: works
+  with any model function. :func:`factored` gives the tree with :class:`FactoredKernel` leaves instead,
+  and :func:`dense` ``(x, kernel)`` applies either kind, factored (``x -> U -> Sigma -> V.T`` for a Flax
+  ``(in, out)`` kernel, i.e. torch's ``x -> V -> Sigma -> U`` for an ``(out, in)`` weight) when that is
+  cheaper than the dense product.
+- **optax state** is carried over at every switch, rotation and truncation by the rule of
+  :mod:`lowrank_jax.optim_state` (first moments like Sigma, second moments with squared maps, counts
+  kept); any optax optimizer whose state mirrors the parameters works.
+- **Shapes change** at a switch and at a truncation: :meth:`OIALR.step` runs outside ``jit`` (its
+  stability checks and re-diagonalizations are jitted inside); the jitted training step retraces once
+  for each new shape. :attr:`OIALR.structure_changed` says when that happens.
+
+Kernels and layouts: ``layout="flax"`` (default) reads a kernel ``(*k, in, out)`` as the matrix
+``(prod(k) * in, out)`` (Flax's ``Dense`` and ``Conv``: ``y = x @ kernel``); ``layout="torch"`` reads a
+weight ``(out, *rest)`` as ``(out, prod(rest))`` (``lowrank_core.weight_to_matrix``). Usage::
+
+    ctrl = OIALR(params, OIALRConfig(switch_step=1000, update_every=200))
+    trainable, opt_state = params, tx.init(params)
+    for batch in data:
+        trainable, opt_state, loss = train_step(trainable, ctrl.frozen, opt_state, batch)  # jitted
+        trainable, opt_state = ctrl.step(trainable, opt_state)
+
+    def train_step(trainable, frozen, opt_state, batch):
+        loss, g = jax.value_and_grad(lambda t: loss_fn(materialize(t, frozen), batch))(trainable)
+        updates, opt_state = tx.update(g, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lowrank_core as lc
+
+from .optim_state import dense_to_sigma_state, rotate_sigma_state, truncate_sigma_state
+
+__all__ = [
+    "OIALR",
+    "Basis",
+    "FactoredKernel",
+    "OIALRConfig",
+    "count_params",
+    "dense",
+    "factored",
+    "kernel_matrix",
+    "materialize",
+]
+
+LAYOUTS = ("flax", "torch")
+
+
+def kernel_matrix(kernel: jax.Array, layout: str = "flax") -> jax.Array:
+    """The matrix view of a kernel: ``(prod(k) * in, out)`` (flax) or ``(out, prod(rest))`` (torch)."""
+    if layout == "flax":
+        return jnp.reshape(kernel, (-1, kernel.shape[-1]))
+    if layout == "torch":
+        return lc.weight_to_matrix(kernel)  # type: ignore[no-any-return]
+    raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _matrix_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
+    if layout == "flax":
+        return math.prod(shape[:-1]), shape[-1]
+    return shape[0], math.prod(shape[1:])
+
+
+@jax.tree_util.register_pytree_node_class
+class Basis:
+    """The frozen bases of a switched kernel: ``U (m, r)``, ``V (n, r)``; ``shape`` and ``layout`` static."""
+
+    def __init__(self, U: jax.Array, V: jax.Array, shape: tuple[int, ...], layout: str) -> None:
+        self.U, self.V, self.shape, self.layout = U, V, tuple(shape), layout
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array, jax.Array], tuple[tuple[int, ...], str]]:
+        return (self.U, self.V), (self.shape, self.layout)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[tuple[int, ...], str], children: Any) -> Basis:
+        return cls(children[0], children[1], aux[0], aux[1])
+
+    @property
+    def rank(self) -> int:
+        return int(self.U.shape[-1])
+
+    def kernel(self, sigma: jax.Array) -> jax.Array:
+        """The dense kernel ``U @ Sigma @ V.T`` in the kernel's own shape."""
+        m = lc.reconstruct(self.U, sigma, self.V, check_finite=False)
+        if self.layout == "flax":
+            return jnp.reshape(m, self.shape)
+        return lc.matrix_to_weight(m, self.shape)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"Basis(shape={self.shape}, rank={self.rank}, layout={self.layout!r})"
+
+
+@jax.tree_util.register_pytree_node_class
+class FactoredKernel:
+    """A switched kernel as its three factors (see :func:`factored` and :func:`dense`)."""
+
+    def __init__(
+        self, U: jax.Array, Sigma: jax.Array, V: jax.Array, shape: tuple[int, ...], layout: str
+    ) -> None:
+        self.U, self.Sigma, self.V, self.shape, self.layout = U, Sigma, V, tuple(shape), layout
+
+    def tree_flatten(self) -> tuple[tuple[jax.Array, ...], tuple[tuple[int, ...], str]]:
+        return (self.U, self.Sigma, self.V), (self.shape, self.layout)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[tuple[int, ...], str], children: Any) -> FactoredKernel:
+        return cls(*children, *aux)
+
+    def kernel(self) -> jax.Array:
+        return Basis(self.U, self.V, self.shape, self.layout).kernel(self.Sigma)
+
+    @property
+    def cheaper_factored(self) -> bool:
+        """Whether ``x -> U -> Sigma -> V`` costs fewer multiply-adds per row than the dense product."""
+        m, n = int(self.U.shape[0]), int(self.V.shape[0])
+        r = int(self.Sigma.shape[0])
+        return r * (m + n) + r * r < m * n
+
+
+def _map_switched(
+    trainable: Any, frozen: dict[str, Basis], fn: Callable[[jax.Array, Basis], Any]
+) -> Any:
+    def visit(path: Any, leaf: Any) -> Any:
+        b = frozen.get(jax.tree_util.keystr(path))
+        return leaf if b is None else fn(leaf, b)
+
+    return jax.tree_util.tree_map_with_path(visit, trainable)
+
+
+def materialize(trainable: Any, frozen: dict[str, Basis]) -> Any:
+    """The dense parameter tree: every switched leaf (a Sigma) replaced by ``U @ Sigma @ V.T`` in its
+    kernel shape. Pure and differentiable (gradients flow to Sigma); use it inside ``jit``."""
+    return _map_switched(trainable, frozen, lambda s, b: b.kernel(s))
+
+
+def factored(trainable: Any, frozen: dict[str, Basis]) -> Any:
+    """The parameter tree with a :class:`FactoredKernel` at every switched leaf (for :func:`dense`)."""
+    return _map_switched(
+        trainable, frozen, lambda s, b: FactoredKernel(b.U, s, b.V, b.shape, b.layout)
+    )
+
+
+def dense(x: jax.Array, kernel: jax.Array | FactoredKernel) -> jax.Array:
+    """``x @ kernel`` for a Flax-layout 2-D kernel ``(in, out)`` or a :class:`FactoredKernel` of one.
+
+    A factored kernel is applied as ``((x @ U) @ Sigma) @ V.T`` when that is cheaper than rebuilding it
+    (:attr:`FactoredKernel.cheaper_factored`), else through the rebuilt kernel.
+    """
+    if isinstance(kernel, FactoredKernel):
+        if kernel.layout != "flax" or len(kernel.shape) != 2:
+            raise lc.ShapeError(
+                f"dense() applies 2-D flax-layout kernels (in, out); got {kernel.shape} ({kernel.layout})"
+            )
+        if kernel.cheaper_factored:
+            return ((x @ kernel.U) @ kernel.Sigma) @ kernel.V.T
+        return x @ kernel.kernel()
+    return x @ kernel
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a pytree's array leaves."""
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+@dataclass
+class OIALRConfig:
+    """Settings of :class:`OIALR` (the fields of :class:`lowrank_torch.oialr.OIALRConfig`, for pytrees).
+
+    - ``switch_step`` / ``stability_threshold`` / ``stability_every`` / ``update_every`` / ``rule`` /
+      ``progressive``: as in PyTorch.
+    - ``layout``: ``"flax"`` (kernels ``(*k, in, out)``) or ``"torch"`` (weights ``(out, *rest)``).
+    - Eligible leaves: floating, at least 2-D, ``min(m, n) / max(m, n) >= min_aspect`` for the matrix
+      view ``(m, n)``, the path (``jax.tree_util.keystr``) containing none of ``exclude``, accepted by
+      ``include(path, leaf)`` if given (default: every leaf whose last key is ``kernel`` or ``weight``,
+      or any >= 2-D leaf of a plain dict without such names); ``keep_first`` / ``keep_last`` keep the first
+      / last eligible leaf (in the pytree's flattening order) dense.
+    """
+
+    switch_step: int | None = 1000
+    stability_threshold: float | None = None
+    stability_every: int = 100
+    update_every: int = 100
+    rule: lc.RankRule = field(default_factory=lambda: lc.SigmaCutoff(0.1))
+    progressive: bool = False
+    layout: str = "flax"
+    include: Callable[[str, jax.Array], bool] | None = None
+    exclude: tuple[str, ...] = ()
+    keep_first: bool = False
+    keep_last: bool = True
+    min_aspect: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.switch_step is None and self.stability_threshold is None:
+            raise ValueError("OIALRConfig needs `switch_step`, `stability_threshold`, or both")
+        if self.switch_step is not None and (
+            isinstance(self.switch_step, bool) or int(self.switch_step) < 0
+        ):
+            raise ValueError(f"`switch_step` must be a non-negative int, got {self.switch_step!r}")
+        if self.stability_threshold is not None and not 0.0 < self.stability_threshold <= 1.0:
+            raise ValueError(
+                f"`stability_threshold` must lie in (0, 1], got {self.stability_threshold}"
+            )
+        for name in ("stability_every", "update_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+        if not callable(self.rule):
+            raise TypeError(f"`rule` must be a rank rule (callable), got {self.rule!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"`layout` must be one of {LAYOUTS}, got {self.layout!r}")
+        self.exclude = tuple(self.exclude)
+
+
+def _last_name(path: Any) -> str | None:
+    if not path:
+        return None
+    key = path[-1]
+    for attr in ("key", "name"):
+        value = getattr(key, attr, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+@jax.jit
+def _orthogonal_factor(m: jax.Array) -> jax.Array:
+    return lc.orthogonal_factor(m, check_finite=False)
+
+
+@jax.jit
+def _stability(p: jax.Array, q: jax.Array) -> jax.Array:
+    return lc.polar_stability(p, q, check_finite=False)
+
+
+@jax.jit
+def _factorize(m: jax.Array) -> lc.LowRankFactors:
+    return lc.factorize(m, check_finite=False)
+
+
+class OIALR:
+    """The OIALR schedule over a parameter pytree (see the module docstring)."""
+
+    def __init__(self, params: Any, config: OIALRConfig | None = None) -> None:
+        self.config = OIALRConfig() if config is None else config
+        leaves, self._treedef = jax.tree_util.tree_flatten_with_path(params)
+        self._paths: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, Any] = {}
+        self.eligible: list[str] = self._find_eligible(leaves)
+        self.dense_params = count_params(params)
+        self.frozen: dict[str, Basis] = {}
+        self.switched: dict[str, int] = {}
+        self.step_count = 0
+        self.structure_changed = False
+        self.history: list[dict[str, Any]] = []
+        self._updates = 0
+        self._polar: dict[str, jax.Array] = {}
+        self.last_stability: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ eligibility
+    def _find_eligible(self, leaves: Sequence[tuple[Any, Any]]) -> list[str]:
+        c = self.config
+        named = any(_last_name(p) in ("kernel", "weight") for p, _ in leaves)
+        found: list[str] = []
+        for path, leaf in leaves:
+            name = jax.tree_util.keystr(path)
+            if not isinstance(leaf, jax.Array | np.ndarray) or leaf.ndim < 2:
+                continue
+            if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                continue
+            if c.include is not None:
+                if not c.include(name, leaf):
+                    continue
+            elif named and _last_name(path) not in ("kernel", "weight"):
+                continue
+            if any(pattern in name for pattern in c.exclude):
+                continue
+            m, n = _matrix_shape(tuple(leaf.shape), c.layout)
+            if min(m, n) < 2 or min(m, n) / max(m, n) < c.min_aspect:
+                continue
+            found.append(name)
+            self._paths[name] = path
+            self.shapes[name] = tuple(int(s) for s in leaf.shape)
+            self.dtypes[name] = leaf.dtype
+        if c.keep_last and found:
+            found = found[:-1]
+        if c.keep_first and found:
+            found = found[1:]
+        return found
+
+    @property
+    def pending(self) -> list[str]:
+        """Eligible kernels not switched yet."""
+        return [n for n in self.eligible if n not in self.switched]
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {n: b.rank for n, b in self.frozen.items()}
+
+    def trainable_count(self, trainable: Any) -> int:
+        """Trainable scalars of ``trainable`` (``sum r^2`` for the switched kernels, the rest dense)."""
+        return count_params(trainable)
+
+    def trainable_share(self, trainable: Any) -> float:
+        return self.trainable_count(trainable) / self.dense_params
+
+    # ------------------------------------------------------------------ leaf access
+    def _leaf(self, tree: Any, name: str) -> jax.Array:
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        for path, leaf in leaves:
+            if jax.tree_util.keystr(path) == name:
+                return leaf  # type: ignore[no-any-return]
+        raise KeyError(f"the parameter tree has no leaf {name}")
+
+    def _replace(self, tree: Any, values: dict[str, jax.Array]) -> Any:
+        def visit(path: Any, leaf: Any) -> Any:
+            return values.get(jax.tree_util.keystr(path), leaf)
+
+        return jax.tree_util.tree_map_with_path(visit, tree)
+
+    def _check_tree(self, trainable: Any) -> None:
+        treedef = jax.tree_util.tree_structure(trainable)
+        if treedef != self._treedef:
+            raise lc.ShapeError(
+                "`trainable` does not have the structure of the parameter tree this OIALR was built "
+                f"for: {treedef} vs {self._treedef}"
+            )
+
+    # ------------------------------------------------------------------ the schedule
+    def step(self, trainable: Any, opt_state: Any) -> tuple[Any, Any]:
+        """Advance one training step (call it after the optimizer update); returns the new
+        ``(trainable, opt_state)``. Runs outside ``jit``; :attr:`structure_changed` tells whether a
+        switch or a truncation changed leaf shapes."""
+        self._check_tree(trainable)
+        self.structure_changed = False
+        self.step_count += 1
+        t = self.step_count
+        c = self.config
+        if self.pending:
+            to_switch: list[str] = []
+            if c.stability_threshold is not None and t % c.stability_every == 0:
+                to_switch += self.check_stability(trainable)
+            if c.switch_step is not None and t >= c.switch_step:
+                to_switch = self.pending
+            if to_switch:
+                trainable, opt_state = self._switch(trainable, opt_state, to_switch, t)
+                self.structure_changed = True
+        if self.switched and t % c.update_every == 0:
+            trainable, opt_state, changed = self._update_ranks(trainable, opt_state, t)
+            self.structure_changed |= changed
+        return trainable, opt_state
+
+    def check_stability(self, trainable: Any) -> list[str]:
+        """Basis stability of every pending kernel against the previous check (jitted, one SVD per
+        kernel); records it and returns the kernels that reached ``stability_threshold``."""
+        ready: list[str] = []
+        for name in self.pending:
+            q = _orthogonal_factor(kernel_matrix(self._leaf(trainable, name), self.config.layout))
+            prev = self._polar.get(name)
+            self._polar[name] = q
+            if prev is None:
+                continue
+            value = float(_stability(prev, q))
+            self.last_stability[name] = value
+            self.history.append(
+                {"step": self.step_count, "event": "stability", "layer": name, "value": value}
+            )
+            threshold = self.config.stability_threshold
+            if threshold is not None and value >= threshold:
+                ready.append(name)
+        return ready
+
+    def switch(
+        self, trainable: Any, opt_state: Any, names: Sequence[str] | None = None
+    ) -> tuple[Any, Any]:
+        """Switch ``names`` (default: every pending kernel) now, at full rank."""
+        self._check_tree(trainable)
+        todo = self.pending if names is None else list(names)
+        for name in todo:
+            if name not in self.eligible:
+                raise ValueError(f"{name} is not an eligible kernel; eligible: {self.eligible}")
+        out = self._switch(trainable, opt_state, todo, self.step_count)
+        self.structure_changed = True
+        return out
+
+    def _switch(
+        self, trainable: Any, opt_state: Any, names: Sequence[str], t: int
+    ) -> tuple[Any, Any]:
+        layout = self.config.layout
+        new_values: dict[str, jax.Array] = {}
+        frozen = dict(self.frozen)
+        for name in names:
+            if name in self.switched:
+                continue
+            kernel = self._leaf(trainable, name)
+            f = _factorize(kernel_matrix(kernel, layout))
+            opt_state = dense_to_sigma_state(
+                opt_state,
+                self._paths[name],
+                self.shapes[name],
+                lambda x: kernel_matrix(x, layout),
+                f.U,
+                f.V,
+            )
+            new_values[name] = f.Sigma
+            frozen[name] = Basis(f.U, f.V, self.shapes[name], layout)
+        trainable = self._replace(trainable, new_values)
+        self.frozen = frozen
+        for name in new_values:
+            self.switched[name] = t
+            self._polar.pop(name, None)
+            self.history.append(
+                {"step": t, "event": "switch", "layer": name, "rank": frozen[name].rank}
+            )
+        self.history.append({"step": t, "event": "share", "value": self.trainable_share(trainable)})
+        return trainable, opt_state
+
+    def _update_ranks(self, trainable: Any, opt_state: Any, t: int) -> tuple[Any, Any, bool]:
+        due = [n for n in self.eligible if n in self.switched and t - self.switched[n] > 0]
+        if not due:
+            return trainable, opt_state, False
+        self._updates += 1
+        if self.config.progressive:
+            per_update = max(1, math.ceil(0.1 * len(self.eligible)))
+            k = min(len(self.eligible), per_update * self._updates)
+            allowed = set(self.eligible[-k:])
+            due = [n for n in due if n in allowed]
+        changed = False
+        new_values: dict[str, jax.Array] = {}
+        frozen = dict(self.frozen)
+        for name in due:
+            b = frozen[name]
+            sigma = self._leaf(trainable, name)
+            old = b.rank
+            m, n = _matrix_shape(b.shape, b.layout)
+            upd = lc.update_rank(b.U, sigma, b.V, self.config.rule, shape=(m, n))
+            rd = upd.rediagonalized
+            opt_state = rotate_sigma_state(opt_state, self._paths[name], rd.left, rd.right)
+            if upd.rank < old:
+                opt_state = truncate_sigma_state(opt_state, self._paths[name], old, upd.rank)
+                changed = True
+            new_values[name] = upd.factors.Sigma
+            frozen[name] = Basis(upd.factors.U, upd.factors.V, b.shape, b.layout)
+            self.history.append(
+                {"step": t, "event": "rank", "layer": name, "old": old, "new": upd.rank}
+            )
+        trainable = self._replace(trainable, new_values)
+        self.frozen = frozen
+        self.history.append({"step": t, "event": "share", "value": self.trainable_share(trainable)})
+        return trainable, opt_state, changed
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The controller's state: host metadata plus the bases and warm-up polar factors (NumPy)."""
+        return {
+            "format": "lowrank_jax.OIALR/1",
+            "step_count": self.step_count,
+            "updates": self._updates,
+            "switched": dict(self.switched),
+            "ranks": self.ranks,
+            "eligible": list(self.eligible),
+            "shapes": {n: list(s) for n, s in self.shapes.items() if n in self.eligible},
+            "layout": self.config.layout,
+            "history": [dict(e) for e in self.history],
+            "bases": {n: (np.asarray(b.U), np.asarray(b.V)) for n, b in self.frozen.items()},
+            "polar": {n: np.asarray(q) for n, q in self._polar.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` into this (fresh, nothing switched) controller.
+
+        Raises ``ValueError`` naming the mismatch when the state belongs to other parameters."""
+        if not isinstance(state, dict) or state.get("format") != "lowrank_jax.OIALR/1":
+            raise ValueError("not a lowrank_jax OIALR state (missing or unknown 'format' entry)")
+        if self.switched:
+            raise ValueError(
+                "load_state_dict needs a controller that has not switched any kernel yet"
+            )
+        if list(state["eligible"]) != self.eligible:
+            raise ValueError(
+                "the state was made for other eligible kernels: saved "
+                f"{list(state['eligible'])}, these parameters have {self.eligible}"
+            )
+        if state["layout"] != self.config.layout:
+            raise ValueError(
+                f"the state uses layout {state['layout']!r}, the config {self.config.layout!r}"
+            )
+        for name, shape in state["shapes"].items():
+            if tuple(shape) != self.shapes.get(name):
+                raise lc.ShapeError(
+                    f"kernel {name} has shape {self.shapes.get(name)} here, {tuple(shape)} in the state"
+                )
+        frozen: dict[str, Basis] = {}
+        for name, (U, V) in state["bases"].items():
+            m, n = _matrix_shape(self.shapes[name], self.config.layout)
+            r = int(state["ranks"][name])
+            if U.shape != (m, r) or V.shape != (n, r):
+                raise lc.ShapeError(
+                    f"the bases of {name} have shapes {U.shape}, {V.shape}; expected ({m}, {r}), ({n}, {r})"
+                )
+            dt = self.dtypes[name]
+            frozen[name] = Basis(
+                jnp.asarray(U, dt), jnp.asarray(V, dt), self.shapes[name], self.config.layout
+            )
+        self.frozen = frozen
+        self.switched = {n: int(t) for n, t in state["switched"].items()}
+        self.step_count = int(state["step_count"])
+        self._updates = int(state["updates"])
+        self.history = [dict(e) for e in state["history"]]
+        self._polar = {n: jnp.asarray(q) for n, q in state["polar"].items()}
+
+    def trainable_template(self, params: Any) -> Any:
+        """``params`` with a zero Sigma of the current rank at every switched kernel: the structure and
+        shapes of the trainable tree (for ``tx.init`` and for loading a checkpoint)."""
+        return self._replace(
+            params,
+            {n: jnp.zeros((b.rank, b.rank), dtype=self.dtypes[n]) for n, b in self.frozen.items()},
+        )
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
+        return [e for e in self.history if kind is None or e["event"] == kind]
+
+    def __repr__(self) -> str:
+        return (
+            f"OIALR(step={self.step_count}, switched={len(self.switched)}/{len(self.eligible)}, "
+            f"ranks={self.ranks})"
+        )
