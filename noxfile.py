@@ -1,7 +1,7 @@
 """Every check lowrank-core has, one nox session each.
 
     nox                       # lint, typecheck, tests (every CPU backend), docs
-    nox -s tests              # the three CPU backends: numpy, array_api_strict, torch
+    nox -s tests              # the four CPU backends: numpy, array_api_strict, torch, jax
     nox -s "tests(torch)"     # a single backend; arguments after -- go to pytest
     nox -s gpu                # torch CUDA + CuPy, with the current interpreter (no installs)
     nox -s demo               # the main job: MNIST-1D, dense vs OIALR, result table
@@ -34,7 +34,7 @@ PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 CONSTRAINTS = ("-c", str(ROOT / "constraints" / "cpu.txt"))
 
 # The array libraries the CPU test matrix covers; the value goes into LOWRANK_TEST_BACKENDS.
-CPU_BACKENDS = ("numpy", "array_api_strict", "torch")
+CPU_BACKENDS = ("numpy", "array_api_strict", "torch", "jax")
 # The GPU backends, in the order the gpu session passes them.
 GPU_BACKENDS = ("torch_cuda", "cupy")
 
@@ -71,7 +71,9 @@ def typecheck(session: nox.Session) -> None:
 @nox.parametrize("backend", [nox.param(name, id=name) for name in CPU_BACKENDS])
 def tests(session: nox.Session, backend: str) -> None:
     """pytest over one array library (LOWRANK_TEST_BACKENDS=<backend>)."""
-    extra = "[torch]" if backend == "torch" else ""
+    # jax: the CPU wheels (jax + jaxlib from PyPI are CPU-only; CUDA would need jax[cuda12]) and
+    # optax / flax for the JAX integration tests (tests/jax_integration)
+    extra = {"torch": "[torch]", "jax": "[jax]"}.get(backend, "")
     # the torch session also gets the model packages of the model-zoo tests (torchvision, timm,
     # transformers), which fail loudly there when they cannot be imported
     models = group("models", "integrations") if backend == "torch" else ()

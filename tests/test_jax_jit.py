@@ -21,7 +21,6 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
 import lowrank_core as lc  # noqa: E402
-from lowrank_core import cmd as lcmd  # noqa: E402
 from lowrank_core import dldr as ldldr  # noqa: E402
 from lowrank_core import init as linit  # noqa: E402
 
@@ -167,31 +166,6 @@ def test_vmap_matches_loop(name: str, fn: Callable[..., Any], args: tuple[Any, .
     for i in range(len(factors)):
         one = fn(*(s[i] for s in stacks))
         _compare(one, jax.tree_util.tree_map(lambda x, i=i: x[i], batched), f"{name}[{i}]")
-
-
-def test_online_cmd_update_under_jit() -> None:
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((3, 12))
-    coef = rng.standard_normal((40, 1))
-    traj = jnp.asarray(np.repeat(base, [14, 13, 13], axis=0) * coef + rng.standard_normal((40, 1)))
-    online = lc.OnlineCMD.from_trajectory(traj, 3, check_finite=False)
-    new = jnp.asarray(rng.standard_normal(40))
-    refs = online.references
-
-    @jax.jit
-    def update(state: dict[str, Any], w: Any) -> dict[str, Any]:
-        cmd = lc.OnlineCMD.from_state_dict({**state, "references": refs})
-        cmd.update(w, check_finite=False)
-        out = cmd.state_dict()
-        del out["references"]
-        return out
-
-    state = {k: v for k, v in online.state_dict().items() if k != "references"}
-    jitted = update(state, new)
-    online.update(new)
-    eager = {k: v for k, v in online.state_dict().items() if k != "references"}
-    _compare(eager, jitted, "OnlineCMD.update")
-    assert lcmd.OnlineCMD is lc.OnlineCMD
 
 
 def test_check_finite_under_jit_raises_a_clear_error() -> None:

@@ -47,11 +47,12 @@ def as_key(seed: Any) -> jax.Array:
     key), or ``None`` (fresh OS entropy)."""
     if seed is None:
         return jax.random.key(int.from_bytes(os.urandom(4), "little"))
-    if isinstance(seed, jax.Array | np.ndarray) and not isinstance(seed, np.generic):
+    if isinstance(seed, jax.Array | np.ndarray):
         if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-            return seed
+            return jnp.asarray(seed)
         if seed.dtype == jnp.uint32 and seed.shape == (2,):  # legacy jax.random.PRNGKey
-            return jax.random.wrap_key_data(jnp.asarray(seed))
+            key: jax.Array = jax.random.wrap_key_data(jnp.asarray(seed))
+            return key
         raise TypeError(
             f"`seed` must be an int, None or a JAX PRNG key, got an array of dtype {seed.dtype} and "
             f"shape {tuple(seed.shape)}"

@@ -123,7 +123,8 @@ class FactoredKernel:
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[tuple[int, ...], str], children: Any) -> FactoredKernel:
-        return cls(*children, *aux)
+        U, Sigma, V = children
+        return cls(U, Sigma, V, aux[0], aux[1])
 
     def kernel(self) -> jax.Array:
         return Basis(self.U, self.V, self.shape, self.layout).kernel(self.Sigma)
@@ -243,12 +244,14 @@ def _last_name(path: Any) -> str | None:
 
 @jax.jit
 def _orthogonal_factor(m: jax.Array) -> jax.Array:
-    return lc.orthogonal_factor(m, check_finite=False)
+    out: jax.Array = lc.orthogonal_factor(m, check_finite=False)
+    return out
 
 
 @jax.jit
 def _stability(p: jax.Array, q: jax.Array) -> jax.Array:
-    return lc.polar_stability(p, q, check_finite=False)
+    out: jax.Array = lc.polar_stability(p, q, check_finite=False)
+    return out
 
 
 @jax.jit
@@ -288,7 +291,7 @@ class OIALR:
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 continue
             if c.include is not None:
-                if not c.include(name, leaf):
+                if not c.include(name, jnp.asarray(leaf)):
                     continue
             elif named and _last_name(path) not in ("kernel", "weight"):
                 continue
@@ -339,7 +342,7 @@ class OIALR:
 
     def _check_tree(self, trainable: Any) -> None:
         treedef = jax.tree_util.tree_structure(trainable)
-        if treedef != self._treedef:
+        if treedef != self._treedef:  # type: ignore[operator]
             raise lc.ShapeError(
                 "`trainable` does not have the structure of the parameter tree this OIALR was built "
                 f"for: {treedef} vs {self._treedef}"
