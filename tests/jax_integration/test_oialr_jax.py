@@ -259,7 +259,7 @@ def test_flax_linen_and_nnx_params() -> None:
     ctrl = jo.OIALR(params, jo.OIALRConfig(switch_step=1))
     assert ctrl.eligible == ["['params']['Dense_0']['kernel']", "['params']['Dense_1']['kernel']"]
     tx = optax.adam(1e-3)
-    tr, opt = ctrl.switch(params, tx.init(params))
+    tr, _ = ctrl.switch(params, tx.init(params))
     np.testing.assert_allclose(
         np.asarray(model.apply(jo.materialize(tr, ctrl.frozen), _X)),
         np.asarray(model.apply(params, _X)),
