@@ -49,7 +49,7 @@ from lowrank_core.errors import (
     ShapeError,
 )
 
-from .cmd import CMDConfig
+from .cmd import CMDConfig, NotFittedError
 from .dldr import SubspaceBFGS, SubspaceParametrization
 
 __all__ = [
@@ -526,7 +526,7 @@ class ShardedCMDTracker:
 
     def _require(self) -> core_cmd.OnlineCMD:
         if self.state is None:
-            raise RuntimeError(
+            raise NotFittedError(
                 f"CMD is not fitted yet ({self.epochs_seen} of {self.config.warmup_epochs} "
                 "warm-up epochs seen)"
             )

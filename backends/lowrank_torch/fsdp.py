@@ -318,4 +318,7 @@ class FSDPOIALR(OIALR):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Not supported under FSDP (restore a dense checkpoint and switch again, or use DDP)."""
-        raise NotImplementedError("restoring an OIALR state into an FSDP model is not supported")
+        raise ShardingError(
+            "restoring an OIALR state into an FSDP model is not supported: restore a dense "
+            "checkpoint and switch again, or use DDP"
+        )
