@@ -3,6 +3,7 @@
     python benchmarks/bench_lm.py                  # dense vs OIALR, the default size (a few minutes each)
     python benchmarks/bench_lm.py --quick          # a small model, a smoke run
     python benchmarks/bench_lm.py --device cuda    # on a GPU (the prepared GPU script does this)
+    python benchmarks/bench_lm.py --cutoff 0.6     # a stated, stronger rank rule (SigmaCutoff(0.6))
     python benchmarks/run.py lm                    # through the benchmark runner (JSON in results/)
 
 The text is real and on every machine: the ``.py`` files of ``sysconfig.get_paths()["stdlib"]`` (test
@@ -415,6 +416,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--cutoff",
+        type=float,
+        default=None,
+        help="SigmaCutoff of the rank rule (default 0.2; larger drops ranks faster)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -422,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = replace(QUICK if args.quick else LMConfig(), device=args.device, dtype=args.dtype)
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
+    if args.cutoff is not None:
+        cfg = replace(cfg, cutoff=args.cutoff)
     table, data = measure(cfg)
     print(table.render())
     if args.json:
