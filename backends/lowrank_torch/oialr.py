@@ -572,11 +572,14 @@ class OIALR:
                         shape=(layer.rows, layer.cols),
                     )
                     rd = upd.rediagonalized
-                    for fname, x in zip(("U", "sigma", "V"), upd.factors, strict=True):
-                        if not bool(torch.isfinite(x).all()):
+                    # one host transfer for the five finiteness checks (not one per tensor)
+                    checked = (*upd.factors, rd.left, rd.right)
+                    finite = torch.stack([torch.isfinite(x).all() for x in checked]).tolist()
+                    for fname, ok in zip(("U", "sigma", "V"), finite[:3], strict=True):
+                        if not ok:
                             raise lc.NonFiniteError(f"the updated `{fname}` contains NaN or Inf")
-                    for fname, x in (("left", rd.left), ("right", rd.right)):
-                        if not bool(torch.isfinite(x).all()):
+                    for fname, ok in zip(("left", "right"), finite[3:], strict=True):
+                        if not ok:
                             raise lc.NonFiniteError(f"the rotation `{fname}` contains NaN or Inf")
                     check_rank(upd.rank, layer.rank, name="new rank", what="the current rank")
                 except lc.LowRankError as exc:

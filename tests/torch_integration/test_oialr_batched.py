@@ -168,3 +168,30 @@ def test_a_nan_in_a_batch_names_its_layer_and_changes_nothing(monkeypatch):
     for n, v in snaps.items():
         for a, b in zip(ctrl._snapshots[n], v, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["U", "sigma", "V", "left", "right"])
+def test_a_non_finite_rank_update_names_the_tensor_and_changes_nothing(monkeypatch, which):
+    """The five finiteness checks of a planned rank update share one host transfer; each still names
+    its tensor and the layer."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ctrl = OIALR(model, opt, OIALRConfig(switch_step=1, update_every=2))
+    ctrl.step()  # the switch
+    real = lc.update_rank
+
+    def poisoned(*args, **kwargs):
+        upd = real(*args, **kwargs)
+        rd = upd.rediagonalized
+        bad = {"U": upd.factors.U, "sigma": upd.factors.Sigma, "V": upd.factors.V,
+               "left": rd.left, "right": rd.right}[which]  # fmt: skip
+        bad[..., 0, 0] = float("nan")
+        return upd
+
+    monkeypatch.setattr(lc, "update_rank", poisoned)
+    before = {n: layer.sigma.detach().clone() for n, layer in ctrl.layers.items()}
+    with pytest.raises(lc.NonFiniteError, match=rf"rank update of layer 'a' .*`{which}`"):
+        ctrl.step()
+    assert ctrl.step_count == 1
+    for n, layer in ctrl.layers.items():
+        torch.testing.assert_close(layer.sigma.detach(), before[n], rtol=0, atol=0)
