@@ -164,7 +164,8 @@ def array_bad_values(arg: Arg) -> Iterator[tuple[str, Any, bool]]:
     if arg.opts.get("stack", x.ndim >= 2 and 3 in ndims):
         yield "empty-stack", np.zeros((0, *x.shape[-2:])), True
     yield "list", x.tolist(), False
-    yield "None", None, False
+    if not arg.opts.get("optional"):
+        yield "None", None, False
     yield "str", "abc", False
     yield "float", 1.5, False
     for label, value in arg.opts.get("extra_bad", []):
