@@ -51,8 +51,10 @@ def namespace(**arrays: Array) -> Namespace:
         ) from exc
     if len(values) > 1:
         devices = [array_api_compat.device(x) for x in values]
-        first = devices[0]
-        if any(d != first for d in devices[1:]):
+        # a traced JAX value (inside jit / vmap) has no device (None): it goes where its inputs are
+        placed = [d for d in devices if d is not None]
+        first = placed[0] if placed else None
+        if any(d != first for d in placed[1:]):
             where = ", ".join(f"`{n}`: {d}" for n, d in zip(arrays, devices, strict=True))
             raise DeviceMismatchError(
                 f"arrays on different devices cannot be combined ({where}); move them to one device"

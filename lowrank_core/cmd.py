@@ -161,13 +161,15 @@ def _check_vector(xp: Namespace, v: Array, name: str, n: int, *, finite: bool = 
         _check_finite(v, name)
 
 
-def _check_modes_index(xp: Namespace, v: Array, name: str, n: int, n_modes: int) -> None:
-    """An integer ``(n,)`` array of mode ids in ``0 .. n_modes - 1``."""
+def _check_modes_index(
+    xp: Namespace, v: Array, name: str, n: int, n_modes: int, *, values: bool = True
+) -> None:
+    """An integer ``(n,)`` array of mode ids in ``0 .. n_modes - 1`` (the range only with ``values``)."""
     if v.ndim != 1 or int(v.shape[0]) != n:
         raise ShapeError(f"`{name}` must have shape ({n},), got {tuple(v.shape)}")
     if not xp.isdtype(v.dtype, "integral"):
         raise DTypeError(f"`{name}` must have an integer dtype, got {v.dtype}")
-    if n and (int(xp.min(v)) < 0 or int(xp.max(v)) >= n_modes):
+    if values and n and (int(xp.min(v)) < 0 or int(xp.max(v)) >= n_modes):
         raise ParameterError(
             f"`{name}` values must lie in 0..{n_modes - 1} (one per mode), got "
             f"{int(xp.min(v))}..{int(xp.max(v))}"
@@ -1187,7 +1189,11 @@ class OnlineCMD:
         w_mean: Array,
         c_wr: Array,
         unit: float = 1.0,
+        check_finite: bool = True,
     ) -> None:
+        """``check_finite=False`` skips the checks that read values on the host (finite, ``r_m2 >= 0``,
+        assignment in range): the form for rebuilding a state inside traced code (``jax.jit`` of
+        :meth:`update`); shapes and dtypes are still checked."""
         unit = check_float("unit", unit, min=0.0, min_open=True)
         if 2.0 ** math.floor(math.log2(unit)) != unit:
             raise ParameterError(f"`unit` must be a power of two, got {unit!r}")
@@ -1226,10 +1232,11 @@ class OnlineCMD:
             ("w_mean", w_mean),
             ("c_wr", c_wr),
         ):
-            _check_finite(v, name)
-        if bool(xp.any(r_m2 < 0)):
+            if check_finite:
+                _check_finite(v, name)
+        if check_finite and bool(xp.any(r_m2 < 0)):
             raise ParameterError("`r_m2` (sums of squares) must be >= 0")
-        _check_modes_index(xp, assignment, "assignment", n, n_modes)
+        _check_modes_index(xp, assignment, "assignment", n, n_modes, values=check_finite)
         # global row numbers: a shard's state (fit_cmd_shard) may name rows beyond its own N
         refs = _host_indices(references, "references", None)
         if refs.size != n_modes:

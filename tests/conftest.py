@@ -125,8 +125,9 @@ class BackendCase:
             cp = self.native
             return cp.asarray(np.asarray(a, dtype=np.dtype(dtype)))
         if self.name == "jax":
-            jnp = self.native.numpy
-            return self.native.device_put(jnp.asarray(a, dtype=getattr(jnp, dtype)), self.device)
+            jax = importlib.import_module("jax")
+            jnp = self.native
+            return jax.device_put(jnp.asarray(a, dtype=getattr(jnp, dtype)), self.device)
         raise AssertionError(self.name)
 
     def to_numpy(self, x: Any) -> np.ndarray:
@@ -228,10 +229,27 @@ def _make_backend(name: str) -> BackendCase:
             device=jax.devices("cpu")[0],
             module_name="jaxlib",
             array_type=type(jnp.zeros(0)),
-            native=jax,
+            native=jnp,
         )
     raise AssertionError(name)
 
+
+# JAX compiles every operation anew for every new shape (tens of milliseconds each on a busy 2-core
+# runner), so one Hypothesis example costs JAX 10-100 times what it costs the other libraries. When JAX
+# is the only backend under test and no profile was named, each property test runs at most
+# LOWRANK_JAX_MAX_EXAMPLES (default 10) generated examples; the explicit examples always run. XLA's CPU
+# backend is also told to compile quickly (fewer LLVM passes: the same operations, rounded within the
+# suite's tolerances), unless XLA_FLAGS is set already.
+if selected_backends() == ["jax"]:
+    os.environ.setdefault(
+        "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    )
+    if not os.environ.get("HYPOTHESIS_PROFILE"):
+        _jax_examples = int(os.environ.get("LOWRANK_JAX_MAX_EXAMPLES", "10"))
+        settings.register_profile(
+            "jax", parent=settings(), max_examples=min(settings().max_examples, _jax_examples)
+        )
+        settings.load_profile("jax")
 
 _BACKEND_PARAMS = [
     pytest.param(b, id=b, marks=[pytest.mark.gpu] if b in GPU_BACKENDS else [])

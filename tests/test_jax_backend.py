@@ -186,3 +186,54 @@ def test_results_stay_on_the_input_device() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_nothing_turns_into_numpy(dtype: str) -> None:
+    """Every array a public function returns for JAX input is a jax.Array of the input's dtype."""
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.standard_normal((9, 6)), dtype=getattr(jnp, dtype))
+    traj = jnp.asarray(rng.standard_normal((30, 8)), dtype=getattr(jnp, dtype))
+    f = lc.factorize(a, 4)
+    rd = lc.rediagonalize(*f)
+    snaps = jnp.asarray(rng.standard_normal((6, 20)), dtype=getattr(jnp, dtype))
+    sub = lc.fit_subspace(snaps, 3)
+    fit = lc.fit_cmd(traj, 3)
+    online = lc.OnlineCMD.from_trajectory(traj, 3)
+    online.update(traj[:, 0])
+    results: list[Any] = [
+        lc.svd(a),
+        lc.qr(a),
+        lc.polar(a),
+        lc.orthogonal_factor(a),
+        f,
+        rd,
+        lc.rotate_sigma(f.Sigma, rd.left, rd.right),
+        lc.reconstruct(*f),
+        lc.truncate(*rd.factors, 2),
+        lc.update_rank(*f, lc.SigmaCutoff(0.5)).factors,
+        lc.basis_stability(a, a * 2),
+        lc.polar_stability(lc.orthogonal_factor(a), lc.orthogonal_factor(a)),
+        lc.principal_angle_cosines(a, a[:, :3]),
+        lc.projector_distance(a, a),
+        lc.effective_rank(rd.singular_values),
+        lc.stable_rank(rd.singular_values),
+        lc.spectral_init(a, 3),
+        lc.nonlinear_init(a, 3, refine_steps=2),
+        lc.random_init(a, 3, seed=0),
+        lc.init_weight_factors(a, 3, method="nonlinear"),
+        (sub.centre, sub.basis, sub.explained_variance),
+        sub.project(snaps),
+        sub.lift(sub.project(snaps[0])),
+        (fit.profiles, fit.a, fit.b),
+        online.coefficients(),
+        online.weights(),
+        lc.dldr.bfgs_update(jnp.eye(20, dtype=a.dtype), snaps[0], snaps[0])[0],
+        lc.dldr.bfgs_direction(jnp.eye(20, dtype=a.dtype), snaps[0]),
+    ]
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(results)):
+        assert isinstance(leaf, jax.Array), (
+            f"result {i}: {type(leaf).__module__}.{type(leaf).__name__}"
+        )
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == a.dtype, f"result {i}: {leaf.dtype} != {a.dtype}"

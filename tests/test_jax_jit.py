@@ -168,6 +168,27 @@ def test_vmap_matches_loop(name: str, fn: Callable[..., Any], args: tuple[Any, .
         _compare(one, jax.tree_util.tree_map(lambda x, i=i: x[i], batched), f"{name}[{i}]")
 
 
+def test_online_cmd_update_under_jit() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((3, 12))
+    coef = rng.standard_normal((40, 1))
+    traj = jnp.asarray(np.repeat(base, [14, 13, 13], axis=0) * coef + rng.standard_normal((40, 1)))
+    online = lc.OnlineCMD.from_trajectory(traj, 3, check_finite=False)
+    new = jnp.asarray(rng.standard_normal(40))
+    refs, unit = online.references, online.unit
+    keys = ("assignment", "profiles", "r_mean", "r_m2", "w_mean", "c_wr")
+
+    @jax.jit
+    def update(state: dict[str, Any], w: Any) -> dict[str, Any]:
+        cmd = lc.OnlineCMD(references=refs, unit=unit, **state, check_finite=False)
+        cmd.update(w, check_finite=False)
+        return {k: getattr(cmd, k) for k in keys}
+
+    jitted = update({k: getattr(online, k) for k in keys}, new)
+    online.update(new)
+    _compare({k: getattr(online, k) for k in keys}, jitted, "OnlineCMD.update")
+
+
 def test_check_finite_under_jit_raises_a_clear_error() -> None:
     from lowrank_jax import TracedFiniteCheckError
 
