@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_core.dldr import Subspace
+from lowrank_core.errors import LowRankError, ParameterError, ParameterTypeError
 
 from .amp import full_precision
 from .cmd import CMDConfig, CMDTracker
@@ -46,6 +47,11 @@ __all__ = [
 
 #: name of the buffer (and ``state_dict`` key) that carries the callbacks' states
 STATE_KEY = "_lowrank_state"
+
+
+class IntegrationError(LowRankError, RuntimeError):
+    """A trainer integration is used out of order (not started yet, attached twice, resumed unseen)
+    or on a setup it does not support (several processes)."""
 
 
 class _Client(Protocol):
@@ -102,7 +108,9 @@ class StateCarrier:
 
     def add(self, client: _Client) -> None:
         if client.name in self.clients and self.clients[client.name] is not client:
-            raise ValueError(f"a lowrank-core callback named {client.name!r} is already attached")
+            raise ParameterError(
+                f"a lowrank-core callback named {client.name!r} is already attached"
+            )
         self.clients[client.name] = client
 
     def _save_hook(
@@ -131,7 +139,7 @@ class StateCarrier:
             return
         saved = _decode(blob)
         if not isinstance(saved, dict) or saved.get("format") != "lowrank_torch.callbacks/1":
-            raise ValueError(
+            raise ParameterError(
                 f"the {STATE_KEY!r} entry of this state_dict is not a lowrank-core state"
             )
         for name, client in self.clients.items():
@@ -148,7 +156,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             break
         optimizer, seen = inner, seen + 1
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"no torch.optim.Optimizer found in {type(optimizer).__name__}")
+        raise ParameterTypeError(f"no torch.optim.Optimizer found in {type(optimizer).__name__}")
     return optimizer
 
 
@@ -186,7 +194,7 @@ class OIALRDriver:
     def after_step(self, skipped: bool = False) -> bool:
         """One applied optimizer step (``skipped=True``: the scaler skipped it, nothing is done)."""
         if self.controller is None:
-            raise RuntimeError("the OIALR callback was not started (no optimizer bound yet)")
+            raise IntegrationError("the OIALR callback was not started (no optimizer bound yet)")
         if skipped:
             return False
         with full_precision(self.controller.model):
@@ -198,11 +206,11 @@ class OIALRDriver:
 
     def import_state(self, state: Any) -> None:
         if self.model is None:
-            raise RuntimeError("the OIALR driver is not attached to a model")
+            raise IntegrationError("the OIALR driver is not attached to a model")
         if self.controller is not None and self.controller.switched:
             # the model is already in low-rank form (e.g. a checkpoint loaded mid-run): keep it
             if self.controller.state_dict()["switched"] != state.get("switched"):
-                raise ValueError(
+                raise ParameterError(
                     "cannot load an OIALR checkpoint into a model that already switched other layers"
                 )
             return
@@ -256,7 +264,7 @@ class CMDDriver:
     def after_epoch(self) -> None:
         """End of a training epoch: one time point in the per-epoch cadence, else nothing."""
         if self.tracker is None:
-            raise RuntimeError("the CMD callback was not started")
+            raise IntegrationError("the CMD callback was not started")
         if not self.per_step:
             with full_precision():
                 self.tracker.after_epoch()
@@ -267,7 +275,7 @@ class CMDDriver:
         A step the GradScaler skipped changed no weight and is not counted.
         """
         if self.tracker is None:
-            raise RuntimeError("the CMD callback was not started")
+            raise IntegrationError("the CMD callback was not started")
         if self.per_step and not skipped:
             with full_precision():
                 self.tracker.step()
@@ -333,10 +341,10 @@ class DLDRConfig:
         for name in ("record_steps", "every", "dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+                raise ParameterError(f"`{name}` must be a positive int, got {value!r}")
         snapshots = 1 + self.record_steps // self.every
         if self.dim > snapshots - 1:
-            raise ValueError(
+            raise ParameterError(
                 f"`dim`={self.dim} needs at least {self.dim + 1} snapshots; record_steps="
                 f"{self.record_steps} and every={self.every} give {snapshots}"
             )
@@ -390,7 +398,7 @@ class DLDRDriver:
     def after_step(self, skipped: bool = False) -> None:
         """One applied optimizer step: record / fit (recording), or project the weights back."""
         if self.recorder is None:
-            raise RuntimeError("the DLDR callback was not started")
+            raise IntegrationError("the DLDR callback was not started")
         if skipped:
             return
         if self.subspace is not None:

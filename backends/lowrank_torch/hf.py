@@ -34,7 +34,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._callbacks import CMDDriver, DLDRConfig, DLDRDriver, OIALRDriver
+from ._callbacks import CMDDriver, DLDRConfig, DLDRDriver, IntegrationError, OIALRDriver
 from .cmd import CMDConfig
 from .oialr import OIALR, OIALRConfig
 
@@ -43,6 +43,7 @@ __all__ = [
     "CMDTrainerCallback",
     "DLDRConfig",
     "DLDRTrainerCallback",
+    "IntegrationError",
     "OIALRConfig",
     "OIALRTrainerCallback",
 ]
@@ -56,7 +57,7 @@ def _skipped(optimizer: Any) -> bool:
 
 def _single_process(args: Any, what: str) -> None:
     if int(getattr(args, "world_size", 1)) > 1:
-        raise RuntimeError(
+        raise IntegrationError(
             f"{what} runs on single-process training; for DDP use lowrank_torch.distributed, "
             "for FSDP lowrank_torch.fsdp, in a plain training loop"
         )
@@ -79,7 +80,7 @@ class _Base(_TrainerCallback):
         _single_process(args, type(self).__name__)
         if not self._attached:
             if int(getattr(state, "global_step", 0)) > 0:
-                raise RuntimeError(
+                raise IntegrationError(
                     f"{type(self).__name__} was added after the Trainer was built and the run resumes "
                     "from a checkpoint: pass it in Trainer(callbacks=[...]) so that it sees the "
                     "checkpoint's weights load"
@@ -100,7 +101,7 @@ class OIALRTrainerCallback(_Base):
         """The OIALR controller (exists from ``on_train_begin`` on, or once a checkpoint loaded)."""
         driver: OIALRDriver = self.driver
         if driver.controller is None:
-            raise RuntimeError("the OIALR controller exists once training has begun")
+            raise IntegrationError("the OIALR controller exists once training has begun")
         return driver.controller
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -32,7 +32,16 @@ from typing import Any
 
 import torch
 
-from ._callbacks import CMDDriver, DLDRConfig, DLDRDriver, OIALRDriver, unwrap_optimizer
+from lowrank_core.errors import ParameterError
+
+from ._callbacks import (
+    CMDDriver,
+    DLDRConfig,
+    DLDRDriver,
+    IntegrationError,
+    OIALRDriver,
+    unwrap_optimizer,
+)
 from .amp import SkippedStepMonitor
 from .cmd import CMDConfig
 from .oialr import OIALR, OIALRConfig
@@ -49,13 +58,21 @@ def _import_lightning() -> Any:
 pl = _import_lightning()
 _Callback: Any = pl.Callback
 
-__all__ = ["CMDCallback", "CMDConfig", "DLDRCallback", "DLDRConfig", "OIALRCallback", "OIALRConfig"]
+__all__ = [
+    "CMDCallback",
+    "CMDConfig",
+    "DLDRCallback",
+    "DLDRConfig",
+    "IntegrationError",
+    "OIALRCallback",
+    "OIALRConfig",
+]
 
 
 def _single_optimizer(trainer: Any) -> torch.optim.Optimizer:
     optimizers = list(trainer.optimizers)
     if len(optimizers) != 1:
-        raise ValueError(
+        raise ParameterError(
             f"lowrank-core's Lightning callbacks need exactly one optimizer, the Trainer has "
             f"{len(optimizers)}"
         )
@@ -64,7 +81,7 @@ def _single_optimizer(trainer: Any) -> torch.optim.Optimizer:
 
 def _single_process(trainer: Any, what: str) -> None:
     if int(getattr(trainer, "world_size", 1)) > 1:
-        raise RuntimeError(
+        raise IntegrationError(
             f"{what} runs on single-process strategies; for DDP use lowrank_torch.distributed, "
             "for FSDP lowrank_torch.fsdp, in a plain training loop"
         )
@@ -106,7 +123,7 @@ class OIALRCallback(_Callback):
     def controller(self) -> OIALR:
         """The OIALR controller (exists from ``on_fit_start`` on)."""
         if self.driver.controller is None:
-            raise RuntimeError("the OIALR controller exists once the fit has started")
+            raise IntegrationError("the OIALR controller exists once the fit has started")
         return self.driver.controller
 
     @property

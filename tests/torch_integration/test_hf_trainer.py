@@ -34,6 +34,7 @@ from lowrank_torch.hf import (  # noqa: E402
     CMDTrainerCallback,
     DLDRConfig,
     DLDRTrainerCallback,
+    IntegrationError,
     OIALRConfig,
     OIALRTrainerCallback,
 )
@@ -164,8 +165,9 @@ def test_resume_needs_the_callback_at_construction(tmp_path: Path) -> None:
         model=_model(), args=_args(tmp_path / "b"), train_dataset=Tokens(24)
     )
     late.add_callback(OIALRTrainerCallback(_oialr()))
-    with pytest.raises(RuntimeError, match="Trainer\\(callbacks="):
+    with pytest.raises(IntegrationError, match="Trainer\\(callbacks=") as info:
         late.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert isinstance(info.value, lc.LowRankError) and isinstance(info.value, RuntimeError)
 
 
 def test_cmd_trainer_callback_evaluates_cmd_weights(tmp_path: Path) -> None:
