@@ -243,8 +243,7 @@ class LowRankLayer(nn.Module):
         and of the input; ``U``, ``V`` are frozen). The dense path's backward computes the input
         gradient and ``dL/dW`` (``2 T m n``) and projects ``dL/dW`` onto ``sigma`` (``m r (n + r)``).
         """
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise ValueError(f"`tokens` must be a non-negative int, got {tokens!r}")
+        tokens = check_int("tokens", tokens, min=0)
         g, r, m, n, T = self.groups, self.rank, self.rows, self.cols, tokens
         dense = g * (T * m * n + m * r * (r + n))
         if backward:
@@ -439,7 +438,7 @@ class TransformersConv1D(metaclass=_Conv1DMeta):
     """
 
     def __new__(cls) -> TransformersConv1D:  # pragma: no cover - a marker only
-        raise TypeError("TransformersConv1D is a marker class; it has no instances")
+        raise ParameterTypeError("TransformersConv1D is a marker class; it has no instances")
 
 
 class LowRankConv1D(LowRankLayer):
