@@ -297,18 +297,22 @@ class OIALR:
                 continue
             if any(pattern in name for pattern in c.exclude):
                 continue
-            m, n = _matrix_shape(tuple(leaf.shape), c.layout)
-            if min(m, n) < 2 or min(m, n) / max(m, n) < c.min_aspect:
-                continue
             found.append(name)
             self._paths[name] = path
             self.shapes[name] = tuple(int(s) for s in leaf.shape)
             self.dtypes[name] = leaf.dtype
+        # keep_first / keep_last: the model's first / last kernel (the input and output layers), as in
+        # PyTorch, before the aspect filter (which would otherwise move "last" to an inner layer)
         if c.keep_last and found:
             found = found[:-1]
         if c.keep_first and found:
             found = found[1:]
-        return found
+        kept = []
+        for name in found:
+            m, n = _matrix_shape(self.shapes[name], c.layout)
+            if min(m, n) >= 2 and min(m, n) / max(m, n) >= c.min_aspect:
+                kept.append(name)
+        return kept
 
     @property
     def pending(self) -> list[str]:

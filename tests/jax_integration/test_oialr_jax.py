@@ -74,6 +74,12 @@ def test_eligible_kernels_and_layouts() -> None:
     wide = {"w": jnp.zeros((4, 100)), "b": jnp.zeros((4, 5)), "c": jnp.zeros(3)}
     ctrl = jo.OIALR(wide, jo.OIALRConfig(switch_step=1, keep_last=False))
     assert ctrl.eligible == ["['b']"]  # aspect 0.04 < min_aspect, 1-D skipped
+    # the MNIST-1D MLP: the first and last kernels fail the aspect rule, the last is kept dense anyway;
+    # keep_last means the output layer, not the last kernel that passes the aspect rule
+    mlp = {
+        f"l{i}": {"kernel": jnp.zeros(s)} for i, s in enumerate([(40, 512), (512, 512), (512, 10)])
+    }
+    assert jo.OIALR(mlp, jo.OIALRConfig(switch_step=1)).eligible == ["['l1']['kernel']"]
     conv = {"conv": {"kernel": jnp.zeros((3, 4, 8))}, "out": {"kernel": jnp.zeros((8, 2))}}
     ctrl = jo.OIALR(conv, jo.OIALRConfig(switch_step=1))
     assert ctrl.eligible == ["['conv']['kernel']"]
