@@ -268,7 +268,13 @@ def package(session: nox.Session) -> None:
     if len(wheels) != 1:
         session.error(f"expected one wheel, got {wheels}")
     names = zipfile.ZipFile(wheels[0]).namelist()
-    for pkg in ("lowrank_core", "lowrank_torch", "lowrank_cupy", "lowrank_reference"):
+    for pkg in (
+        "lowrank_core",
+        "lowrank_torch",
+        "lowrank_cupy",
+        "lowrank_jax",
+        "lowrank_reference",
+    ):
         if f"{pkg}/py.typed" not in names:
             session.error(f"the wheel has no {pkg}/py.typed")
     stray = [
@@ -277,7 +283,7 @@ def package(session: nox.Session) -> None:
     if stray:
         session.error(f"the wheel must not contain tests or benchmarks: {stray[:5]}")
     session.log(f"{wheels[0].name}: {len(names)} files, py.typed present, no tests/benchmarks")
-    install(session, f"{wheels[0]}[demo]")
+    install(session, f"{wheels[0]}[demo,jax]")
     run_dir = tmp / "run"
     run_dir.mkdir()
     session.chdir(run_dir)  # the source tree is not importable from here

@@ -1,14 +1,15 @@
 """Every Python code block of README.md and of the documentation site runs (no example can rot).
 
-The blocks of one page run in order in one namespace, the way a reader would paste them, in a fresh
-subprocess (so one page cannot see another's imports or state) from a temporary directory. Each page
-runs in exactly one test session: the one whose backend its blocks need (``torch`` if they import
-torch or lowrank_torch, ``jax`` if they import jax or lowrank_jax, else ``numpy``); the other sessions
-skip it, saying where it runs. A page that needs a module that session cannot import fails.
+Each block is a complete example (its own imports) and runs alone in a fresh subprocess from a
+temporary directory, the way a reader would paste it. It runs in exactly one test session: the one
+whose backend it needs (``torch`` if it imports torch or lowrank_torch, ``jax`` if it imports jax,
+lowrank_jax, optax or flax, else ``numpy``); the other sessions skip it, saying where it runs. A block
+that needs a module its session cannot import fails.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -17,7 +18,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import selected_backends
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -30,6 +30,15 @@ def python_blocks(text: str) -> list[str]:
     return [textwrap.dedent(m.group(2)) for m in _FENCE.finditer(text)]
 
 
+def selected_backends() -> list[str]:
+    """The session's backends, as tests/conftest.py reads them (not imported: the name ``conftest``
+    is ambiguous once tests/jax_integration/conftest.py is collected too)."""
+    raw = os.environ.get("LOWRANK_TEST_BACKENDS", "").strip()
+    if raw:
+        return [name.strip() for name in raw.split(",") if name.strip()]
+    return [b for b in ("numpy", "torch", "jax") if importlib.util.find_spec(b) is not None]
+
+
 def session_of(code: str) -> str:
     if re.search(r"^\s*(import|from)\s+(jax|lowrank_jax|optax|flax)\b", code, re.M):
         return "jax"
@@ -40,22 +49,20 @@ def session_of(code: str) -> str:
 
 CASES = []
 for page in PAGES:
-    blocks = python_blocks(page.read_text(encoding="utf-8"))
-    if blocks:
-        CASES.append(pytest.param(page, blocks, id=page.relative_to(ROOT).as_posix()))
+    for k, block in enumerate(python_blocks(page.read_text(encoding="utf-8")), start=1):
+        CASES.append(pytest.param(page, block, id=f"{page.relative_to(ROOT).as_posix()}#{k}"))
 
 
 def test_the_pages_have_examples():
     """The extraction itself works: README and the tutorials hold Python blocks."""
-    ids = {c.id for c in CASES}
-    assert "README.md" in ids
+    pages = {c.id.partition("#")[0] for c in CASES}
+    assert "README.md" in pages
     for name in ("oialr", "dldr", "cmd", "init"):
-        assert f"docs/tutorials/{name}.md" in ids
+        assert f"docs/tutorials/{name}.md" in pages
 
 
-@pytest.mark.parametrize(("page", "blocks"), CASES)
-def test_code_blocks_run(page: Path, blocks: list[str], tmp_path: Path) -> None:
-    code = "\n\n".join(blocks)
+@pytest.mark.parametrize(("page", "code"), CASES)
+def test_code_blocks_run(page: Path, code: str, tmp_path: Path) -> None:
     needs = session_of(code)
     here = selected_backends()
     if needs not in here:
