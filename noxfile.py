@@ -61,9 +61,10 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on the packages listed in [tool.mypy] of pyproject.toml.
 
-    torch (CPU, pinned) is installed so that the PyTorch integration is checked against torch's own
-    type hints, exactly as on a developer's machine; without it every torch type would be Any."""
-    install(session, "-e", ".[torch]", *group("typecheck"))
+    torch (CPU, pinned) and JAX (CPU wheels) are installed so that the integrations are checked against
+    their frameworks' own type hints, exactly as on a developer's machine; without them every torch or
+    jax type would be Any (and the ignores written for the real types would be unused)."""
+    install(session, "-e", ".[torch,jax]", *group("typecheck"))
     session.run("mypy", *session.posargs)
 
 
