@@ -251,7 +251,8 @@ def docs(session: nox.Session) -> None:
 
     First the generated pages: the figures of the tutorials from real short runs (docs/figures.py)
     and the per-function backend table from the test matrix (docs/backend_matrix.py)."""
-    install(session, "-e", ".[demo]", *group("docs", "test"))
+    # everything the test suite imports, so that the backend table's collection sees every test
+    install(session, "-e", ".[demo,jax]", *group("docs", "test", "models", "integrations"))
     env = {"OMP_NUM_THREADS": "1", "NO_MKDOCS_2_WARNING": "1"}
     session.run("python", "docs/figures.py", env=env)
     session.run("python", "docs/backend_matrix.py", env=env)
