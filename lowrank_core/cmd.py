@@ -323,27 +323,42 @@ class _Rows:
         return self.shifted - self.shift_mean[:, None]
 
 
-def _rows(xp: Namespace, x: Array, eps: float, *, finite_name: str | None = None) -> _Rows:
-    """Row statistics of ``x`` in four passes over it (shift, sum of squares, sum; the caller's matmul).
+def _rows(
+    xp: Namespace,
+    x: Array,
+    eps: float,
+    *,
+    finite_name: str | None = None,
+    against: Array | None = None,
+) -> tuple[_Rows, Array | None]:
+    """Row statistics of ``x``, and with ``against`` ``(T, M + 1)`` also ``shifted @ against``.
 
-    The shift by the first value is exact for values within a factor 2 of it (Sterbenz), so a constant
-    row gives exact zeros, and the centred sum of squares ``sum d^2 - (sum d)^2 / T`` of the shifted
-    rows loses at most ``log2(T + 1)`` bits (``|mean(d)| <= max|d - mean(d)|``). Rows whose squares
-    would overflow or underflow are redone scaled by a power of two (exact). With ``finite_name`` the
-    block is checked for NaN / Inf on the way (a finite sum of squares proves it finite).
+    Three passes over the block: the shift (which also reads it), the sum of squares, and one GEMM.
+    With ``against = [U^T | 1]`` (the unit profiles and a column of ones, see :class:`_Profiles`) the
+    GEMM gives both the products with the profiles and the row sums ``sum d``; without it ``sum d`` is
+    one more pass. The shift by the first value is exact for values within a factor 2 of it (Sterbenz),
+    so a constant row gives exact zeros, and the centred sum of squares ``sum d^2 - (sum d)^2 / T`` of
+    the shifted rows loses at most ``log2(T + 1)`` bits (``|mean(d)| <= max|d - mean(d)|``) beyond the
+    rounding of the two sums (each within ``T eps sum |d|``, whatever order the library sums in). Rows
+    whose squares would overflow or underflow are redone scaled by a power of two (exact). With
+    ``finite_name`` the block is checked for NaN / Inf on the way (a finite sum of squares proves it
+    finite).
     """
     x = upcast(xp, x)
     t = int(x.shape[1])
-    x0 = x[:, 0]
+    x0 = xp.asarray(
+        x[:, 0], copy=True
+    )  # contiguous: the broadcast below and the vector ops are faster
     d = x - x0[:, None]
-    with np.errstate(over="ignore"):  # an overflow is detected below and redone scaled
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is detected below and redone
         ss = xp.vecdot(d, d, axis=-1)
+        prod = None if against is None else d @ against
     if finite_name is not None and not bool(xp.all(xp.isfinite(ss) & xp.isfinite(x0))):
         _check_finite(x, finite_name)  # raises for NaN / Inf; else only the squares overflowed
     info = xp.finfo(x.dtype)
     lo = float(info.smallest_normal) * 2.0**32
     hi = float(info.max) * 2.0**-32
-    sd = xp.sum(d, axis=1)
+    sd = xp.sum(d, axis=1) if prod is None else prod[:, -1]
     one = xp.ones_like(x0)
     if bool(xp.any((ss > hi) | ((ss < lo) & ((ss > 0) | (sd != 0))))):
         amax = xp.max(xp.abs(d), axis=1)
@@ -351,7 +366,11 @@ def _rows(xp: Namespace, x: Array, eps: float, *, finite_name: str | None = None
         scale = xp.where(pos, 2.0 ** xp.floor(xp.log2(xp.where(pos, amax, one))), one)
         d = d / scale[:, None]  # a power of two: exact
         ss = xp.vecdot(d, d, axis=-1)
-        sd = xp.sum(d, axis=1)
+        if against is None:
+            sd = xp.sum(d, axis=1)
+        else:
+            prod = d @ against
+            sd = prod[:, -1]
     else:
         scale = one
     mu = sd / t
@@ -359,7 +378,8 @@ def _rows(xp: Namespace, x: Array, eps: float, *, finite_name: str | None = None
     mean = x0 + scale * mu
     magnitude = xp.abs(x0) / scale + xp.sqrt(ss / t)  # |x_0| + rms(x - x_0), scaled
     constant = norm <= (CONSTANT_TOLERANCE * eps * math.sqrt(t)) * magnitude
-    return _Rows(shifted=d, shift_mean=mu, mean=mean, norm=norm, scale=scale, constant=constant)
+    rows = _Rows(shifted=d, shift_mean=mu, mean=mean, norm=norm, scale=scale, constant=constant)
+    return rows, prod
 
 
 def _unit(xp: Namespace, rows: _Rows) -> Array:
@@ -385,7 +405,7 @@ def abs_correlation(x: Array, *, check_finite: bool = True) -> Array:
     _check_trajectory(xp, x, "x")
     if check_bool("check_finite", check_finite):
         _check_finite(x, "x")
-    c = _abs_corr(xp, _unit(xp, _rows(xp, x, _eps(xp, x.dtype))))
+    c = _abs_corr(xp, _unit(xp, _rows(xp, x, _eps(xp, x.dtype))[0]))
     return xp.astype(c, x.dtype) if c.dtype != x.dtype else c
 
 
@@ -593,7 +613,7 @@ class _Clustering:
 
 
 def _cluster_sample(xp: Namespace, x: Array, metric: str) -> _Clustering:
-    rows = _rows(xp, x, _eps(xp, x.dtype))
+    rows = _rows(xp, x, _eps(xp, x.dtype))[0]
     keep = np.flatnonzero(~_to_host(rows.constant))
     if keep.size == 0:
         empty = np.zeros((0, 2), dtype=np.int64)
@@ -643,10 +663,13 @@ class _Profiles:
     """Per-mode quantities of the profiles needed by every chunk (compute dtype)."""
 
     def __init__(self, xp: Namespace, profiles: Array, eps: float) -> None:
-        rows = _rows(xp, profiles, eps)
+        rows = _rows(xp, profiles, eps)[0]
         self.mean = rows.mean
         self.unit = _unit(xp, rows)  # (M, T), 0 for a constant profile
         self.unit_sum = xp.sum(self.unit, axis=1)  # ~0 (centred): corrects shifted rows exactly
+        # [U^T | 1] (T, M + 1), contiguous: one GEMM per chunk gives <d, u_m> and the row sums
+        ones = xp.matrix_transpose(xp.ones_like(self.unit[:1, :]))
+        self.against = xp.concat([xp.matrix_transpose(self.unit), ones], axis=1)
         self.norm = rows.norm
         self.scale = rows.scale
         self.constant = rows.constant
@@ -686,11 +709,16 @@ def _chunk_stats(
     The co-moment ``sum_t (w - w̄)(r - r̄)`` with the mode's profile is returned in data units (it is the
     online state; it may overflow at extreme scales, ``a`` never does).
     """
-    rows = _rows(
-        xp, xp.astype(w, prof.dtype) if w.dtype != prof.dtype else w, eps, finite_name=finite_name
+    rows, prod = _rows(
+        xp,
+        xp.astype(w, prof.dtype) if w.dtype != prof.dtype else w,
+        eps,
+        finite_name=finite_name,
+        against=prof.against,
     )
+    assert prod is not None
     # (c, M): <w - w̄, unit profile> (scaled units), from the shifted rows without centring them
-    g = rows.shifted @ xp.matrix_transpose(prof.unit) - rows.shift_mean[:, None] * prof.unit_sum
+    g = prod[:, :-1] - rows.shift_mean[:, None] * prof.unit_sum
 
     mode = _assign(xp, rows, g) if assignment is None else assignment
     mode = xp.astype(mode, _index_dtype(xp, w))
@@ -1073,7 +1101,7 @@ def relative_error(
         _check_finite(w, "trajectory")
         model = fit.reconstruct(s, e)
         num.add(xp, w - xp.astype(model, w.dtype))
-        den.add(xp, w - _rows(xp, w, eps).mean[:, None] if cen else w)
+        den.add(xp, w - _rows(xp, w, eps)[0].mean[:, None] if cen else w)
     return num.ratio(den)
 
 
