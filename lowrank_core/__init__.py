@@ -16,6 +16,7 @@ from .cmd import CMDFit, Modes, OnlineCMD, choose_num_modes, fit_cmd
 from .dldr import SnapshotStore, Subspace, fit_subspace
 from .errors import (
     ArrayTypeError,
+    CheckpointError,
     DeviceMismatchError,
     DTypeError,
     LowRankError,
@@ -73,6 +74,7 @@ __all__ = [
     "ArrayTypeError",
     "Backend",
     "CMDFit",
+    "CheckpointError",
     "DTypeError",
     "DeviceMismatchError",
     "EffectiveRank",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArrayTypeError",
+    "CheckpointError",
     "DTypeError",
     "DeviceMismatchError",
     "LowRankError",
@@ -69,3 +70,11 @@ class ParameterTypeError(ParameterError, TypeError):
 class SnapshotStoreError(LowRankError, OSError):
     """A :class:`~lowrank_core.dldr.SnapshotStore` cannot serve the call: it is closed, its file is
     locked by another store, was truncated under it, or cannot be created or grown."""
+
+
+class CheckpointError(LowRankError, ValueError):
+    """A checkpoint cannot be read (missing, corrupt, not a checkpoint), or does not fit the model,
+    optimizer or controller it is loaded into. Raised before anything is changed.
+
+    The same class for every framework (``lowrank_torch.checkpoint``, ``lowrank_jax.checkpoint``).
+    """

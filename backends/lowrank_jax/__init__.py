@@ -14,8 +14,9 @@ run outside ``jit``.
 
 Integration (imported on first use): :mod:`lowrank_jax.oialr` (OIALR over parameter pytrees with optax),
 :mod:`lowrank_jax.dldr` (snapshots, subspace SGD as an optax transformation, subspace BFGS),
-:mod:`lowrank_jax.cmd` (online CMD over a pytree). Checkpoints: each controller's ``state_dict`` /
-``load_state_dict`` (plain arrays and numbers, e.g. for ``numpy.savez``).
+:mod:`lowrank_jax.cmd` (online CMD over a pytree), :mod:`lowrank_jax.checkpoint` (one checked ``.npz``
+file for parameters, optax state and every controller, loaded all or nothing; each controller also has
+``state_dict`` / ``load_state_dict``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ._backend import JaxBackend, TracedFiniteCheckError, as_key, is_traced
 
 __all__ = ["JaxBackend", "TracedFiniteCheckError", "as_key", "is_traced"]
 
-_SUBMODULES = ("cmd", "dldr", "oialr", "optim_state")
+_SUBMODULES = ("checkpoint", "cmd", "dldr", "oialr", "optim_state")
 
 
 def __getattr__(name: str) -> Any:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_core.backend import StandardBackend
-from lowrank_core.errors import LowRankError
+from lowrank_core.errors import ArrayTypeError, LowRankError, ParameterError, ParameterTypeError
 
 __all__ = ["JaxBackend", "TracedFiniteCheckError", "as_key", "is_traced"]
 
@@ -53,15 +53,17 @@ def as_key(seed: Any) -> jax.Array:
         if seed.dtype == jnp.uint32 and seed.shape == (2,):  # legacy jax.random.PRNGKey
             key: jax.Array = jax.random.wrap_key_data(jnp.asarray(seed))
             return key
-        raise TypeError(
+        raise ParameterTypeError(
             f"`seed` must be an int, None or a JAX PRNG key, got an array of dtype {seed.dtype} and "
             f"shape {tuple(seed.shape)}"
         )
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"`seed` must be an int, None or a JAX PRNG key, got {type(seed).__name__}")
+        raise ParameterTypeError(
+            f"`seed` must be an int, None or a JAX PRNG key, got {type(seed).__name__}"
+        )
     value = int(seed)
     if not -(2**63) <= value < 2**64:
-        raise ValueError(f"`seed` must fit in 64 bits, got {value}")
+        raise ParameterError(f"`seed` must fit in 64 bits, got {value}")
     if value >= 2**63:  # jax.random.key takes int64; keep every uint64 seed distinct
         value -= 2**64
     return jax.random.key(value)
@@ -123,7 +125,7 @@ class JaxBackend(StandardBackend):
 
     def to_numpy(self, x: jax.Array) -> np.ndarray:
         if is_traced(x):
-            raise TypeError(
+            raise ArrayTypeError(
                 "a traced JAX value (inside jax.jit / jax.vmap) has no host copy; this step must run "
                 "outside the transformation"
             )

@@ -36,7 +36,7 @@ class CMDTracker:
         self, params: Any, warmup_epochs: int = 20, max_modes: int | None = 10, **fit_options: Any
     ) -> None:
         if isinstance(warmup_epochs, bool) or int(warmup_epochs) < 2:
-            raise ValueError(f"`warmup_epochs` must be an int >= 2, got {warmup_epochs!r}")
+            raise lc.ParameterError(f"`warmup_epochs` must be an int >= 2, got {warmup_epochs!r}")
         flat, self.unflatten = flatten(params)
         self._treedef = jax.tree_util.tree_structure(params)
         self.dim = int(flat.shape[0])
@@ -112,28 +112,59 @@ class CMDTracker:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; ``ValueError`` / ``ShapeError`` when it belongs to other parameters."""
+        """Restore :meth:`state_dict`. Everything is checked first: :class:`lowrank_core.CheckpointError`
+        names what does not fit (other parameters, another warm-up length, a damaged CMD state) and the
+        tracker is left as it was."""
+        self._apply_state(self._check_state(state))
+
+    def _check_state(self, state: Any) -> dict[str, Any]:
+        err = lc.CheckpointError
         if not isinstance(state, dict) or state.get("format") != "lowrank_jax.CMDTracker/1":
-            raise ValueError(
-                "not a lowrank_jax CMDTracker state (missing or unknown 'format' entry)"
-            )
-        if int(state["dim"]) != self.dim:
-            raise lc.ShapeError(
-                f"the CMD state follows {int(state['dim'])} scalars, these parameters have {self.dim}"
-            )
-        if int(state["warmup_epochs"]) != self.warmup_epochs:
-            raise ValueError(
-                f"the CMD state was made with warmup_epochs={state['warmup_epochs']}, "
+            raise err("not a lowrank_jax CMDTracker state (missing or unknown 'format' entry)")
+        missing = [k for k in ("dim", "warmup_epochs", "warmup") if k not in state]
+        if missing:
+            raise err(f"the CMD state lacks the entries {missing}")
+        try:
+            dim, warmup_epochs = int(state["dim"]), int(state["warmup_epochs"])
+            warmup = [np.asarray(w) for w in state["warmup"]]
+        except (TypeError, ValueError) as exc:
+            raise err(f"the CMD state is invalid: {exc}") from None
+        if dim != self.dim:
+            raise err(f"the CMD state follows {dim} scalars, these parameters have {self.dim}")
+        if warmup_epochs != self.warmup_epochs:
+            raise err(
+                f"the CMD state was made with warmup_epochs={warmup_epochs}, "
                 f"this tracker has {self.warmup_epochs}"
             )
-        self._warmup = [jnp.asarray(w) for w in state["warmup"]]
-        if "cmd" in state:
-            saved = state["cmd"]
-            self.cmd = lc.OnlineCMD.from_state_dict(
-                {
-                    **{k: jnp.asarray(saved[k]) for k in _STATE_KEYS},
-                    **{k: saved[k] for k in saved if k not in _STATE_KEYS},
-                }
+        if len(warmup) >= warmup_epochs or any(w.shape != (dim,) for w in warmup):
+            raise err(
+                f"the CMD state's warm-up snapshots must be fewer than {warmup_epochs} vectors of "
+                f"shape ({dim},)"
             )
-        else:
-            self.cmd = None
+        cmd: lc.OnlineCMD | None = None
+        if "cmd" in state:
+            if warmup:
+                raise err("the CMD state holds both warm-up snapshots and a fitted model")
+            saved = state["cmd"]
+            if not isinstance(saved, dict):
+                raise err("the CMD state's 'cmd' entry must be a dict")
+            try:
+                cmd = lc.OnlineCMD.from_state_dict(
+                    {
+                        **{k: jnp.asarray(saved[k]) for k in _STATE_KEYS if k in saved},
+                        **{k: saved[k] for k in saved if k not in _STATE_KEYS},
+                    }
+                )
+            except lc.LowRankError as exc:
+                raise err(f"the saved CMD model is invalid: {exc}") from None
+            if int(cmd.assignment.shape[0]) != dim:
+                raise err(
+                    f"the saved CMD model follows {int(cmd.assignment.shape[0])} scalars, these "
+                    f"parameters have {dim}"
+                )
+        return {"warmup": [jnp.asarray(w) for w in warmup], "cmd": cmd}
+
+    def _apply_state(self, fields: dict[str, Any]) -> None:
+        self._warmup = fields["warmup"]
+        self.cmd = fields["cmd"]
+        self._update = None

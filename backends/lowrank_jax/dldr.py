@@ -101,7 +101,7 @@ def subspace_sgd(
     import optax
 
     if not 0.0 <= momentum < 1.0 or weight_decay < 0:
-        raise ValueError("need 0 <= momentum < 1 and weight_decay >= 0")
+        raise lc.ParameterError("need 0 <= momentum < 1 and weight_decay >= 0")
     P = subspace.basis
 
     def init(params: Any) -> SubspaceSGDState:
@@ -118,7 +118,7 @@ def subspace_sgd(
         g, unravel = flatten(grads)
         if weight_decay:
             if params is None:
-                raise ValueError("subspace_sgd with weight_decay needs `params` in update()")
+                raise lc.ParameterError("subspace_sgd with weight_decay needs `params` in update()")
             w, _ = flatten(params)
             g = g + weight_decay * w
         gc = subspace.project_direction(g.astype(P.dtype), check_finite=False)
@@ -174,7 +174,9 @@ class SubspaceBFGS:
         curvature_eps: float = 1e-8,
     ) -> None:
         if not 0.0 < shrink < 1.0 or not 0.0 < c1 < 1.0 or alpha0 <= 0 or max_trials < 1:
-            raise ValueError("need 0 < shrink < 1, 0 < c1 < 1, alpha0 > 0 and max_trials >= 1")
+            raise lc.ParameterError(
+                "need 0 < shrink < 1, 0 < c1 < 1, alpha0 > 0 and max_trials >= 1"
+            )
         flat, self.unflatten = flatten(params)
         if int(flat.shape[0]) != subspace.dim:
             raise lc.ShapeError(

@@ -71,7 +71,7 @@ def kernel_matrix(kernel: jax.Array, layout: str = "flax") -> jax.Array:
         return jnp.reshape(kernel, (-1, kernel.shape[-1]))
     if layout == "torch":
         return lc.weight_to_matrix(kernel)  # type: ignore[no-any-return]
-    raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+    raise lc.ParameterError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
 
 
 def _matrix_shape(shape: tuple[int, ...], layout: str) -> tuple[int, int]:
@@ -211,23 +211,27 @@ class OIALRConfig:
 
     def __post_init__(self) -> None:
         if self.switch_step is None and self.stability_threshold is None:
-            raise ValueError("OIALRConfig needs `switch_step`, `stability_threshold`, or both")
+            raise lc.ParameterError(
+                "OIALRConfig needs `switch_step`, `stability_threshold`, or both"
+            )
         if self.switch_step is not None and (
             isinstance(self.switch_step, bool) or int(self.switch_step) < 0
         ):
-            raise ValueError(f"`switch_step` must be a non-negative int, got {self.switch_step!r}")
+            raise lc.ParameterError(
+                f"`switch_step` must be a non-negative int, got {self.switch_step!r}"
+            )
         if self.stability_threshold is not None and not 0.0 < self.stability_threshold <= 1.0:
-            raise ValueError(
+            raise lc.ParameterError(
                 f"`stability_threshold` must lie in (0, 1], got {self.stability_threshold}"
             )
         for name in ("stability_every", "update_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+                raise lc.ParameterError(f"`{name}` must be a positive int, got {value!r}")
         if not callable(self.rule):
-            raise TypeError(f"`rule` must be a rank rule (callable), got {self.rule!r}")
+            raise lc.ParameterTypeError(f"`rule` must be a rank rule (callable), got {self.rule!r}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"`layout` must be one of {LAYOUTS}, got {self.layout!r}")
+            raise lc.ParameterError(f"`layout` must be one of {LAYOUTS}, got {self.layout!r}")
         self.exclude = tuple(self.exclude)
 
 
@@ -404,7 +408,9 @@ class OIALR:
         todo = self.pending if names is None else list(names)
         for name in todo:
             if name not in self.eligible:
-                raise ValueError(f"{name} is not an eligible kernel; eligible: {self.eligible}")
+                raise lc.ParameterError(
+                    f"{name} is not an eligible kernel; eligible: {self.eligible}"
+                )
         out = self._switch(trainable, opt_state, todo, self.step_count)
         self.structure_changed = True
         return out
@@ -495,45 +501,109 @@ class OIALR:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` into this (fresh, nothing switched) controller.
 
-        Raises ``ValueError`` naming the mismatch when the state belongs to other parameters."""
+        Everything is checked first: :class:`lowrank_core.CheckpointError` names what does not fit
+        (another parameter tree, a shape, a rank, a missing entry) and the controller is left as it was.
+        """
+        self._apply_state(self._check_state(state))
+
+    _STATE_KEYS = (
+        "format", "step_count", "updates", "switched", "ranks", "eligible", "shapes", "layout",
+        "history", "bases", "polar",
+    )  # fmt: skip
+
+    def _check_state(self, state: Any) -> dict[str, Any]:
+        """The controller's new fields from ``state``, validated against this controller; changes nothing."""
+        err = lc.CheckpointError
         if not isinstance(state, dict) or state.get("format") != "lowrank_jax.OIALR/1":
-            raise ValueError("not a lowrank_jax OIALR state (missing or unknown 'format' entry)")
+            raise err("not a lowrank_jax OIALR state (missing or unknown 'format' entry)")
+        missing = [k for k in self._STATE_KEYS if k not in state]
+        if missing:
+            raise err(f"the OIALR state lacks the entries {missing}")
         if self.switched:
-            raise ValueError(
-                "load_state_dict needs a controller that has not switched any kernel yet"
-            )
+            raise err("load_state_dict needs a controller that has not switched any kernel yet")
         if list(state["eligible"]) != self.eligible:
-            raise ValueError(
+            raise err(
                 "the state was made for other eligible kernels: saved "
                 f"{list(state['eligible'])}, these parameters have {self.eligible}"
             )
         if state["layout"] != self.config.layout:
-            raise ValueError(
+            raise err(
                 f"the state uses layout {state['layout']!r}, the config {self.config.layout!r}"
             )
-        for name, shape in state["shapes"].items():
-            if tuple(shape) != self.shapes.get(name):
-                raise lc.ShapeError(
-                    f"kernel {name} has shape {self.shapes.get(name)} here, {tuple(shape)} in the state"
+        try:
+            shapes = {str(n): tuple(int(d) for d in s) for n, s in dict(state["shapes"]).items()}
+            switched = {str(n): int(t) for n, t in dict(state["switched"]).items()}
+            ranks = {str(n): int(r) for n, r in dict(state["ranks"]).items()}
+            step_count, updates = int(state["step_count"]), int(state["updates"])
+            history = [dict(e) for e in state["history"]]
+            bases = {str(n): tuple(b) for n, b in dict(state["bases"]).items()}
+            polar = dict(state["polar"])
+        except (TypeError, ValueError) as exc:
+            raise err(f"the OIALR state is invalid: {exc}") from None
+        for name, shape in shapes.items():
+            if shape != self.shapes.get(name):
+                raise err(
+                    f"kernel {name} has shape {self.shapes.get(name)} here, {shape} in the state"
                 )
+        if set(bases) != set(switched) or set(ranks) != set(switched):
+            raise err(
+                "the OIALR state is inconsistent: switched kernels "
+                f"{sorted(switched)}, bases for {sorted(bases)}, ranks for {sorted(ranks)}"
+            )
+        unknown = sorted(set(switched) - set(self.eligible))
+        if unknown:
+            raise err(f"the state switched kernels these parameters do not have: {unknown}")
+        if step_count < 0 or updates < 0:
+            raise err("the OIALR state's step and update counts must be >= 0")
         frozen: dict[str, Basis] = {}
-        for name, (U, V) in state["bases"].items():
+        for name, pair in bases.items():
+            if len(pair) != 2:
+                raise err(f"the bases of {name} must be a pair (U, V)")
+            U, V = (np.asarray(a) for a in pair)
             m, n = _matrix_shape(self.shapes[name], self.config.layout)
-            r = int(state["ranks"][name])
+            r = ranks[name]
+            if not 1 <= r <= min(m, n):
+                raise err(f"the saved rank of {name} is {r}; it must lie in 1..{min(m, n)}")
             if U.shape != (m, r) or V.shape != (n, r):
-                raise lc.ShapeError(
+                raise err(
                     f"the bases of {name} have shapes {U.shape}, {V.shape}; expected ({m}, {r}), ({n}, {r})"
                 )
+            if not (np.isfinite(U).all() and np.isfinite(V).all()):
+                raise err(f"the bases of {name} hold NaN or Inf")
             dt = self.dtypes[name]
             frozen[name] = Basis(
                 jnp.asarray(U, dt), jnp.asarray(V, dt), self.shapes[name], self.config.layout
             )
-        self.frozen = frozen
-        self.switched = {n: int(t) for n, t in state["switched"].items()}
-        self.step_count = int(state["step_count"])
-        self._updates = int(state["updates"])
-        self.history = [dict(e) for e in state["history"]]
-        self._polar = {n: jnp.asarray(q) for n, q in state["polar"].items()}
+        pending = [n for n in self.eligible if n not in switched]
+        polar_arrays: dict[str, jax.Array] = {}
+        for name, q in polar.items():
+            q = np.asarray(q)
+            if name not in pending:
+                raise err(
+                    f"the state keeps a warm-up polar factor for {name}, which is not pending"
+                )
+            want = _matrix_shape(self.shapes[name], self.config.layout)
+            if q.shape != want:
+                raise err(f"the polar factor of {name} has shape {q.shape}, expected {want}")
+            polar_arrays[name] = jnp.asarray(q)
+        return {
+            "frozen": frozen,
+            "switched": switched,
+            "step_count": step_count,
+            "_updates": updates,
+            "history": history,
+            "_polar": polar_arrays,
+        }
+
+    def _apply_state(self, fields: dict[str, Any]) -> None:
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def state_template(self, params: Any, ranks: dict[str, int]) -> Any:
+        """``params`` with a zero Sigma of the given rank at each named kernel (changes nothing here)."""
+        return self._replace(
+            params, {n: jnp.zeros((r, r), dtype=self.dtypes[n]) for n, r in ranks.items()}
+        )
 
     def trainable_template(self, params: Any) -> Any:
         """``params`` with a zero Sigma of the current rank at every switched kernel: the structure and

@@ -60,11 +60,9 @@ from .optim_state import (
 __all__ = ["OIALR", "CheckpointError", "OIALRConfig"]
 
 
-class CheckpointError(lc.LowRankError, ValueError):
-    """A checkpoint cannot be read, or does not fit the model / optimizer it is loaded into.
-
-    (Also importable from :mod:`lowrank_torch.checkpoint`.)
-    """
+#: :class:`lowrank_core.CheckpointError` (the same class in every framework; also importable from
+#: :mod:`lowrank_torch.checkpoint`)
+CheckpointError = lc.CheckpointError
 
 
 @dataclass

@@ -83,9 +83,9 @@ def test_eligible_kernels_and_layouts() -> None:
     conv = {"conv": {"kernel": jnp.zeros((3, 4, 8))}, "out": {"kernel": jnp.zeros((8, 2))}}
     ctrl = jo.OIALR(conv, jo.OIALRConfig(switch_step=1))
     assert ctrl.eligible == ["['conv']['kernel']"]
-    with pytest.raises(ValueError, match="layout"):
+    with pytest.raises(lc.ParameterError, match="layout"):
         jo.OIALRConfig(layout="tf")
-    with pytest.raises(ValueError, match="switch_step"):
+    with pytest.raises(lc.ParameterError, match="switch_step"):
         jo.OIALRConfig(switch_step=None)
 
 
@@ -296,7 +296,7 @@ def test_errors() -> None:
     ctrl = jo.OIALR(p, jo.OIALRConfig(switch_step=1))
     with pytest.raises(lc.ShapeError, match="structure"):
         ctrl.step({"l0": p["l0"]}, None)
-    with pytest.raises(ValueError, match="not an eligible"):
+    with pytest.raises(lc.ParameterError, match="not an eligible"):
         ctrl.switch(p, optax.sgd(0.1).init(p), ["['l2']['kernel']"])
     assert ctrl.switched == {}
     with pytest.raises(lc.ShapeError):

@@ -430,3 +430,12 @@ def test_files_of_the_previous_format_load_only_unchecked(tmp_path):
     assert not ctrl.switched
     load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched, verify=False)
     assert ctrl.ranks() == saved.ranks()
+
+
+def test_checkpoint_error_is_the_core_class() -> None:
+    """One CheckpointError for every framework: ``except lowrank_core.CheckpointError`` catches the
+    torch integration's (and the JAX integration's) refusals."""
+    import lowrank_torch
+
+    assert CheckpointError is lc.CheckpointError is lowrank_torch.oialr.CheckpointError
+    assert issubclass(CheckpointError, lc.LowRankError) and issubclass(CheckpointError, ValueError)
