@@ -193,17 +193,53 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dt
 
 
-def _transform(key: str, x: Tensor, apply: _Map, left: Tensor, right: Tensor) -> Tensor:
-    """Map one state tensor by the rule of the module docstring; ``apply(x, left, right)`` is linear."""
-    dt = _compute_dtype(x, left, right)
+class _Maps:
+    """``left`` / ``right`` in each compute dtype and device asked for, and their element-wise squares.
+
+    Built once per event, so that several state tensors (Adam's two moments, AMSGrad's maximum) share
+    the conversions and the squares (each an ``O(n^2)`` pass, computed at most once).
+    """
+
+    def __init__(self, left: Tensor, right: Tensor) -> None:
+        self.left, self.right = left.detach(), right.detach()
+        self._plain: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._squared: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+    def plain(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (dtype, device)
+        if key not in self._plain:
+            self._plain[key] = (
+                self.left.to(device=device, dtype=dtype),
+                self.right.to(device=device, dtype=dtype),
+            )
+        return self._plain[key]
+
+    def squared(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (dtype, device)
+        if key not in self._squared:
+            left, right = self.plain(dtype, device)
+            self._squared[key] = (left * left, right * right)
+        return self._squared[key]
+
+
+def _transform(key: str, x: Tensor, apply: _Map, maps: _Maps) -> Tensor:
+    """Map one state tensor by the rule of the module docstring; ``apply(x, left, right)`` is linear.
+
+    A state tensor that is all zeros (e.g. a moment of a parameter whose gradient was always 0) maps to
+    zeros under each of the three maps (linear, squared-linear, and the square root of the latter), so
+    it is not multiplied: zeros of the mapped shape are returned directly.
+    """
+    dt = _compute_dtype(x, maps.left, maps.right)
+    if not bool(x.any()):  # NaN counts as nonzero: it goes through the map and stays NaN
+        shape = (*maps.left.shape[:-2], maps.left.shape[-1], maps.right.shape[-1])
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
     xc = x.detach().to(dtype=dt)
-    lc_, rc = (t.detach().to(device=x.device, dtype=dt) for t in (left, right))
     if key in SECOND_MOMENT_KEYS:
-        y = apply(xc, lc_ * lc_, rc * rc).clamp_min(0)
+        y = apply(xc, *maps.squared(dt, x.device)).clamp_min_(0)
     elif key in MAGNITUDE_KEYS:
-        y = apply(xc * xc, lc_ * lc_, rc * rc).clamp_min(0).sqrt()
+        y = apply(xc * xc, *maps.squared(dt, x.device)).clamp_min_(0).sqrt_()
     else:
-        y = apply(xc, lc_, rc)
+        y = apply(xc, *maps.plain(dt, x.device))
     return y.to(dtype=x.dtype, device=x.device).contiguous()
 
 
@@ -213,9 +249,10 @@ def _map_state(
     """The new state (a new dict, new tensors) and the keys that were mapped."""
     out: dict[str, Any] = {}
     mapped: list[str] = []
+    maps = _Maps(left, right)
     for key, value in state.items():
         if isinstance(value, Tensor) and value.shape == shape:
-            out[key] = _transform(key, value, apply, left, right)
+            out[key] = _transform(key, value, apply, maps)
             mapped.append(key)
         else:
             out[key] = value
@@ -223,7 +260,19 @@ def _map_state(
 
 
 def _rotate(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    y: Tensor = lc.rotate_sigma(x, left, right, check_finite=False)
+    """``left^T x right``, multiplied in the cheaper order (the same product up to rounding).
+
+    ``(left^T x) right`` costs ``r1 m n + r1 n r2`` multiply-adds per matrix, ``left^T (x right)``
+    ``m n r2 + m r1 r2`` (``x`` ``m x n``, ``left`` ``m x r1``, ``right`` ``n x r2``): equal for a square
+    full-rank switch, up to ~2x apart for a rectangular weight. The second order is
+    ``rotate_sigma(x^T, right, left)^T``.
+    """
+    m, n = int(x.shape[-2]), int(x.shape[-1])
+    r1, r2 = int(left.shape[-1]), int(right.shape[-1])
+    if m * r2 * (n + r1) < r1 * n * (m + r2):
+        y: Tensor = lc.rotate_sigma(x.mT, right, left, check_finite=False).mT
+    else:
+        y = lc.rotate_sigma(x, left, right, check_finite=False)
     return y
 
 
