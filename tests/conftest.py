@@ -6,7 +6,8 @@ The ``backend`` fixture is parametrized over the array namespaces named in the e
 that was asked for but cannot run here (library missing, no CUDA device) is skipped with the reason, never an error.
 
 Hypothesis profiles: ``ci`` (chosen when ``CI`` is set: derandomized, so every CI run draws the same
-examples and a failure reproduces on any machine), ``dev`` (otherwise), ``thorough`` (300 examples) and
+examples and a failure reproduces on any machine), ``ci-jax`` (the same with a quarter of the
+examples, for the JAX session: every new shape compiles), ``dev`` (otherwise), ``thorough`` (300 examples) and
 ``fuzz`` (random seeds, more examples, no example database; used by ``nox -s fuzz``: it explores what
 the fixed CI examples do not); ``HYPOTHESIS_PROFILE`` overrides the choice.
 """
@@ -30,6 +31,19 @@ _HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthChec
 settings.register_profile(
     "ci",
     max_examples=40,
+    deadline=None,
+    suppress_health_check=_HEALTH,
+    print_blob=True,
+    derandomize=True,
+    database=None,
+)
+# the JAX session (``nox -s "tests(jax)"``): the whole suite, derandomized like ``ci``, with a quarter of
+# the examples: every new array shape compiles under JAX, which makes one example ~10x dearer than on
+# NumPy (measured: tests/test_cmd.py 12 min on JAX at 40 examples); ``-- --hypothesis-profile=ci``
+# runs the CI count
+settings.register_profile(
+    "ci-jax",
+    max_examples=10,
     deadline=None,
     suppress_health_check=_HEALTH,
     print_blob=True,

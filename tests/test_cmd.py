@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from _helpers import assert_in_library, assert_unchanged, snapshot
+from _helpers import assert_in_library, assert_unchanged, examples, snapshot
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +25,7 @@ from lowrank_core.errors import (
 from lowrank_reference import cmd as ref
 
 seeds = st.integers(0, 2**32 - 1)
-FEW = settings(max_examples=15)
+FEW = settings(max_examples=examples(15))
 
 
 def partition(labels) -> set[frozenset[int]]:
@@ -137,7 +137,7 @@ def test_abs_correlation_matches_reference(backend, dtype, k, t, seed):
     np.testing.assert_allclose(backend.to_numpy(c), ref.cmd_abs_correlation(x), atol=tol)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(k=st.integers(1, 24), data=st.data(), seed=seeds)
 def test_cluster_matches_scipy(backend, dtype, k, data, seed):
     m = data.draw(st.integers(1, k), label="max_clusters")
@@ -154,7 +154,7 @@ def test_cluster_matches_scipy(backend, dtype, k, data, seed):
     assert len(set(got.tolist())) == min(m, k)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(k=st.integers(1, 40), seed=seeds, ties=st.booleans())
 def test_linkage_equals_the_plain_scan_in_every_library(backend, dtype, k, seed, ties):
     # the public functions run the loop on a host copy for speed; the loop itself is array-API code,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import assert_in_library, assert_unchanged, eps, random_orthogonal, snapshot
+from _helpers import assert_in_library, assert_unchanged, eps, examples, random_orthogonal, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,7 +34,8 @@ from lowrank_core.errors import (
 
 # 12 examples per property (derandomized in CI, see conftest); the fuzz profile explores ten times more
 FAST = settings(
-    max_examples=120 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 12, deadline=None
+    max_examples=120 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else examples(12),
+    deadline=None,
 )
 seeds = st.integers(0, 2**32 - 1)
 
