@@ -98,6 +98,23 @@ def _read_once(traj: np.ndarray, chunk: int) -> float:
     return time.perf_counter() - start
 
 
+def _floor_pass(traj: np.ndarray, chunk: int, shift: bool) -> float:
+    """Seconds of the fit's per-row arithmetic alone, chunk by chunk: one ``T x (M+1)`` GEMM and, with
+    ``shift``, the shift by the first value and the sum of squares the fit also needs (no fitting)."""
+    n, t = int(traj.shape[0]), int(traj.shape[1])
+    against = np.random.default_rng(0).standard_normal((t, MODES + 1)).astype(traj.dtype)
+    start = time.perf_counter()
+    for s in range(0, n, chunk):
+        x = traj[s : min(s + chunk, n)]
+        if shift:
+            d = x - np.ascontiguousarray(x[:, 0])[:, None]
+            np.vecdot(d, d, axis=-1)
+            d @ against
+        else:
+            x @ against
+    return time.perf_counter() - start
+
+
 def _timed_fit(traj: np.ndarray, sizes: list[int], chunk: int) -> tuple[float, cmd.CMDFit]:
     start = time.perf_counter()
     fit = cmd.fit_cmd(traj, MODES, sizes=sizes, chunk_size=chunk)
@@ -125,12 +142,15 @@ def run(config: Config) -> Report:
         traj = _open(path)
         # warm: reads and fits interleaved (pages cached), medians
         repeat = config.repeats(3, 3)
-        reads, fits = [], []
+        reads, fits, gemms, floors = [], [], [], []
         for _ in range(repeat):
             reads.append(_read_once(traj, chunk))
             fit_s, fit = _timed_fit(traj, sizes, chunk)
             fits.append(fit_s)
+            gemms.append(_floor_pass(traj, chunk, shift=False))
+            floors.append(_floor_pass(traj, chunk, shift=True))
         read_warm_s, fit_s = statistics.median(reads), statistics.median(fits)
+        gemm_s, floor_s = statistics.median(gemms), statistics.median(floors)
 
         tracemalloc.start()
         cmd.fit_cmd(traj, MODES, sizes=sizes, chunk_size=chunk)
@@ -182,6 +202,16 @@ def run(config: Config) -> Report:
                 "read once, warm",
                 fmt_seconds(read_warm_s),
                 f"{traj_bytes / read_warm_s / 1e9:.2f} GB/s (median of {repeat})",
+            ],
+            [
+                f"GEMM alone, T x {MODES + 1} per chunk (warm)",
+                fmt_seconds(gemm_s),
+                f"{gemm_s / read_warm_s:.2f}x warm read",
+            ],
+            [
+                "shift + sum of squares + GEMM (warm)",
+                fmt_seconds(floor_s),
+                f"{floor_s / read_warm_s:.2f}x warm read: the per-row floor of the fit",
             ],
             [
                 "fit_cmd, cold (whole pipeline)",
@@ -240,6 +270,9 @@ def run(config: Config) -> Report:
         "cache_dropped": dropped,
         "fit_over_read_cold": fit_cold_s / read_cold_s,
         "fit_over_read_warm": fit_s / read_warm_s,
+        "gemm_s": gemm_s,
+        "floor_s": floor_s,
+        "floor_over_read_warm": floor_s / read_warm_s,
         "relative_error_s": err_s,
         "relative_error": err,
         "fit_peak_bytes": fit_peak,
