@@ -61,6 +61,8 @@ with ``a = 0``). Mode ids are int64 in fits and int32 in the online state (no li
 from __future__ import annotations
 
 import math
+import mmap
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -746,6 +748,39 @@ def _check_profiles(xp: Namespace, trajectory: Array, profiles: Array, check_fin
         _check_finite(profiles, "profiles")
 
 
+def _advise_rows(x: Array, rows: np.ndarray) -> None:
+    """Ask the OS to start reading the file pages of ``rows`` of a NumPy memmap, all at once.
+
+    The sample is ``K`` rows scattered over the whole file: read one by one from a file that is not in the
+    page cache, each costs a disk round trip (about 0.9 s for K = 1000 here); announced together with
+    ``POSIX_FADV_WILLNEED`` the reads are queued at once (about 20 ms). Only for a C-contiguous ``np.memmap``
+    that maps its file directly (not a view of another memmap), where ``posix_fadvise`` exists; otherwise,
+    and on any OS error, nothing happens. A hint about which pages will be read: it changes no result.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    base: object = getattr(x, "base", None)  # the mmap itself for a memmap of its own file
+    if (
+        advise is None
+        or not isinstance(x, np.memmap)
+        or not isinstance(base, mmap.mmap)
+        or not x.flags.c_contiguous
+        or not x.filename
+    ):
+        return
+    start, row = int(x.offset), int(x.strides[0])
+    try:
+        fd = os.open(x.filename, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        for r in rows.tolist():
+            advise(fd, start + int(r) * row, row, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _run_chunks(
     trajectory: Array,
     profiles: Array,
@@ -951,6 +986,7 @@ def fit_cmd(
     seg = _check_sizes(sizes, n)
     finite = check_bool("check_finite", check_finite)
     idx = sample_indices(n if seg is None else seg, num_samples, seed=seed)
+    _advise_rows(trajectory, idx)
     sample = _sample_rows(xp, trajectory, idx)
     _check_shard_options(max_modes, tol, metric, chunk_size, int(idx.size))
     if finite:
