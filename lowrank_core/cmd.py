@@ -668,10 +668,14 @@ class _Profiles:
         rows = _rows(xp, profiles, eps)[0]
         self.mean = rows.mean
         self.unit = _unit(xp, rows)  # (M, T), 0 for a constant profile
-        self.unit_sum = xp.sum(self.unit, axis=1)  # ~0 (centred): corrects shifted rows exactly
-        # [U^T | 1] (T, M + 1), contiguous: one GEMM per chunk gives <d, u_m> and the row sums
+        # <d - mean(d), u> = <d, u - mean(u)> for any row d: the shifted rows need not be centred if
+        # the profiles are re-centred (the unit rows are centred up to rounding; this removes what
+        # rounding left, at one rounding per entry, the order of the GEMM's own rounding)
+        t = int(self.unit.shape[1])
+        recentred = self.unit - xp.sum(self.unit, axis=1)[:, None] / t
+        # [U'^T | 1] (T, M + 1), contiguous: one GEMM per chunk gives <d - d̄, u_m> and the row sums
         ones = xp.matrix_transpose(xp.ones_like(self.unit[:1, :]))
-        self.against = xp.concat([xp.matrix_transpose(self.unit), ones], axis=1)
+        self.against = xp.concat([xp.matrix_transpose(recentred), ones], axis=1)
         self.norm = rows.norm
         self.scale = rows.scale
         self.constant = rows.constant
@@ -720,7 +724,7 @@ def _chunk_stats(
     )
     assert prod is not None
     # (c, M): <w - w̄, unit profile> (scaled units), from the shifted rows without centring them
-    g = prod[:, :-1] - rows.shift_mean[:, None] * prof.unit_sum
+    g = prod[:, :-1]
 
     mode = _assign(xp, rows, g) if assignment is None else assignment
     mode = xp.astype(mode, _index_dtype(xp, w))
