@@ -22,10 +22,10 @@ CI_EXAMPLES = 40
 def examples(n: int) -> int:
     """``n`` examples under the CI profile; scaled down with the active profile's ``max_examples``
     (the JAX session's ``ci-jax`` profile: under JAX every new array shape compiles, so each example
-    costs far more) and never below 3. Profiles with more examples (``thorough``, ``fuzz``) leave ``n``
+    costs far more) and never below 2. Profiles with more examples (``thorough``, ``fuzz``) leave ``n``
     as it is."""
     scale = min(1.0, settings().max_examples / CI_EXAMPLES)
-    return max(3, round(n * scale))
+    return max(2, round(n * scale))
 
 
 # Unit roundoff of each floating dtype (the distance from 1 to the next float, as numpy's finfo.eps).
