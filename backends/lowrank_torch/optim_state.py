@@ -225,14 +225,10 @@ class _Maps:
 def _transform(key: str, x: Tensor, apply: _Map, maps: _Maps) -> Tensor:
     """Map one state tensor by the rule of the module docstring; ``apply(x, left, right)`` is linear.
 
-    A state tensor that is all zeros (e.g. a moment of a parameter whose gradient was always 0) maps to
-    zeros under each of the three maps (linear, squared-linear, and the square root of the latter), so
-    it is not multiplied: zeros of the mapped shape are returned directly.
+    (An all-zero state tensor is not special-cased: testing for it costs a pass over the tensor and a
+    host synchronisation, ~1.5% of a 2048^2 map, for a case that is rare after a real step.)
     """
     dt = _compute_dtype(x, maps.left, maps.right)
-    if not bool(x.any()):  # NaN counts as nonzero: it goes through the map and stays NaN
-        shape = (*maps.left.shape[:-2], maps.left.shape[-1], maps.right.shape[-1])
-        return torch.zeros(shape, dtype=x.dtype, device=x.device)
     xc = x.detach().to(dtype=dt)
     if key in SECOND_MOMENT_KEYS:
         y = apply(xc, *maps.squared(dt, x.device)).clamp_min_(0)

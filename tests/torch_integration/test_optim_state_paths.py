@@ -2,8 +2,8 @@
 
 The rule (module docstring of ``optim_state``): first moments ``U^T M V``, second moments
 ``(U∘U)^T v (V∘V)`` clamped at 0, magnitudes ``sqrt((U∘U)^T x^2 (V∘V))``. The implementation multiplies
-in the cheaper order for rectangular maps and returns zeros for an all-zero state tensor without
-multiplying; both are checked here against the rule computed directly in float64.
+in the cheaper order for rectangular maps and shares the squared maps between state tensors; checked
+here against the rule computed directly in float64, including all-zero moments (which must stay zero).
 """
 
 from __future__ import annotations
