@@ -2,8 +2,11 @@
 
 A rank rule looks at singular values ``s`` (``(..., k)``, non-negative, descending; ``k`` is the current
 rank) and the shape ``(m, n)`` of the full weight matrix, and returns the rank to keep: a Python ``int``
-for one spectrum, a NumPy ``int64`` array of shape ``(...)`` for a stack. The rule's own decision is
-computed with the array's library (on its device); only the final integers come to the host.
+for one spectrum, a NumPy ``int64`` array of shape ``(...)`` for a stack. The spectrum is checked with
+the array's library (on its device); the rule's decision is then computed in NumPy on a host copy of the
+``k`` values, in their dtype, so every backend gives the same rank for the same spectrum whatever its
+device's arithmetic (XLA's CPU backend, for one, flushes subnormal numbers to zero). The copy is as small
+as the answer, and the answer has to reach the host anyway: a rule costs one transfer either way.
 
 Every rule takes keyword-only ``min_rank`` / ``max_rank`` bounds; its raw rank ``r`` is clipped to
 ``[lo, hi]`` with ``hi = min(max_rank or k, k)`` and ``lo = min(min_rank or 1, hi)``: a rule never
@@ -172,8 +175,9 @@ class RankRuleBase:
                 raise ShapeError(
                     f"`shape` {dims} has min(m, n) = {min(m, n)} < k = {k}, the length of the spectrum"
                 )
-        raw = self._raw(xp, s, k, m, n)
-        host = np.asarray(get_backend(raw).to_numpy(raw), dtype=np.int64)
+        # the decision on a host copy (see the module docstring): the same rank on every backend
+        hs = np.asarray(get_backend(s).to_numpy(s))
+        host = np.asarray(self._raw(namespace(s=hs), hs, k, m, n), dtype=np.int64)
         hi = min(self.max_rank or k, k)
         lo = min(self.min_rank or 1, hi)
         ranks = np.clip(host, lo, hi).astype(np.int64)
