@@ -608,10 +608,7 @@ class OIALR:
     def trainable_template(self, params: Any) -> Any:
         """``params`` with a zero Sigma of the current rank at every switched kernel: the structure and
         shapes of the trainable tree (for ``tx.init`` and for loading a checkpoint)."""
-        return self._replace(
-            params,
-            {n: jnp.zeros((b.rank, b.rank), dtype=self.dtypes[n]) for n, b in self.frozen.items()},
-        )
+        return self.state_template(params, self.ranks)
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
