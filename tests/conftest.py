@@ -43,15 +43,7 @@ settings.register_profile(
 # the same call once compiled; tests/test_cmd.py took 12 min at 40 examples). The JAX-specific failure
 # modes (writes into immutable arrays, dtype promotion, device placement, tracing) show on the first
 # examples; ``-- --hypothesis-profile=ci`` runs CI's count.
-settings.register_profile(
-    "ci-jax",
-    max_examples=4,
-    deadline=None,
-    suppress_health_check=_HEALTH,
-    print_blob=True,
-    derandomize=True,
-    database=None,
-)
+settings.register_profile("ci-jax", parent=settings.get_profile("ci"), max_examples=4)
 settings.register_profile(
     "dev",
     max_examples=50,

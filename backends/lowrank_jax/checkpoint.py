@@ -177,6 +177,17 @@ def _digest(manifest: bytes, arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _check_controllers(oialr: object, cmd: object) -> None:
+    if oialr is not None and not isinstance(oialr, OIALR):
+        raise lc.ParameterTypeError(
+            f"`oialr` must be a lowrank_jax OIALR controller or None, got {describe(oialr)}"
+        )
+    if cmd is not None and not isinstance(cmd, CMDTracker):
+        raise lc.ParameterTypeError(
+            f"`cmd` must be a lowrank_jax CMDTracker or None, got {describe(cmd)}"
+        )
+
+
 def _as_path(path: object) -> Path:
     if not isinstance(path, str | os.PathLike):
         raise lc.ParameterTypeError(f"`path` must be a str or os.PathLike, got {describe(path)}")
@@ -209,14 +220,7 @@ def save_checkpoint(
     target = _as_path(path)
     if target.is_dir():
         raise lc.ParameterError(f"`path` {str(target)!r} is a directory; give a file name")
-    if oialr is not None and not isinstance(oialr, OIALR):
-        raise lc.ParameterTypeError(
-            f"`oialr` must be a lowrank_jax OIALR controller or None, got {describe(oialr)}"
-        )
-    if cmd is not None and not isinstance(cmd, CMDTracker):
-        raise lc.ParameterTypeError(
-            f"`cmd` must be a lowrank_jax CMDTracker or None, got {describe(cmd)}"
-        )
+    _check_controllers(oialr, cmd)
     if bfgs is not None and not isinstance(bfgs, SubspaceBFGS):
         raise lc.ParameterTypeError(f"`bfgs` must be a SubspaceBFGS or None, got {describe(bfgs)}")
     if (bfgs is None) != (bfgs_state is None):
@@ -425,14 +429,7 @@ def load_checkpoint(
     does not fit.
     """
     source = _as_path(path)
-    if oialr is not None and not isinstance(oialr, OIALR):
-        raise lc.ParameterTypeError(
-            f"`oialr` must be a lowrank_jax OIALR controller or None, got {describe(oialr)}"
-        )
-    if cmd is not None and not isinstance(cmd, CMDTracker):
-        raise lc.ParameterTypeError(
-            f"`cmd` must be a lowrank_jax CMDTracker or None, got {describe(cmd)}"
-        )
+    _check_controllers(oialr, cmd)
     if tx is not None and not callable(getattr(tx, "init", None)):
         raise lc.ParameterTypeError(
             f"`tx` must be an optax GradientTransformation or None, got {describe(tx)}"
