@@ -176,7 +176,7 @@ def train(method: str, data: tuple[np.ndarray, ...], seed: int, epochs: int) -> 
         "trainable_params": trained,
         "dense_params": dense_params,
         "wall_time_s": time.perf_counter() - start,
-        "ranks": None if ctrl is None else ctrl.ranks,
+        "ranks": None if ctrl is None else ctrl.ranks(),
     }
 
 

@@ -7,7 +7,7 @@ See ``docs/spec.md`` (the documentation site's "Semantics" page) for the exact s
 
 from __future__ import annotations
 
-from . import cmd, dldr, errors, init
+from . import cmd, dldr, errors, init, oialr
 from .backend import Backend, StandardBackend, get_backend, register_backend
 
 # DLDR (lowrank_core.dldr), CMD (lowrank_core.cmd), low-rank initialization (lowrank_core.init): the
@@ -121,6 +121,7 @@ __all__ = [
     "matrix_shape",
     "matrix_to_weight",
     "nonlinear_init",
+    "oialr",
     "orthogonal_factor",
     "polar",
     "polar_stability",

@@ -452,7 +452,7 @@ def load_checkpoint(
     if oialr is not None:
         state = _decode(manifest["oialr"], arrays)
         oialr._check_tree(params)
-        oialr_fields = oialr._check_state(state)
+        oialr_fields = oialr.check_state(state)
         ranks = {n: b.rank for n, b in oialr_fields["frozen"].items()}
         template = oialr.state_template(params, ranks)
     cmd_fields = None
@@ -496,7 +496,7 @@ def load_checkpoint(
             loss_fn, subspace, params, origin=jnp.asarray(origin), **bfgs_entry["options"]
         )
     if oialr is not None and oialr_fields is not None:
-        oialr._apply_state(oialr_fields)
+        oialr.apply_state(oialr_fields)
     if cmd is not None and cmd_fields is not None:
         cmd._apply_state(cmd_fields)
     opt_state = None

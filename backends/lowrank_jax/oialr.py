@@ -37,9 +37,10 @@ weight ``(out, *rest)`` as ``(out, prod(rest))`` (``lowrank_core.weight_to_matri
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lowrank_core as lc
+import lowrank_core.oialr as core_oialr
 
 from .optim_state import dense_to_sigma_state, rotate_sigma_state, truncate_sigma_state
 
@@ -182,57 +184,67 @@ def count_params(tree: Any) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-@dataclass
-class OIALRConfig:
-    """Settings of :class:`OIALR` (the fields of :class:`lowrank_torch.oialr.OIALRConfig`, for pytrees).
+#: The flat layer-selection fields of :class:`OIALRConfig` and the ``LayerSelection`` field each sets.
+_FLAT_SELECTION = {
+    "include": "include",
+    "exclude": "exclude",
+    "keep_first": "keep_first",
+    "keep_last": "keep_last",
+    "min_aspect": "min_aspect",
+    "allow_rank_one": "allow_rank_one",
+}
 
-    - ``switch_step`` / ``stability_threshold`` / ``stability_every`` / ``update_every`` / ``rule`` /
-      ``progressive``: as in PyTorch.
+
+@dataclass
+class OIALRConfig(core_oialr.OIALRConfig):
+    """Settings of :class:`OIALR`: :class:`lowrank_core.oialr.OIALRConfig` (the same as PyTorch's), plus
+    the kernel ``layout``.
+
     - ``layout``: ``"flax"`` (kernels ``(*k, in, out)``) or ``"torch"`` (weights ``(out, *rest)``).
-    - Eligible leaves: floating, at least 2-D, ``min(m, n) / max(m, n) >= min_aspect`` for the matrix
-      view ``(m, n)``, the path (``jax.tree_util.keystr``) containing none of ``exclude``, accepted by
-      ``include(path, leaf)`` if given (default: every leaf whose last key is ``kernel`` or ``weight``,
-      or any >= 2-D leaf of a plain dict without such names); ``keep_first`` / ``keep_last`` keep the first
-      / last eligible leaf (in the pytree's flattening order) dense.
+    - ``selection``: a :class:`lowrank_core.oialr.LayerSelection` whose ``include`` is a predicate
+      ``include(path, leaf)`` (default: every leaf whose last key is ``kernel`` or ``weight``, or any
+      >= 2-D leaf of a plain dict without such names); candidates are the floating, at least 2-D leaves
+      it accepts, in the pytree's flattening order, and the aspect rule applies to every one (matrix
+      view by ``layout``). ``exclude`` patterns (``fnmatch`` globs) are matched against the leaf's
+      ``jax.tree_util.keystr`` path (``"['l1']['kernel']"``) and its dotted form (``"l1.kernel"``).
+    - The flat fields ``include``, ``exclude``, ``keep_first``, ``keep_last``, ``min_aspect`` and
+      ``allow_rank_one`` are shorthands: each one given replaces that field of ``selection``.
     """
 
-    switch_step: int | None = 1000
-    stability_threshold: float | None = None
-    stability_every: int = 100
-    update_every: int = 100
-    rule: lc.RankRule = field(default_factory=lambda: lc.SigmaCutoff(0.1))
-    progressive: bool = False
     layout: str = "flax"
-    include: Callable[[str, jax.Array], bool] | None = None
-    exclude: tuple[str, ...] = ()
-    keep_first: bool = False
-    keep_last: bool = True
-    min_aspect: float = 0.1
+    include: Callable[[str, jax.Array], bool] | None = core_oialr.UNSET
+    exclude: tuple[str, ...] = core_oialr.UNSET
+    keep_first: bool = core_oialr.UNSET
+    keep_last: bool = core_oialr.UNSET
+    min_aspect: float = core_oialr.UNSET
+    allow_rank_one: bool = core_oialr.UNSET
 
     def __post_init__(self) -> None:
-        if self.switch_step is None and self.stability_threshold is None:
-            raise lc.ParameterError(
-                "OIALRConfig needs `switch_step`, `stability_threshold`, or both"
-            )
-        if self.switch_step is not None and (
-            isinstance(self.switch_step, bool) or int(self.switch_step) < 0
-        ):
-            raise lc.ParameterError(
-                f"`switch_step` must be a non-negative int, got {self.switch_step!r}"
-            )
-        if self.stability_threshold is not None and not 0.0 < self.stability_threshold <= 1.0:
-            raise lc.ParameterError(
-                f"`stability_threshold` must lie in (0, 1], got {self.stability_threshold}"
-            )
-        for name in ("stability_every", "update_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise lc.ParameterError(f"`{name}` must be a positive int, got {value!r}")
-        if not callable(self.rule):
-            raise lc.ParameterTypeError(f"`rule` must be a rank rule (callable), got {self.rule!r}")
+        super().__post_init__()
         if self.layout not in LAYOUTS:
             raise lc.ParameterError(f"`layout` must be one of {LAYOUTS}, got {self.layout!r}")
-        self.exclude = tuple(self.exclude)
+        given = {
+            field_: getattr(self, flat)
+            for flat, field_ in _FLAT_SELECTION.items()
+            if getattr(self, flat) is not core_oialr.UNSET
+        }
+        self.selection = dataclasses.replace(self.selection, **given)
+        include = self.selection.include
+        if include is not None and not callable(include):
+            raise lc.ParameterTypeError(
+                f"`include` must be a predicate include(path, leaf) or None, got {include!r}"
+            )
+        for flat, field_ in _FLAT_SELECTION.items():
+            setattr(self, flat, getattr(self.selection, field_))
+
+
+def _key_text(key: Any) -> Any:
+    """One path key as plain text (a dict key, an attribute name or a sequence index)."""
+    for attr in ("key", "name", "idx"):
+        value = getattr(key, attr, None)
+        if value is not None:
+            return value
+    return key
 
 
 def _last_name(path: Any) -> str | None:
@@ -264,67 +276,83 @@ def _factorize(m: jax.Array) -> lc.LowRankFactors:
 
 
 class OIALR:
-    """The OIALR schedule over a parameter pytree (see the module docstring)."""
+    """The OIALR schedule over a parameter pytree (see the module docstring).
+
+    The decisions, the history and the saved state are :class:`lowrank_core.oialr.OIALRSchedule`'s
+    (:attr:`schedule`), the same as PyTorch's; this class moves the leaves and the optax state.
+    """
 
     def __init__(self, params: Any, config: OIALRConfig | None = None) -> None:
+        if config is not None and not isinstance(config, OIALRConfig):
+            raise lc.ParameterTypeError(f"`config` must be an OIALRConfig, got {config!r}")
         self.config = OIALRConfig() if config is None else config
         leaves, self._treedef = jax.tree_util.tree_flatten_with_path(params)
         self._paths: dict[str, Any] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, Any] = {}
-        self.eligible: list[str] = self._find_eligible(leaves)
+        #: the decisions, the history and the counts (framework-free)
+        self.schedule = core_oialr.OIALRSchedule(self.config, self._find_eligible(leaves))
         self.dense_params = count_params(params)
         self.frozen: dict[str, Basis] = {}
-        self.switched: dict[str, int] = {}
-        self.step_count = 0
         self.structure_changed = False
-        self.history: list[dict[str, Any]] = []
-        self._updates = 0
-        self._polar: dict[str, jax.Array] = {}
+        #: the last stability check's polar factor of each pending kernel (a list of one matrix)
+        self.warmup: dict[str, list[jax.Array]] = {}
         self.last_stability: dict[str, float] = {}
 
     # ------------------------------------------------------------------ eligibility
     def _find_eligible(self, leaves: Sequence[tuple[Any, Any]]) -> list[str]:
-        c = self.config
+        sel = self.config.selection
         named = any(_last_name(p) in ("kernel", "weight") for p, _ in leaves)
-        found: list[str] = []
+        candidates: list[core_oialr.Candidate] = []
         for path, leaf in leaves:
             name = jax.tree_util.keystr(path)
             if not isinstance(leaf, jax.Array | np.ndarray) or leaf.ndim < 2:
                 continue
             if not jnp.issubdtype(leaf.dtype, jnp.floating):
                 continue
-            if c.include is not None:
-                if not c.include(name, jnp.asarray(leaf)):
+            if sel.include is not None:
+                if not sel.include(name, jnp.asarray(leaf)):
                     continue
             elif named and _last_name(path) not in ("kernel", "weight"):
                 continue
-            if any(pattern in name for pattern in c.exclude):
-                continue
-            found.append(name)
             self._paths[name] = path
             self.shapes[name] = tuple(int(s) for s in leaf.shape)
             self.dtypes[name] = leaf.dtype
-        # keep_first / keep_last: the model's first / last kernel (the input and output layers), as in
-        # PyTorch, before the aspect filter (which would otherwise move "last" to an inner layer)
-        if c.keep_last and found:
-            found = found[:-1]
-        if c.keep_first and found:
-            found = found[1:]
-        kept = []
-        for name in found:
-            m, n = _matrix_shape(self.shapes[name], c.layout)
-            if min(m, n) >= 2 and min(m, n) / max(m, n) >= c.min_aspect:
-                kept.append(name)
-        return kept
+            m, n = _matrix_shape(self.shapes[name], self.config.layout)
+            dotted = ".".join(str(_key_text(k)) for k in path)
+            candidates.append(
+                core_oialr.Candidate(name, (m, n), rank_one=min(m, n) == 1, aliases=(dotted,))
+            )
+        chosen, _ = sel.choose(candidates)
+        return chosen
+
+    @property
+    def eligible(self) -> list[str]:
+        """The kernels OIALR may switch, in the pytree's flattening order."""
+        return self.schedule.eligible
+
+    @property
+    def step_count(self) -> int:
+        """Steps counted so far (calls of :meth:`step`)."""
+        return self.schedule.step_count
+
+    @property
+    def switched(self) -> dict[str, int]:
+        """``{kernel: step of its switch}``."""
+        return self.schedule.switched
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Recorded events (stability, switch, rank, share), oldest first."""
+        return self.schedule.history
 
     @property
     def pending(self) -> list[str]:
         """Eligible kernels not switched yet."""
-        return [n for n in self.eligible if n not in self.switched]
+        return self.schedule.pending
 
-    @property
     def ranks(self) -> dict[str, int]:
+        """Current rank of every switched kernel."""
         return {n: b.rank for n, b in self.frozen.items()}
 
     def trainable_count(self, trainable: Any) -> int:
@@ -360,45 +388,49 @@ class OIALR:
     def step(self, trainable: Any, opt_state: Any) -> tuple[Any, Any]:
         """Advance one training step (call it after the optimizer update); returns the new
         ``(trainable, opt_state)``. Runs outside ``jit``; :attr:`structure_changed` tells whether a
-        switch or a truncation changed leaf shapes."""
+        switch or a truncation changed leaf shapes. When a due check, switch or update fails, the
+        controller is left as it was before the call (the trees passed in are never changed)."""
         self._check_tree(trainable)
+        sched = self.schedule
+        plan = sched.plan()
+        saved = (sched.snapshot(), dict(self.frozen), dict(self.warmup), dict(self.last_stability))
         self.structure_changed = False
-        self.step_count += 1
-        t = self.step_count
-        c = self.config
-        if self.pending:
-            to_switch: list[str] = []
-            if c.stability_threshold is not None and t % c.stability_every == 0:
-                to_switch += self.check_stability(trainable)
-            if c.switch_step is not None and t >= c.switch_step:
-                to_switch = self.pending
-            if to_switch:
-                trainable, opt_state = self._switch(trainable, opt_state, to_switch, t)
-                self.structure_changed = True
-        if self.switched and t % c.update_every == 0:
-            trainable, opt_state, changed = self._update_ranks(trainable, opt_state, t)
-            self.structure_changed |= changed
+        try:
+            sched.begin(plan)
+            if not plan.idle:
+                t = plan.step
+                ready = self.check_stability(trainable) if plan.check_stability else []
+                to_switch = sched.to_switch(plan, ready)
+                if to_switch:
+                    trainable, opt_state = self._switch(trainable, opt_state, to_switch, t)
+                    self.structure_changed = True
+                if plan.update is not None:
+                    trainable, opt_state, changed = self._update_ranks(
+                        trainable, opt_state, plan.update, t
+                    )
+                    self.structure_changed |= changed
+        except BaseException:
+            sched.restore(saved[0])
+            self.frozen, self.warmup, self.last_stability = saved[1], saved[2], saved[3]
+            self.structure_changed = False
+            raise
         return trainable, opt_state
 
     def check_stability(self, trainable: Any) -> list[str]:
         """Basis stability of every pending kernel against the previous check (jitted, one SVD per
         kernel); records it and returns the kernels that reached ``stability_threshold``."""
-        ready: list[str] = []
+        measured: dict[str, float] = {}
         for name in self.pending:
             q = _orthogonal_factor(kernel_matrix(self._leaf(trainable, name), self.config.layout))
-            prev = self._polar.get(name)
-            self._polar[name] = q
+            prev = self.warmup.get(name)
+            self.warmup[name] = [q]
             if prev is None:
                 continue
-            value = float(_stability(prev, q))
+            value = float(_stability(prev[0], q))
             self.last_stability[name] = value
-            self.history.append(
-                {"step": self.step_count, "event": "stability", "layer": name, "value": value}
-            )
-            threshold = self.config.stability_threshold
-            if threshold is not None and value >= threshold:
-                ready.append(name)
-        return ready
+            measured[name] = value
+            self.schedule.record_stability(self.step_count, name, value)
+        return self.schedule.ready(measured)
 
     def switch(
         self, trainable: Any, opt_state: Any, names: Sequence[str] | None = None
@@ -433,33 +465,26 @@ class OIALR:
                 lambda x: kernel_matrix(x, layout),
                 f.U,
                 f.V,
+                kinds=self.config.moment_kinds,
             )
             new_values[name] = f.Sigma
             frozen[name] = Basis(f.U, f.V, self.shapes[name], layout)
         trainable = self._replace(trainable, new_values)
         self.frozen = frozen
         for name in new_values:
-            self.switched[name] = t
-            self._polar.pop(name, None)
-            self.history.append(
-                {"step": t, "event": "switch", "layer": name, "rank": frozen[name].rank}
-            )
-        self.history.append({"step": t, "event": "share", "value": self.trainable_share(trainable)})
+            self.warmup.pop(name, None)
+            self.schedule.record_switch(t, name, {name: frozen[name].rank})
+        self.schedule.record_share(t, self.trainable_share(trainable))
         return trainable, opt_state
 
-    def _update_ranks(self, trainable: Any, opt_state: Any, t: int) -> tuple[Any, Any, bool]:
-        due = [n for n in self.eligible if n in self.switched and t - self.switched[n] > 0]
-        if not due:
-            return trainable, opt_state, False
-        self._updates += 1
-        if self.config.progressive:
-            per_update = max(1, math.ceil(0.1 * len(self.eligible)))
-            k = min(len(self.eligible), per_update * self._updates)
-            allowed = set(self.eligible[-k:])
-            due = [n for n in due if n in allowed]
+    def _update_ranks(
+        self, trainable: Any, opt_state: Any, due: Sequence[str], t: int
+    ) -> tuple[Any, Any, bool]:
+        self.schedule.record_update()
         changed = False
         new_values: dict[str, jax.Array] = {}
         frozen = dict(self.frozen)
+        kinds = self.config.moment_kinds
         for name in due:
             b = frozen[name]
             sigma = self._leaf(trainable, name)
@@ -467,77 +492,62 @@ class OIALR:
             m, n = _matrix_shape(b.shape, b.layout)
             upd = lc.update_rank(b.U, sigma, b.V, self.config.rule, shape=(m, n))
             rd = upd.rediagonalized
-            opt_state = rotate_sigma_state(opt_state, self._paths[name], rd.left, rd.right)
+            opt_state = rotate_sigma_state(
+                opt_state, self._paths[name], rd.left, rd.right, kinds=kinds
+            )
             if upd.rank < old:
                 opt_state = truncate_sigma_state(opt_state, self._paths[name], old, upd.rank)
                 changed = True
             new_values[name] = upd.factors.Sigma
             frozen[name] = Basis(upd.factors.U, upd.factors.V, b.shape, b.layout)
-            self.history.append(
-                {"step": t, "event": "rank", "layer": name, "old": old, "new": upd.rank}
-            )
+            self.schedule.record_rank(t, name, old, upd.rank)
         trainable = self._replace(trainable, new_values)
         self.frozen = frozen
-        self.history.append({"step": t, "event": "share", "value": self.trainable_share(trainable)})
+        self.schedule.record_share(t, self.trainable_share(trainable))
         return trainable, opt_state, changed
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The controller's state: host metadata plus the bases and warm-up polar factors (NumPy)."""
-        return {
-            "format": "lowrank_jax.OIALR/1",
-            "step_count": self.step_count,
-            "updates": self._updates,
-            "switched": dict(self.switched),
-            "ranks": self.ranks,
-            "eligible": list(self.eligible),
-            "shapes": {n: list(s) for n, s in self.shapes.items() if n in self.eligible},
-            "layout": self.config.layout,
-            "history": [dict(e) for e in self.history],
-            "bases": {n: (np.asarray(b.U), np.asarray(b.V)) for n, b in self.frozen.items()},
-            "polar": {n: np.asarray(q) for n, q in self._polar.items()},
-        }
+        """The controller's state (:meth:`lowrank_core.oialr.OIALRSchedule.state_dict`'s schema, with
+        the frozen bases, the kernel shapes and the layout): host values and NumPy arrays."""
+        return self.schedule.state_dict(
+            self.ranks(),
+            {n: [np.asarray(q) for q in qs] for n, qs in self.warmup.items()},
+            shapes={n: list(s) for n, s in self.shapes.items() if n in self.eligible},
+            layout=self.config.layout,
+            bases={n: (np.asarray(b.U), np.asarray(b.V)) for n, b in self.frozen.items()},
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` into this (fresh, nothing switched) controller.
 
         Everything is checked first: :class:`lowrank_core.CheckpointError` names what does not fit
         (another parameter tree, a shape, a rank, a missing entry) and the controller is left as it was.
+        States saved by version 0.1.0 load too.
         """
-        self._apply_state(self._check_state(state))
+        self.apply_state(self.check_state(state))
 
-    _STATE_KEYS = (
-        "format", "step_count", "updates", "switched", "ranks", "eligible", "shapes", "layout",
-        "history", "bases", "polar",
-    )  # fmt: skip
+    def _parts(self, name: str) -> dict[str, int]:
+        m, n = _matrix_shape(self.shapes[name], self.config.layout)
+        return {name: min(m, n)}
 
-    def _check_state(self, state: Any) -> dict[str, Any]:
+    def check_state(self, state: Any) -> dict[str, Any]:
         """The controller's new fields from ``state``, validated against this controller; changes nothing."""
         err = lc.CheckpointError
-        if not isinstance(state, dict) or state.get("format") != "lowrank_jax.OIALR/1":
-            raise err("not a lowrank_jax OIALR state (missing or unknown 'format' entry)")
-        missing = [k for k in self._STATE_KEYS if k not in state]
-        if missing:
-            raise err(f"the OIALR state lacks the entries {missing}")
-        if self.switched:
-            raise err("load_state_dict needs a controller that has not switched any kernel yet")
-        if list(state["eligible"]) != self.eligible:
+        checked = self.schedule.check_state(
+            state,
+            parts=self._parts,
+            warmup_shapes=lambda n: [_matrix_shape(self.shapes[n], self.config.layout)],
+            extra_keys=("shapes", "layout", "bases"),
+        )
+        extra = checked.extra
+        if extra["layout"] != self.config.layout:
             raise err(
-                "the state was made for other eligible kernels: saved "
-                f"{list(state['eligible'])}, these parameters have {self.eligible}"
-            )
-        if state["layout"] != self.config.layout:
-            raise err(
-                f"the state uses layout {state['layout']!r}, the config {self.config.layout!r}"
+                f"the state uses layout {extra['layout']!r}, the config {self.config.layout!r}"
             )
         try:
-            shapes = {str(n): tuple(int(d) for d in s) for n, s in dict(state["shapes"]).items()}
-            switched = {str(n): int(t) for n, t in dict(state["switched"]).items()}
-            ranks = {str(n): int(r) for n, r in dict(state["ranks"]).items()}
-            step_count, updates = int(state["step_count"]), int(state["updates"])
-            history = [dict(e) for e in state["history"]]
-            bases = {str(n): tuple(b) for n, b in dict(state["bases"]).items()}
-            polar = dict(state["polar"])
+            shapes = {str(n): tuple(int(d) for d in s) for n, s in dict(extra["shapes"]).items()}
+            bases = {str(n): tuple(b) for n, b in dict(extra["bases"]).items()}
         except (TypeError, ValueError) as exc:
             raise err(f"the OIALR state is invalid: {exc}") from None
         for name, shape in shapes.items():
@@ -545,25 +555,19 @@ class OIALR:
                 raise err(
                     f"kernel {name} has shape {self.shapes.get(name)} here, {shape} in the state"
                 )
-        if set(bases) != set(switched) or set(ranks) != set(switched):
+        switched = dict(checked.switch_order)
+        if set(bases) != set(switched):
             raise err(
                 "the OIALR state is inconsistent: switched kernels "
-                f"{sorted(switched)}, bases for {sorted(bases)}, ranks for {sorted(ranks)}"
+                f"{sorted(switched)}, bases for {sorted(bases)}"
             )
-        unknown = sorted(set(switched) - set(self.eligible))
-        if unknown:
-            raise err(f"the state switched kernels these parameters do not have: {unknown}")
-        if step_count < 0 or updates < 0:
-            raise err("the OIALR state's step and update counts must be >= 0")
         frozen: dict[str, Basis] = {}
         for name, pair in bases.items():
             if len(pair) != 2:
                 raise err(f"the bases of {name} must be a pair (U, V)")
             U, V = (np.asarray(a) for a in pair)
             m, n = _matrix_shape(self.shapes[name], self.config.layout)
-            r = ranks[name]
-            if not 1 <= r <= min(m, n):
-                raise err(f"the saved rank of {name} is {r}; it must lie in 1..{min(m, n)}")
+            r = checked.ranks[name]
             if U.shape != (m, r) or V.shape != (n, r):
                 raise err(
                     f"the bases of {name} have shapes {U.shape}, {V.shape}; expected ({m}, {r}), ({n}, {r})"
@@ -574,30 +578,13 @@ class OIALR:
             frozen[name] = Basis(
                 jnp.asarray(U, dt), jnp.asarray(V, dt), self.shapes[name], self.config.layout
             )
-        pending = [n for n in self.eligible if n not in switched]
-        polar_arrays: dict[str, jax.Array] = {}
-        for name, q in polar.items():
-            q = np.asarray(q)
-            if name not in pending:
-                raise err(
-                    f"the state keeps a warm-up polar factor for {name}, which is not pending"
-                )
-            want = _matrix_shape(self.shapes[name], self.config.layout)
-            if q.shape != want:
-                raise err(f"the polar factor of {name} has shape {q.shape}, expected {want}")
-            polar_arrays[name] = jnp.asarray(q)
-        return {
-            "frozen": frozen,
-            "switched": switched,
-            "step_count": step_count,
-            "_updates": updates,
-            "history": history,
-            "_polar": polar_arrays,
-        }
+        warmup = {n: [jnp.asarray(np.asarray(q)) for q in qs] for n, qs in checked.warmup.items()}
+        return {"checked": checked, "frozen": frozen, "warmup": warmup}
 
-    def _apply_state(self, fields: dict[str, Any]) -> None:
-        for key, value in fields.items():
-            setattr(self, key, value)
+    def apply_state(self, fields: dict[str, Any]) -> None:
+        self.schedule.apply_state(fields["checked"])
+        self.frozen = fields["frozen"]
+        self.warmup = fields["warmup"]
 
     def state_template(self, params: Any, ranks: dict[str, int]) -> Any:
         """``params`` with a zero Sigma of the given rank at each named kernel (changes nothing here)."""
@@ -608,14 +595,14 @@ class OIALR:
     def trainable_template(self, params: Any) -> Any:
         """``params`` with a zero Sigma of the current rank at every switched kernel: the structure and
         shapes of the trainable tree (for ``tx.init`` and for loading a checkpoint)."""
-        return self.state_template(params, self.ranks)
+        return self.state_template(params, self.ranks())
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
-        return [e for e in self.history if kind is None or e["event"] == kind]
+        return self.schedule.events(kind)
 
     def __repr__(self) -> str:
         return (
             f"OIALR(step={self.step_count}, switched={len(self.switched)}/{len(self.eligible)}, "
-            f"ranks={self.ranks})"
+            f"ranks={self.ranks()})"
         )

@@ -1,35 +1,39 @@
 """optax state that follows OIALR's factors: the switch to Sigma, re-diagonalization, truncation.
 
-The same rule as the PyTorch integration (:mod:`lowrank_torch.optim_state`), for optax states, which are
-pytrees (``ScaleByAdamState(count, mu, nu)``, ``TraceState(trace)``, chains, ``inject_hyperparams``,
-``masked``, ...) whose per-parameter parts mirror the parameter tree. A state leaf belongs to the
-parameter at path ``p`` when its own path *ends with* ``p`` and its shape is the parameter's shape; each
-such leaf is one of:
+The rule is :mod:`lowrank_core.oialr.moments`'s, the same as PyTorch's (:mod:`lowrank_torch.optim_state`);
+this module holds optax's table of state fields and finds, in an optax state (a pytree:
+``ScaleByAdamState(count, mu, nu)``, ``TraceState(trace)``, chains, ``inject_hyperparams``, ``masked``,
+...), the leaves that belong to a parameter. A state leaf belongs to the parameter at path ``p`` when its
+own path *ends with* ``p`` and its shape is the parameter's shape; its kind is that of the nearest field
+on its path found in :data:`KINDS` (or in the ``kinds`` overrides), else first-moment-like:
 
-- **second-moment-like**: the path passes through a field in :data:`SECOND_MOMENT_FIELDS` (Adam's and
-  RMSprop's ``nu``, AMSGrad's ``nu_max``, Adagrad's ``sum_of_squares``, AdaDelta's ``e_g`` / ``e_x``):
-  mapped with the element-wise squares of the maps, ``v -> (U∘U)^T v (V∘V)`` at the switch and
-  ``v -> (left∘left)^T v (right∘right)`` at a re-diagonalization, clamped at ``>= 0``;
-- **first-moment-like** (everything else: ``mu``, ``trace``, ...): mapped exactly like Sigma,
-  ``M -> U^T M V`` and ``M -> left^T M right`` (``lowrank_core.rotate_sigma``).
+- **second-moment-like**: :data:`SECOND_MOMENT_FIELDS` (Adam's and RMSprop's ``nu``, AMSGrad's
+  ``nu_max``, Adagrad's ``sum_of_squares``, AdaDelta's ``e_g`` / ``e_x``);
+- **magnitude-like**: :data:`MAGNITUDE_FIELDS` (Rprop's ``step_sizes``);
+- **first-moment-like**: everything else (``mu``, ``trace``, ...).
+
+optax's Adamax keeps its infinity norm in a ``ScaleByAdamState`` too, under Adam's name ``nu``: nothing
+in the state tells the two apart, so pass ``kinds={"nu": "magnitude"}`` (or
+``OIALRConfig(moment_kinds=ADAMAX_KINDS)``) when training with ``optax.adamax``.
 
 Counts (``count``) and every other leaf are kept, so Adam's bias correction stays consistent with moments
 that are carried over rather than zeroed. Truncation to rank ``r'`` keeps the leading ``[:r', :r']`` block.
-The maps are computed in at least float32 and cast back to each leaf's dtype. All linear algebra is
-``lowrank_core.rotate_sigma``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 import lowrank_core as lc
+from lowrank_core.oialr import moments
 
 __all__ = [
+    "ADAMAX_KINDS",
+    "KINDS",
+    "MAGNITUDE_FIELDS",
     "SECOND_MOMENT_FIELDS",
     "dense_to_sigma_state",
     "map_param_state",
@@ -37,8 +41,17 @@ __all__ = [
     "truncate_sigma_state",
 ]
 
-#: Fields of optax states that hold element-wise second moments (mapped with the squared maps).
+#: Fields of optax states that hold element-wise second moments.
 SECOND_MOMENT_FIELDS: frozenset[str] = frozenset({"nu", "nu_max", "sum_of_squares", "e_g", "e_x"})
+#: Fields of optax states that hold element-wise non-negative magnitudes.
+MAGNITUDE_FIELDS: frozenset[str] = frozenset({"step_sizes"})
+#: optax's state fields and their kinds (every other field is first-moment-like).
+KINDS: dict[str, str] = {
+    **dict.fromkeys(SECOND_MOMENT_FIELDS, moments.SECOND),
+    **dict.fromkeys(MAGNITUDE_FIELDS, moments.MAGNITUDE),
+}
+#: The overrides for ``optax.adamax`` (its ``nu`` is an infinity norm, not a second moment).
+ADAMAX_KINDS: dict[str, str] = {"nu": moments.MAGNITUDE}
 
 Path = tuple[Any, ...]
 
@@ -51,24 +64,32 @@ def _key_name(key: Any) -> str | None:
     return None
 
 
-def _is_second(path: Path) -> bool:
-    return any(_key_name(k) in SECOND_MOMENT_FIELDS for k in path)
+def _kind(path: Path, kinds: Mapping[str, str]) -> str:
+    """The kind of the nearest known field on ``path`` (innermost first), else first-moment-like."""
+    for key in reversed(path):
+        name = _key_name(key)
+        if name is not None and (name in kinds or name in KINDS):
+            return moments.moment_kind(name, KINDS, kinds)
+    return moments.FIRST
 
 
 def map_param_state(
     opt_state: Any,
     param_path: Sequence[Any],
     shape: tuple[int, ...],
-    fn: Callable[[jax.Array, bool], jax.Array],
+    fn: Callable[[jax.Array, str], jax.Array],
+    kinds: Mapping[str, str] | None = None,
 ) -> tuple[Any, int]:
     """Replace every leaf of ``opt_state`` that belongs to the parameter at ``param_path`` (its path
-    ends with ``param_path`` and it has ``shape``) by ``fn(leaf, is_second_moment)``.
+    ends with ``param_path`` and it has ``shape``) by ``fn(leaf, kind)`` (``kind`` one of
+    :data:`lowrank_core.oialr.MOMENT_KINDS`).
 
     Returns the new state and the number of leaves mapped. Nothing else changes (a new pytree).
     """
     suffix = tuple(param_path)
     n = len(suffix)
     count = 0
+    overrides = dict(kinds or {})
 
     def visit(path: Path, leaf: Any) -> Any:
         nonlocal count
@@ -79,24 +100,11 @@ def map_param_state(
             and tuple(path[len(path) - n :]) == suffix
         ):
             count += 1
-            return fn(leaf, _is_second(path[: len(path) - n]))
+            return fn(leaf, _kind(path[: len(path) - n], overrides))
         return leaf
 
     new = jax.tree_util.tree_map_with_path(visit, opt_state)
     return new, count
-
-
-def _compute_dtype(*arrays: jax.Array) -> Any:
-    return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
-
-
-def _mapped(
-    x: jax.Array, second: bool, to: Callable[..., jax.Array], left: jax.Array, right: jax.Array
-) -> jax.Array:
-    dt = _compute_dtype(x, left, right)
-    xc, lc_, rc = (a.astype(dt) for a in (x, left, right))
-    y = jnp.maximum(to(xc, lc_ * lc_, rc * rc), 0) if second else to(xc, lc_, rc)
-    return y.astype(x.dtype)
 
 
 def dense_to_sigma_state(
@@ -106,33 +114,33 @@ def dense_to_sigma_state(
     to_matrix: Callable[[jax.Array], jax.Array],
     U: jax.Array,
     V: jax.Array,
+    kinds: Mapping[str, str] | None = None,
 ) -> Any:
     """OIALR's switch: the state of the dense kernel at ``param_path`` mapped into Sigma's coordinates.
 
     ``to_matrix`` gives the kernel's matrix view (the one ``U`` / ``V`` factor).
     """
 
-    def rot(x: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
-        return lc.rotate_sigma(to_matrix(x), left, right, check_finite=False)  # type: ignore[no-any-return]
+    def to_sigma(x: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
+        y: jax.Array = moments.rotate_cheaper(to_matrix(x), left, right)
+        return y
 
-    new, _ = map_param_state(
-        opt_state, param_path, kernel_shape, lambda x, second: _mapped(x, second, rot, U, V)
-    )
+    maps = moments.MomentMap(U, V, to_sigma)
+    new, _ = map_param_state(opt_state, param_path, kernel_shape, maps, kinds)
     return new
 
 
 def rotate_sigma_state(
-    opt_state: Any, param_path: Sequence[Any], left: jax.Array, right: jax.Array
+    opt_state: Any,
+    param_path: Sequence[Any],
+    left: jax.Array,
+    right: jax.Array,
+    kinds: Mapping[str, str] | None = None,
 ) -> Any:
     """After ``lowrank_core.rediagonalize`` (``Sigma_new = left^T Sigma right``): rotate Sigma's state."""
     r1, r2 = int(left.shape[-2]), int(right.shape[-2])
-
-    def rot(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-        return lc.rotate_sigma(x, a, b, check_finite=False)  # type: ignore[no-any-return]
-
-    new, _ = map_param_state(
-        opt_state, param_path, (r1, r2), lambda x, second: _mapped(x, second, rot, left, right)
-    )
+    maps = moments.MomentMap(left, right)
+    new, _ = map_param_state(opt_state, param_path, (r1, r2), maps, kinds)
     return new
 
 
@@ -143,6 +151,9 @@ def truncate_sigma_state(
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= old_rank:
         raise lc.RankError(f"`rank` must be an int in 1..{old_rank}, got {rank!r}")
     new, _ = map_param_state(
-        opt_state, param_path, (old_rank, old_rank), lambda x, second: x[:rank, :rank]
+        opt_state,
+        param_path,
+        (old_rank, old_rank),
+        lambda x, kind: moments.truncate_moment(x, rank),
     )
     return new

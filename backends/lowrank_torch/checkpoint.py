@@ -464,7 +464,7 @@ def load_checkpoint(
     # 1. everything that can be checked on the targets as they are
     try:
         if oialr is not None:
-            oialr._check_state(blob["oialr"])
+            oialr.check_state(blob["oialr"])
         if optimizer is not None:
             _check_optimizer_meta(blob, optimizer)
         if scheduler is not None:

@@ -43,7 +43,7 @@ Conversion is linear in the number of modules: one pass over ``model.named_modul
 
 from __future__ import annotations
 
-import fnmatch
+import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Iterable
@@ -54,7 +54,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import lowrank_core as lc
-from lowrank_core._validate import check_bool, check_float, check_int, describe
+from lowrank_core._validate import check_int, describe
+from lowrank_core.oialr import Candidate, LayerSelection
 
 from .layers import (
     LowRankConv1D,
@@ -74,6 +75,7 @@ __all__ = [
     "UnsupportedLayerError",
     "count_trainable",
     "eligible_names",
+    "layer_selection",
     "to_low_rank",
     "trainable_share",
 ]
@@ -254,58 +256,74 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def layer_selection(
+    selection: LayerSelection | None = None,
+    *,
+    include: Iterable[type[Any]] = DEFAULT_INCLUDE,
+    exclude_names: Iterable[str] = (),
+    keep_first: bool = False,
+    keep_last: bool = True,
+    min_aspect: float = 0.1,
+    allow_rank_one: bool = False,
+) -> LayerSelection:
+    """The :class:`~lowrank_core.oialr.LayerSelection` of a call: ``selection`` itself (its ``include``
+    checked, ``None`` meaning every supported type), or one built from the flat keyword arguments.
+    Giving both is refused (:class:`~lowrank_core.ParameterError`): which one would win is a surprise
+    either way."""
+    flat: dict[str, Any] = {
+        "include": include,
+        "exclude": exclude_names,
+        "keep_first": keep_first,
+        "keep_last": keep_last,
+        "min_aspect": min_aspect,
+        "allow_rank_one": allow_rank_one,
+    }
+    if selection is None:
+        types = _check_include(include)
+        return LayerSelection(**{**flat, "include": types})
+    if not isinstance(selection, LayerSelection):
+        raise lc.ParameterTypeError(
+            f"`selection` must be a lowrank_core.oialr.LayerSelection, got {describe(selection)}"
+        )
+    defaults = {
+        "include": DEFAULT_INCLUDE,
+        "exclude": (),
+        "keep_first": False,
+        "keep_last": True,
+        "min_aspect": 0.1,
+        "allow_rank_one": False,
+    }
+    given = [k for k, v in flat.items() if v is not defaults[k] and v != defaults[k]]
+    if given:
+        raise lc.ParameterError(
+            f"pass the layer selection either as `selection` or as keyword arguments, not both "
+            f"(got `selection` and {given})"
+        )
+    include = DEFAULT_INCLUDE if selection.include is None else selection.include
+    return dataclasses.replace(selection, include=_check_include(include))
+
+
 def _select(
-    model: nn.Module,
-    include: Iterable[type[Any]],
-    exclude_names: Iterable[str],
-    keep_first: bool,
-    keep_last: bool,
-    min_aspect: float,
-    allow_rank_one: bool,
+    model: nn.Module, selection: LayerSelection
 ) -> tuple[list[tuple[str, nn.Module]], _Scan, dict[str, str]]:
     """``(chosen, scan, why)``: the layers to convert, the scan, and why each other candidate is not."""
     if not isinstance(model, nn.Module):
         raise lc.ParameterTypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
-    types = _check_include(include)
-    patterns = (exclude_names,) if isinstance(exclude_names, str) else tuple(exclude_names)
-    keep_first = check_bool("keep_first", keep_first)
-    keep_last = check_bool("keep_last", keep_last)
-    allow_rank_one = check_bool("allow_rank_one", allow_rank_one)
-    min_aspect = check_float("min_aspect", min_aspect, min=0.0, max=1.0)
-
-    scan = _scan(model, types)
-    cands = scan.candidates
-    keep: set[str] = set()
-    if cands and keep_first:
-        keep.add(cands[0][0])
-    if cands and keep_last:
-        keep.add(cands[-1][0])
-
-    chosen: list[tuple[str, nn.Module]] = []
-    why: dict[str, str] = {}
-    for name, module in cands:
-        if name in keep:
-            why[name] = "kept dense by keep_first / keep_last"
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            why[name] = "excluded by exclude_names"
-            continue
-        if name in scan.refused:
-            why[name] = scan.refused[name]
-            continue
-        if isinstance(module, nn.Linear) or is_transformers_conv1d(type(module)):
-            m, n = dense_matrix_shape(module)
-            if not min(m, n) > max(m, n) * min_aspect:
-                why[name] = f"too thin for min_aspect={min_aspect} ({m} x {n})"
-                continue
-        if not allow_rank_one and _rank_one(module):
-            why[name] = (
-                "its (per-group) matrix has rank at most 1, e.g. a depthwise convolution: only the "
-                "scale of each kernel would train (pass allow_rank_one=True to convert it anyway)"
+    scan = _scan(model, selection.include)
+    candidates = []
+    for name, module in scan.candidates:
+        thin = isinstance(module, nn.Linear) or is_transformers_conv1d(type(module))
+        candidates.append(
+            Candidate(
+                name,
+                shape=dense_matrix_shape(module) if thin else None,
+                rank_one=_rank_one(module),
+                refused=scan.refused.get(name),
             )
-            continue
-        chosen.append((name, module))
-    return chosen, scan, why
+        )
+    names, why = selection.choose(candidates)
+    modules = dict(scan.candidates)
+    return [(n, modules[n]) for n in names], scan, why
 
 
 def _no_eligible_message(model: nn.Module, scan: _Scan) -> str:
@@ -325,6 +343,7 @@ def _warn_if_none(model: nn.Module, chosen: list[Any], scan: _Scan) -> None:
 def eligible_names(
     model: nn.Module,
     *,
+    selection: LayerSelection | None = None,
     include: Iterable[type[Any]] = DEFAULT_INCLUDE,
     exclude_names: Iterable[str] = (),
     keep_first: bool = False,
@@ -338,9 +357,16 @@ def eligible_names(
     names=[name])``), as OIALR's per-layer switch does. Warns (:class:`NoEligibleLayerWarning`) when the
     model has no eligible layer and none in low-rank form.
     """
-    chosen, scan, _ = _select(
-        model, include, exclude_names, keep_first, keep_last, min_aspect, allow_rank_one
+    sel = layer_selection(
+        selection,
+        include=include,
+        exclude_names=exclude_names,
+        keep_first=keep_first,
+        keep_last=keep_last,
+        min_aspect=min_aspect,
+        allow_rank_one=allow_rank_one,
     )
+    chosen, scan, _ = _select(model, sel)
     _warn_if_none(model, chosen, scan)
     return [n for n, _ in chosen]
 
@@ -348,6 +374,7 @@ def eligible_names(
 def to_low_rank(
     model: nn.Module,
     *,
+    selection: LayerSelection | None = None,
     include: Iterable[type[Any]] = DEFAULT_INCLUDE,
     exclude_names: Iterable[str] = (),
     keep_first: bool = False,
@@ -370,9 +397,16 @@ def to_low_rank(
     before the model changes: on any error it is as before.
     """
     r = _check_rank(rank)
-    chosen, scan, why = _select(
-        model, include, exclude_names, keep_first, keep_last, min_aspect, allow_rank_one
+    sel = layer_selection(
+        selection,
+        include=include,
+        exclude_names=exclude_names,
+        keep_first=keep_first,
+        keep_last=keep_last,
+        min_aspect=min_aspect,
+        allow_rank_one=allow_rank_one,
     )
+    chosen, scan, why = _select(model, sel)
     if names is not None:
         wanted = [names] if isinstance(names, str) else list(names)
         available = {n for n, _ in chosen}
@@ -386,7 +420,7 @@ def to_low_rank(
         wanted_set = set(wanted)
         chosen = [(n, m) for n, m in chosen if n in wanted_set]
     elif not chosen:
-        if include is not DEFAULT_INCLUDE and scan.low_rank == 0:
+        if sel.include is not DEFAULT_INCLUDE and scan.low_rank == 0:
             raise ConversionError(_no_eligible_message(model, scan))
         _warn_if_none(model, chosen, scan)
 

@@ -51,8 +51,8 @@ from .layers import (
 )
 from .oialr import OIALR, OIALRConfig, _dense_params
 from .optim_state import (
-    _find,
     dense_to_sigma_state,
+    find_parameter,
     rotate_sigma_state,
     swap_parameter,
     truncate_sigma_state,
@@ -213,108 +213,93 @@ class FSDPOIALR(OIALR):
                 state._is_root = None
                 state._state_ctx = FSDPStateContext()
 
-    # ------------------------------------------------------------------ the schedule, sharded
-    def _check_stability(self, t: int) -> list[str]:
-        ready: list[str] = []
-        for name in self.pending:
-            module = self.model.get_submodule(name)
-            weight: Any = module.weight
-            groups = int(getattr(module, "groups", 1))
-            matrix = lc.weight_to_matrix(_full(weight.detach()), groups=groups)
-            polars = [lc.orthogonal_factor(matrix)]
-            prev = self._snapshots.get(name)
-            self._snapshots[name] = polars
-            if prev is None:
-                continue
-            value = float(torch.mean(lc.polar_stability(prev[0], polars[0])))
-            self.history.append({"step": t, "event": "stability", "layer": name, "value": value})
-            assert self.config.stability_threshold is not None
-            if value >= self.config.stability_threshold:
-                ready.append(name)
-        return ready
+    # ------------------------------------------------------------------ OIALR's hooks, sharded
+    def stability_matrices(self, name: str) -> list[Tensor]:
+        """The layer's weight matrix, gathered from its shards (every rank gets the full tensor)."""
+        module = self.model.get_submodule(name)
+        weight: Any = module.weight
+        groups = int(getattr(module, "groups", 1))
+        matrix: Tensor = lc.weight_to_matrix(_full(weight.detach()), groups=groups)
+        return [matrix]
 
-    def _switch(self, names: list[str], t: int) -> None:
+    def convert_layers(self, names: list[str], t: int) -> dict[str, dict[str, LowRankLayer]]:
+        """Each layer is gathered, converted from its full weight and sharded again; its optimizer
+        state is gathered, mapped into Sigma's coordinates and sharded like ``sigma``."""
         opt = self.optimizer
+        out: dict[str, dict[str, LowRankLayer]] = {}
         for name in names:
             module: Any = self.model.get_submodule(name)
             old = _dense_params(module)  # the sharded DTensors the optimizer holds
             weight, bias = old["weight"], old.get("bias")
             module.unshard()  # every rank: the full weight, for the SVD
             try:
-                parts = to_low_rank(
-                    self.model,
-                    include=self.config.include,
-                    exclude_names=self.config.exclude_names,
-                    keep_first=self.config.keep_first,
-                    keep_last=self.config.keep_last,
-                    min_aspect=self.config.min_aspect,
-                    allow_rank_one=self.config.allow_rank_one,
-                    names=[name],
-                )
+                parts = to_low_rank(self.model, selection=self.config.selection, names=[name])
             finally:
                 module.reshard()
             layer = parts[name]
-            w_plain = _placeholder(opt, weight) if _find(opt, weight) is not None else None
+            trained = find_parameter(opt, weight) is not None
+            w_plain = _placeholder(opt, weight) if trained else None
             sigma_plain = layer.sigma
             if w_plain is not None:
                 dense_to_sigma_state(
-                    opt, w_plain, sigma_plain, layer.U, layer.V, groups=layer.groups
+                    opt,
+                    w_plain,
+                    sigma_plain,
+                    layer.U,
+                    layer.V,
+                    groups=layer.groups,
+                    kinds=self.config.moment_kinds,
                 )
             b_state = opt.state.pop(bias, None) if bias is not None else None
             self._shard(layer, weight)
             if w_plain is not None:
                 _shard_state(opt, sigma_plain, layer.sigma)
-            if bias is not None and layer.bias is not None and _find(opt, bias) is not None:
+            if (
+                bias is not None
+                and layer.bias is not None
+                and find_parameter(opt, bias) is not None
+            ):
                 swap_parameter(opt, bias, layer.bias)  # same shape, same sharding: state as it is
                 if b_state is not None:
                     opt.state[layer.bias] = b_state
-            self._parts[name] = [name]
-            self.layers[name] = layer
-            self.switched[name] = t
-            self._snapshots.pop(name, None)
-            self.history.append({"step": t, "event": "switch", "layer": name, "rank": layer.rank})
+            out[name] = {name: layer}
         self._reset_lazy_init()
-        self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
+        return out
 
-    def _full_factors(self, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor]:
+    def full_factors(self, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor]:
         """The layer's factors gathered from their shards (every rank gets the same full tensors)."""
         U, S, V = (_full(t.detach()) for t in (layer.U, layer.sigma, layer.V))
         return U, S, V
 
-    def _apply_rank_updates(self, plan: list[tuple[str, Any]], t: int) -> bool:
-        """Each planned layer is rebuilt at its new rank and sharded again; the state follows."""
-        self._updates += 1
+    def apply_rank_update(self, part: str, update: lc.RankUpdate) -> bool:
+        """The layer is rebuilt at its new rank and sharded again; its state follows (gathered,
+        rotated / truncated, sharded again). Always a new FSDP unit with new parameters."""
         opt = self.optimizer
-        for part, upd in plan:
-            layer = self.layers[part]
-            old_rank = layer.rank
-            sigma_sh = layer.sigma
-            rd = upd.rediagonalized
-            bias = layer.bias
-            U, S, V = upd.factors
-            new = _rebuild(layer, U, S, V, _full(bias.detach()) if bias is not None else None)
-            trained = _find(opt, sigma_sh) is not None
-            if trained:
-                plain = _placeholder(opt, sigma_sh)
-                rotate_sigma_state(opt, plain, rd.left, rd.right)
-                if upd.rank < old_rank:
-                    truncate_sigma_state(opt, plain, upd.rank)
-            b_state = opt.state.pop(bias, None) if bias is not None else None
-            self._shard(new, sigma_sh)
-            _set_submodule(self.model, part, new)
-            if trained:
-                _shard_state(opt, plain, new.sigma)
-            if bias is not None and new.bias is not None and _find(opt, bias) is not None:
-                swap_parameter(opt, bias, new.bias)
-                if b_state is not None:
-                    opt.state[new.bias] = b_state
-            self.layers[part] = new
-            self.history.append(
-                {"step": t, "event": "rank", "layer": part, "old": old_rank, "new": upd.rank}
-            )
+        layer = self.layers[part]
+        old_rank = layer.rank
+        sigma_sh = layer.sigma
+        rd = update.rediagonalized
+        bias = layer.bias
+        U, S, V = update.factors
+        new = _rebuild(layer, U, S, V, _full(bias.detach()) if bias is not None else None)
+        trained = find_parameter(opt, sigma_sh) is not None
+        if trained:
+            plain = _placeholder(opt, sigma_sh)
+            rotate_sigma_state(opt, plain, rd.left, rd.right, kinds=self.config.moment_kinds)
+            if update.rank < old_rank:
+                truncate_sigma_state(opt, plain, update.rank)
+        b_state = opt.state.pop(bias, None) if bias is not None else None
+        self._shard(new, sigma_sh)
+        _set_submodule(self.model, part, new)
+        if trained:
+            _shard_state(opt, plain, new.sigma)
+        if bias is not None and new.bias is not None and find_parameter(opt, bias) is not None:
+            swap_parameter(opt, bias, new.bias)
+            if b_state is not None:
+                opt.state[new.bias] = b_state
+        self.layers[part] = new
         self._reset_lazy_init()
-        self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
-        return bool(plan)  # every updated layer is a new FSDP unit with new parameters
+        return True
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Not supported under FSDP (restore a dense checkpoint and switch again, or use DDP)."""

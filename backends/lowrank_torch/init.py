@@ -58,11 +58,12 @@ from lowrank_core.init import (
     frobenius_decay,
     init_weight_factors,
 )
+from lowrank_core.oialr import LayerSelection
 
-from .convert import DEFAULT_INCLUDE, eligible_names, to_low_rank
+from .convert import DEFAULT_INCLUDE, eligible_names, layer_selection, to_low_rank
 from .layers import LowRankLayer, LowRankWeight, dense_matrix_shape
 from .oialr import _Undo
-from .optim_state import _find
+from .optim_state import find_parameter
 
 __all__ = [
     "INIT_METHODS",
@@ -201,7 +202,7 @@ def _module_rank(module: nn.Module, rank_fraction: float, rank: int | None) -> i
 
 def _swap_into_optimizer(optimizer: torch.optim.Optimizer, old: Tensor, new: list[Tensor]) -> None:
     """Replace ``old`` by the parameters ``new`` at its place in its param group; drop its state."""
-    where = _find(optimizer, old)
+    where = find_parameter(optimizer, old)
     if where is None:
         raise ParameterError(
             f"a replaced weight of shape {tuple(old.shape)} is not in the optimizer; pass the "
@@ -230,10 +231,12 @@ def low_rank_model(
     keep_last: bool = True,
     min_aspect: float = 0.1,
     allow_rank_one: bool = False,
+    selection: LayerSelection | None = None,
 ) -> dict[str, LowRankLayer]:
     """Convert ``model``'s eligible layers to fixed-rank factorized layers and initialize them; in place.
 
-    Eligibility is :func:`lowrank_torch.convert.eligible_names` with the same keyword arguments. Each layer
+    Eligibility is :func:`lowrank_torch.convert.eligible_names` with the same keyword arguments (or a
+    :class:`lowrank_core.oialr.LayerSelection` as ``selection``). Each layer
     gets rank ``round(rank_fraction * min(m, n))`` (at least 1) of its matrix view, or ``min(rank, m, n)``
     when ``rank`` is given. ``init`` / ``train_bases`` / ``refine_steps`` as in :func:`init_low_rank_layer_`;
     ``from_scratch=True`` first re-draws each converted layer's default dense init (torch's global RNG), so
@@ -256,14 +259,8 @@ def low_rank_model(
         raise ParameterTypeError(
             f"`optimizer` must be a torch.optim.Optimizer or None, got {describe(optimizer)}"
         )
-    keep_first = check_bool("keep_first", keep_first)
-    keep_last = check_bool("keep_last", keep_last)
-    allow_rank_one = check_bool("allow_rank_one", allow_rank_one)
-    min_aspect = check_float("min_aspect", min_aspect, min=0.0, max=1.0)
-    include = tuple(include)
-    exclude_names = (exclude_names,) if isinstance(exclude_names, str) else tuple(exclude_names)
-    names = eligible_names(
-        model,
+    sel = layer_selection(
+        selection,
         include=include,
         exclude_names=exclude_names,
         keep_first=keep_first,
@@ -271,10 +268,11 @@ def low_rank_model(
         min_aspect=min_aspect,
         allow_rank_one=allow_rank_one,
     )
+    names = eligible_names(model, selection=sel)
     if optimizer is not None:  # checked before anything changes
         for name in names:
             for sub, (weight, _) in _dense_sources(name, model.get_submodule(name)).items():
-                if _find(optimizer, weight) is None:
+                if find_parameter(optimizer, weight) is None:
                     raise ParameterError(
                         f"the weight of {sub!r} is not in the optimizer; pass the optimizer that "
                         "was built from this model's parameters (or none)"
@@ -293,12 +291,7 @@ def low_rank_model(
             from_scratch=from_scratch,
             seed=seed,
             optimizer=optimizer,
-            include=include,
-            exclude_names=exclude_names,
-            keep_first=keep_first,
-            keep_last=keep_last,
-            min_aspect=min_aspect,
-            allow_rank_one=allow_rank_one,
+            selection=sel,
             redrawn=redrawn,
         )
     except BaseException:
@@ -321,12 +314,7 @@ def _convert_all(
     from_scratch: bool,
     seed: int | None,
     optimizer: torch.optim.Optimizer | None,
-    include: tuple[type[nn.Module], ...],
-    exclude_names: tuple[str, ...],
-    keep_first: bool,
-    keep_last: bool,
-    min_aspect: float,
-    allow_rank_one: bool,
+    selection: LayerSelection,
     redrawn: list[tuple[Tensor, Tensor]],
 ) -> dict[str, LowRankLayer]:
     result: dict[str, LowRankLayer] = {}
@@ -343,12 +331,7 @@ def _convert_all(
             model,
             names=[name],
             rank=_module_rank(module, rank_fraction, rank),
-            include=include,
-            exclude_names=exclude_names,
-            keep_first=keep_first,
-            keep_last=keep_last,
-            min_aspect=min_aspect,
-            allow_rank_one=allow_rank_one,
+            selection=selection,
         )
         for sub, layer in new_layers.items():
             dense, old_weight, old_bias = kept[sub]

@@ -34,30 +34,32 @@ freshly built dense model.
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import lowrank_core as lc
+import lowrank_core.oialr as core_oialr
 from lowrank_core._array import check_rank
-from lowrank_core._validate import check_bool, check_float, check_int, describe
+from lowrank_core._validate import describe
 from lowrank_core.errors import ParameterError, ParameterTypeError
+from lowrank_core.oialr import LayerSelection
 
 from .amp import full_precision
 from .convert import DEFAULT_INCLUDE, _check_include, count_trainable, eligible_names, to_low_rank
 from .layers import LowRankLayer, dense_matrix_shape
 from .optim_state import (
-    _find,
     dense_to_sigma_state,
+    find_parameter,
     rotate_sigma_state,
     swap_parameter,
     truncate_sigma_state,
 )
 
-__all__ = ["OIALR", "CheckpointError", "OIALRConfig"]
+__all__ = ["OIALR", "CheckpointError", "LayerSelection", "OIALRConfig"]
 
 
 #: :class:`lowrank_core.CheckpointError` (the same class in every framework; also importable from
@@ -65,80 +67,65 @@ __all__ = ["OIALR", "CheckpointError", "OIALRConfig"]
 CheckpointError = lc.CheckpointError
 
 
-@dataclass
-class OIALRConfig:
-    """Settings of :class:`OIALR` (defaults after the published reference configuration).
+#: The default of the flat selection fields: "not given, take `selection`'s value".
+_UNSET: Any = core_oialr.UNSET
 
-    - ``switch_step``: step at which every remaining eligible layer switches to low rank (``None``: only
-      the stability rule switches).
-    - ``stability_threshold``: switch a layer as soon as its basis stability reaches this value (``None``:
-      only ``switch_step`` switches). At least one of the two must be set.
-    - ``stability_every``: steps between stability checks during the warm-up.
-    - ``update_every``: steps between rank updates of a low-rank layer.
-    - ``rule``: rank rule applied at each update (any :class:`lowrank_core.RankRule`).
-    - ``progressive``: update only the last layers first, 10% more layers per update.
-    - ``include``, ``exclude_names``, ``keep_first``, ``keep_last``, ``min_aspect``, ``allow_rank_one``:
-      which layers are eligible (see :mod:`lowrank_torch.convert`).
+#: The flat layer-selection fields of :class:`OIALRConfig` and the :class:`LayerSelection` field each sets.
+_FLAT_SELECTION = {
+    "include": "include",
+    "exclude_names": "exclude",
+    "keep_first": "keep_first",
+    "keep_last": "keep_last",
+    "min_aspect": "min_aspect",
+    "allow_rank_one": "allow_rank_one",
+}
+
+
+def _module_types(value: Any) -> tuple[type[nn.Module], ...]:
+    """``include`` as a tuple of supported module types (ParameterTypeError / UnsupportedLayerError)."""
+    include: Any = value
+    if isinstance(include, type):
+        include = (include,)
+    if isinstance(include, str) or not isinstance(include, tuple | list):
+        raise ParameterTypeError(
+            f"`include` must be a tuple of module types, got {describe(value)}"
+        )
+    try:
+        return _check_include(include)
+    except TypeError as exc:
+        raise ParameterTypeError(str(exc)) from None
+
+
+@dataclass
+class OIALRConfig(core_oialr.OIALRConfig):
+    """Settings of :class:`OIALR`: :class:`lowrank_core.oialr.OIALRConfig`, the same for every framework.
+
+    Which layers are eligible is ``selection`` (a :class:`lowrank_core.oialr.LayerSelection`; its
+    ``include`` is a tuple of module types here, default every supported type, see
+    :mod:`lowrank_torch.convert`). The flat fields ``include``, ``exclude_names``, ``keep_first``,
+    ``keep_last``, ``min_aspect`` and ``allow_rank_one`` are shorthands: each one given replaces that
+    field of ``selection``; after construction they show the selection's values.
     """
 
-    switch_step: int | None = 1000
-    stability_threshold: float | None = None
-    stability_every: int = 100
-    update_every: int = 100
-    rule: lc.RankRule = field(default_factory=lambda: lc.SigmaCutoff(0.1))
-    progressive: bool = False
-    include: tuple[type[nn.Module], ...] = DEFAULT_INCLUDE
-    exclude_names: tuple[str, ...] = ()
-    keep_first: bool = False
-    keep_last: bool = True
-    min_aspect: float = 0.1
-    allow_rank_one: bool = False
+    include: tuple[type[nn.Module], ...] = _UNSET
+    exclude_names: tuple[str, ...] = _UNSET
+    keep_first: bool = _UNSET
+    keep_last: bool = _UNSET
+    min_aspect: float = _UNSET
+    allow_rank_one: bool = _UNSET
 
     def __post_init__(self) -> None:
-        if self.switch_step is None and self.stability_threshold is None:
-            raise ParameterError("OIALRConfig needs `switch_step`, `stability_threshold`, or both")
-        self.switch_step = check_int("switch_step", self.switch_step, min=0, optional=True)
-        self.stability_threshold = check_float(
-            "stability_threshold",
-            self.stability_threshold,
-            min=0.0,
-            max=1.0,
-            min_open=True,
-            optional=True,
-        )
-        self.stability_every = check_int("stability_every", self.stability_every, min=1)
-        self.update_every = check_int("update_every", self.update_every, min=1)
-        if not callable(self.rule) or isinstance(self.rule, type):
-            raise ParameterTypeError(
-                f"`rule` must be a rank rule (e.g. lowrank_core.SigmaCutoff(0.1)), got "
-                f"{describe(self.rule)}"
-            )
-        self.progressive = check_bool("progressive", self.progressive)
-        self.keep_first = check_bool("keep_first", self.keep_first)
-        self.keep_last = check_bool("keep_last", self.keep_last)
-        self.min_aspect = check_float("min_aspect", self.min_aspect, min=0.0, max=1.0)
-        self.allow_rank_one = check_bool("allow_rank_one", self.allow_rank_one)
-        include: Any = self.include
-        if isinstance(include, type):
-            include = (include,)
-        if isinstance(include, str) or not isinstance(include, tuple | list):
-            raise ParameterTypeError(
-                f"`include` must be a tuple of module types, got {describe(self.include)}"
-            )
-        self.include = tuple(include)
-        try:
-            _check_include(self.include)
-        except TypeError as exc:
-            raise ParameterTypeError(str(exc)) from None
-        names: Any = self.exclude_names
-        if isinstance(names, str):
-            names = (names,)
-        if not isinstance(names, tuple | list) or not all(isinstance(n, str) for n in names):
-            raise ParameterTypeError(
-                f"`exclude_names` must be a tuple of name patterns (strings), got "
-                f"{describe(self.exclude_names)}"
-            )
-        self.exclude_names = tuple(names)
+        super().__post_init__()
+        given = {
+            field_: getattr(self, flat)
+            for flat, field_ in _FLAT_SELECTION.items()
+            if getattr(self, flat) is not _UNSET
+        }
+        chosen = dataclasses.replace(self.selection, **given)
+        include = DEFAULT_INCLUDE if chosen.include is None else _module_types(chosen.include)
+        self.selection = dataclasses.replace(chosen, include=include)
+        for flat, field_ in _FLAT_SELECTION.items():
+            setattr(self, flat, getattr(self.selection, field_))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -273,6 +260,8 @@ class _Undo:
             self.groups = (groups, list(groups), [(g, dict(g), list(g["params"])) for g in groups])
             state = optimizer.state
             self.state = (state, dict(state), [(d, dict(d)) for d in state.values()])
+        # an OIALR controller's schedule holds its counts and history
+        extra = (*extra, *(o.schedule for o in extra if isinstance(o, OIALR)))
         self.objects = [
             (
                 obj,
@@ -320,6 +309,12 @@ class OIALR:
     weights, so all processes make the same ones. After a :meth:`step` that replaced parameters or changed
     their shapes, :attr:`structure_changed` is ``True`` and a DDP wrapper must be rebuilt; after checks
     that change no shape it is ``False``.
+
+    The decisions (when to check, switch and update which layers), the history and the saved state are
+    :class:`lowrank_core.oialr.OIALRSchedule`'s (:attr:`schedule`); this class moves parameters and
+    optimizer state. A subclass changes *how* (e.g. on sharded parameters,
+    :class:`~lowrank_torch.fsdp.FSDPOIALR`) through four hooks: :meth:`stability_matrices`,
+    :meth:`convert_layers`, :meth:`full_factors` and :meth:`apply_rank_update`.
     """
 
     def __init__(
@@ -339,41 +334,51 @@ class OIALR:
         self.config = config or OIALRConfig()
         self.model = _unwrap(model)
         self.optimizer = optimizer
-        c = self.config
-        self.eligible: list[str] = eligible_names(
-            self.model,
-            include=c.include,
-            exclude_names=c.exclude_names,
-            keep_first=c.keep_first,
-            keep_last=c.keep_last,
-            min_aspect=c.min_aspect,
-            allow_rank_one=c.allow_rank_one,
-        )
-        for name in self.eligible:
+        eligible = eligible_names(self.model, selection=self.config.selection)
+        for name in eligible:
             for role, p in _dense_params(self.model.get_submodule(name)).items():
-                if p.requires_grad and _find(optimizer, p) is None:
+                if p.requires_grad and find_parameter(optimizer, p) is None:
                     raise ParameterError(
                         f"parameter {name}.{role} is trainable but not in the optimizer; build the "
                         "optimizer from model.parameters() before creating OIALR"
                     )
+        #: the decisions, the history and the counts (framework-free)
+        self.schedule = core_oialr.OIALRSchedule(self.config, eligible)
         self.dense_trainable = count_trainable(self.model)
-        self.step_count = 0
         #: True when the last :meth:`step` replaced parameters or changed their shapes (the optimizer
         #: already holds the new ones; a DDP wrapper must be rebuilt); False after checks that change
         #: no shape.
         self.structure_changed = False
-        self.switched: dict[str, int] = {}  # layer name -> step of its switch
         self.layers: dict[str, LowRankLayer] = {}  # low-rank part name -> layer
-        self._parts: dict[str, list[str]] = {}  # layer name -> its low-rank part names
-        self._snapshots: dict[str, list[Tensor]] = {}
-        self._updates = 0
-        self.history: list[dict[str, Any]] = []
+        self.parts: dict[str, list[str]] = {}  # layer name -> its low-rank part names
+        #: the last stability check's polar factors of each pending layer (one per weight matrix)
+        self.warmup: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ queries
     @property
+    def eligible(self) -> list[str]:
+        """The layers OIALR may switch, in the model's order."""
+        return self.schedule.eligible
+
+    @property
+    def step_count(self) -> int:
+        """Steps counted so far (calls of :meth:`step`)."""
+        return self.schedule.step_count
+
+    @property
+    def switched(self) -> dict[str, int]:
+        """``{layer: step of its switch}``."""
+        return self.schedule.switched
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Recorded events (stability, switch, rank, share), oldest first."""
+        return self.schedule.history
+
+    @property
     def pending(self) -> list[str]:
         """Eligible layers still dense."""
-        return [n for n in self.eligible if n not in self.switched]
+        return self.schedule.pending
 
     def ranks(self) -> dict[str, int]:
         """Current rank of every low-rank part."""
@@ -395,32 +400,27 @@ class OIALR:
         the layer, and the model, the optimizer and the controller (its step count included) are left
         exactly as they were before the call.
         """
-        t = self.step_count + 1
-        c = self.config
-        stability_due = (
-            bool(self.pending) and c.stability_threshold is not None and t % c.stability_every == 0
-        )
-        switch_due = bool(self.pending) and c.switch_step is not None and t >= c.switch_step
-        update_due = bool(self.layers) and t % c.update_every == 0
-        if not (stability_due or switch_due or update_due):
-            self.step_count = t
+        sched = self.schedule
+        plan = sched.plan()
+        if plan.idle:
+            sched.begin(plan)
             self.structure_changed = False
             return
+        t = plan.step
         undo = _Undo(self.model, self.optimizer, self)
         try:
-            self.step_count = t
+            sched.begin(plan)
             changed = False
             # full precision even when called inside an autocast region (lowrank_torch.amp)
             with torch.no_grad(), full_precision(self.model):
                 # rank updates are computed (and checked) before anything changes
-                updates = self._plan_rank_updates(t) if update_due else None
-                to_switch: list[str] = []
-                if stability_due:
-                    to_switch += self._check_stability(t)
-                if switch_due:
-                    to_switch = list(self.pending)
+                updates = (
+                    self._plan_rank_updates(plan.update, t) if plan.update is not None else None
+                )
+                ready = self._check_stability(t) if plan.check_stability else []
+                to_switch = sched.to_switch(plan, ready)
                 if to_switch:
-                    self._switch([n for n in self.eligible if n in set(to_switch)], t)
+                    self._switch(to_switch, t)
                     changed = True
                 if updates is not None:
                     changed |= self._apply_rank_updates(updates, t)
@@ -429,6 +429,11 @@ class OIALR:
             raise
         self.structure_changed = changed
 
+    def stability_matrices(self, name: str) -> list[Tensor]:
+        """Hook: the matrices whose basis stability decides the switch of layer ``name`` (the whole
+        weights; a sharded controller gathers them here)."""
+        return _weight_matrices(self.model.get_submodule(name))
+
     def _check_stability(self, t: int) -> list[str]:
         """One stability check of every pending layer; returns those that reached the threshold.
 
@@ -436,11 +441,11 @@ class OIALR:
         call (in chunks of at most :data:`_BATCH_ELEMENTS` entries): one SVD call per shape instead of
         one per layer; on the CPU, where batching was measured slower, one call per matrix
         (:data:`_BATCH_ON_CPU`). Either way all values reach the host in one transfer: no host
-        synchronisation per layer. Each check
-        keeps the polar factors, not the weights: one SVD per matrix per check.
+        synchronisation per layer. Each check keeps the polar factors, not the weights: one SVD per
+        matrix per check.
         """
         names = self.pending
-        mats = {name: _weight_matrices(self.model.get_submodule(name)) for name in names}
+        mats = {name: self.stability_matrices(name) for name in names}
         slots = [(name, j, m) for name in names for j, m in enumerate(mats[name])]
         polars: dict[tuple[str, int], Tensor] = {}
         values: dict[tuple[str, int], Tensor] = {}
@@ -450,7 +455,7 @@ class OIALR:
                 q = lc.orthogonal_factor(stack)
             except lc.LowRankError as exc:
                 raise _chunk_error(exc, chunk, t) from exc
-            prev = [self._snapshots.get(name) for name, _, _ in chunk]
+            prev = [self.warmup.get(name) for name, _, _ in chunk]
             for (name, j, _), qi in zip(chunk, q.unbind(0), strict=True):
                 polars[(name, j)] = qi
             have = [i for i, p in enumerate(prev) if p is not None]
@@ -463,50 +468,46 @@ class OIALR:
                     values[(chunk[i][0], chunk[i][1])] = v
         host = torch.stack(list(values.values())).tolist() if values else []
         per_slot = dict(zip(values, host, strict=True))
-        ready: list[str] = []
+        measured: dict[str, float] = {}
         for name in names:
-            had_snapshot = name in self._snapshots
-            self._snapshots[name] = [polars[(name, j)] for j in range(len(mats[name]))]
+            had_snapshot = name in self.warmup
+            self.warmup[name] = [polars[(name, j)] for j in range(len(mats[name]))]
             if not had_snapshot:
                 continue
             vals = [per_slot[(name, j)] for j in range(len(mats[name]))]
-            value = float(sum(vals) / len(vals))
-            self.history.append({"step": t, "event": "stability", "layer": name, "value": value})
-            assert self.config.stability_threshold is not None
-            if value >= self.config.stability_threshold:
-                ready.append(name)
-        return ready
+            measured[name] = float(sum(vals) / len(vals))
+            self.schedule.record_stability(t, name, measured[name])
+        return self.schedule.ready(measured)
 
     def _switch(self, names: list[str], t: int) -> None:
-        # one conversion call for all layers due (one pass over the model, not one per layer)
-        olds = {name: _dense_params(self.model.get_submodule(name)) for name in names}
         for name in names:  # checked first, so that the error names the layer
-            for m in _weight_matrices(self.model.get_submodule(name)):
+            for m in self.stability_matrices(name):
                 if not bool(torch.isfinite(m).all()):
                     raise lc.NonFiniteError(
                         f"switch of layer {name!r} at step {t}: its weight contains NaN or Inf"
                     )
-        converted = to_low_rank(
-            self.model,
-            include=self.config.include,
-            exclude_names=self.config.exclude_names,
-            keep_first=self.config.keep_first,
-            keep_last=self.config.keep_last,
-            min_aspect=self.config.min_aspect,
-            allow_rank_one=self.config.allow_rank_one,
-            names=names,
-        )
+        converted = self.convert_layers(names, t)
+        for name in names:
+            parts = converted[name]
+            self.parts[name] = list(parts)
+            self.layers.update(parts)
+            self.warmup.pop(name, None)
+            self.schedule.record_switch(t, name, {k: v.rank for k, v in parts.items()})
+        self.schedule.record_share(t, self.trainable_share())
+
+    def convert_layers(self, names: list[str], t: int) -> dict[str, dict[str, LowRankLayer]]:
+        """Hook: put the dense layers ``names`` into low-rank form at full rank, their parameters'
+        optimizer slots and state moved to the new ones; returns ``{layer: {part: low-rank layer}}``."""
+        # one conversion call for all layers due (one pass over the model, not one per layer)
+        olds = {name: _dense_params(self.model.get_submodule(name)) for name in names}
+        converted = to_low_rank(self.model, selection=self.config.selection, names=names)
+        out: dict[str, dict[str, LowRankLayer]] = {}
         for name in names:
             own = (name, f"{name}.out_proj", f"{name}.parametrizations.in_proj_weight.0")
             parts = {k: converted[k] for k in own if k in converted}
             self._adopt(name, olds[name], parts)
-            self.switched[name] = t
-            self._snapshots.pop(name, None)
-            for part, layer in parts.items():
-                self.history.append(
-                    {"step": t, "event": "switch", "layer": part, "rank": layer.rank}
-                )
-        self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
+            out[name] = parts
+        return out
 
     def _adopt(
         self, name: str, old: dict[str, nn.Parameter], parts: dict[str, LowRankLayer]
@@ -522,53 +523,42 @@ class OIALR:
             if in_name in parts and "in_proj_weight" in old:
                 pairs.append((old["in_proj_weight"], parts[in_name], None, None))
         for weight, layer, old_bias, new_bias in pairs:
-            if _find(opt, weight) is not None:
+            if find_parameter(opt, weight) is not None:
                 dense_to_sigma_state(
-                    opt, weight, layer.sigma, layer.U, layer.V, groups=layer.groups
+                    opt,
+                    weight,
+                    layer.sigma,
+                    layer.U,
+                    layer.V,
+                    groups=layer.groups,
+                    kinds=self.config.moment_kinds,
                 )
             if old_bias is not None and new_bias is not None:
                 self._replace_in_optimizer(old_bias, new_bias)
-        self._parts[name] = list(parts)
-        self.layers.update(parts)
 
     def _replace_in_optimizer(self, old: nn.Parameter, new: nn.Parameter) -> None:
         """``new`` takes ``old``'s slot in its param group, with ``old``'s (already adapted) state."""
         opt = self.optimizer
-        if _find(opt, old) is None:
+        if find_parameter(opt, old) is None:
             return
         state = opt.state.pop(old, None)
         swap_parameter(opt, old, new)
         if state is not None:
             opt.state[new] = state
 
-    def _plan_rank_updates(self, t: int) -> list[tuple[str, Any]] | None:
+    def _plan_rank_updates(self, due: tuple[str, ...], t: int) -> list[tuple[str, Any]]:
         """Every due part's new factors, computed and checked before any layer changes.
 
-        Returns ``[(part, update)]`` (``None`` when no layer is due). A failure (NaN or Inf in a layer's
-        factors, a rank rule that misbehaves) raises the core's error, its message prefixed with the
-        layer's name.
+        A failure (NaN or Inf in a layer's factors, a rank rule that misbehaves) raises the core's
+        error, its message prefixed with the layer's name.
         """
-        due = [n for n in self.switched if (t - self.switched[n]) > 0]
-        if not due:
-            return None
-        if self.config.progressive:
-            per_update = max(1, math.ceil(0.1 * len(self.eligible)))
-            k = min(len(self.eligible), per_update * (self._updates + 1))
-            allowed = set(self.eligible[-k:])
-            due = [n for n in due if n in allowed]
         plan: list[tuple[str, Any]] = []
         for name in due:
-            for part in self._parts[name]:
+            for part in self.parts[name]:
                 layer = self.layers[part]
                 try:
-                    U, S, V = self._full_factors(layer)
-                    upd = lc.update_rank(
-                        U,
-                        S,
-                        V,
-                        self.config.rule,
-                        shape=(layer.rows, layer.cols),
-                    )
+                    U, S, V = self.full_factors(layer)
+                    upd = lc.update_rank(U, S, V, self.config.rule, shape=(layer.rows, layer.cols))
                     rd = upd.rediagonalized
                     # one host transfer for the five finiteness checks (not one per tensor)
                     checked = (*upd.factors, rd.left, rd.right)
@@ -585,46 +575,45 @@ class OIALR:
                 plan.append((part, upd))
         return plan
 
-    def _full_factors(self, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor]:
-        """The layer's whole ``U``, ``sigma``, ``V`` for a rank update (a sharded controller gathers
-        them here)."""
+    def full_factors(self, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor]:
+        """Hook: the layer's whole ``U``, ``sigma``, ``V`` for a rank update (a sharded controller
+        gathers them here)."""
         return layer.U, layer.sigma.detach(), layer.V
 
     def _apply_rank_updates(self, plan: list[tuple[str, Any]], t: int) -> bool:
         """Write the planned updates (layers, optimizer state, history); returns whether shapes changed."""
-        self._updates += 1
+        self.schedule.record_update()
         shape_changed = False
         for part, upd in plan:
-            layer = self.layers[part]
-            old_rank = layer.rank
-            rd = upd.rediagonalized
-            old_sigma = layer.sigma
-            rotate_sigma_state(self.optimizer, old_sigma, rd.left, rd.right)
-            if upd.rank < old_rank:
-                truncate_sigma_state(self.optimizer, old_sigma, upd.rank)
-                shape_changed = True
-            layer.set_factors(*upd.factors)
-            if layer.sigma is not old_sigma:  # a new rank: a new Parameter, same optimizer slot
-                self._replace_in_optimizer(old_sigma, layer.sigma)
-            self.history.append(
-                {"step": t, "event": "rank", "layer": part, "old": old_rank, "new": upd.rank}
-            )
-        self.history.append({"step": t, "event": "share", "value": self.trainable_share()})
+            old_rank = self.layers[part].rank
+            shape_changed |= self.apply_rank_update(part, upd)
+            self.schedule.record_rank(t, part, old_rank, upd.rank)
+        self.schedule.record_share(t, self.trainable_share())
         return shape_changed
+
+    def apply_rank_update(self, part: str, update: lc.RankUpdate) -> bool:
+        """Hook: write one planned rank update (``lowrank_core.update_rank``'s result) into the
+        low-rank layer ``part`` and its optimizer state; returns whether parameters changed shape or
+        were replaced."""
+        layer = self.layers[part]
+        rd = update.rediagonalized
+        old_sigma = layer.sigma
+        kinds = self.config.moment_kinds
+        rotate_sigma_state(self.optimizer, old_sigma, rd.left, rd.right, kinds=kinds)
+        changed = update.rank < layer.rank
+        if changed:
+            truncate_sigma_state(self.optimizer, old_sigma, update.rank)
+        layer.set_factors(*update.factors)
+        if layer.sigma is not old_sigma:  # a new rank: a new Parameter, same optimizer slot
+            self._replace_in_optimizer(old_sigma, layer.sigma)
+        return changed
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The controller's state: enough to rebuild the low-rank structure in a fresh dense model."""
-        return {
-            "format": "lowrank_torch.OIALR/1",
-            "step_count": self.step_count,
-            "updates": self._updates,
-            "switched": dict(self.switched),
-            "ranks": self.ranks(),
-            "eligible": list(self.eligible),
-            "snapshots": {n: [m.clone() for m in ms] for n, ms in self._snapshots.items()},
-            "history": [dict(e) for e in self.history],
-        }
+        """The controller's state (:meth:`lowrank_core.oialr.OIALRSchedule.state_dict`'s schema): enough
+        to rebuild the low-rank structure in a fresh dense model."""
+        warmup = {n: [m.clone() for m in ms] for n, ms in self.warmup.items()}
+        return self.schedule.state_dict(self.ranks(), warmup)
 
     def _expected_parts(self, name: str) -> dict[str, int]:
         """``{low-rank part name: its maximal rank}`` that converting the dense layer ``name`` creates."""
@@ -637,109 +626,19 @@ class OIALR:
             return parts
         return {name: min(dense_matrix_shape(module))}
 
-    def _check_state(self, state: Any) -> tuple[list[tuple[str, int]], dict[str, int]]:
-        """Validate a saved state against this controller and model; change nothing.
+    def check_state(self, state: Any) -> core_oialr.CheckedState:
+        """Validate a saved state against this controller and model; changes nothing.
 
-        Returns the switch order ``[(layer, step)]`` and the saved rank of every part.
+        Reads the current schema and the 0.1.0 one; raises :class:`~lowrank_core.CheckpointError`
+        naming what does not fit.
         """
-        if not isinstance(state, dict) or state.get("format") != "lowrank_torch.OIALR/1":
-            raise CheckpointError("not an OIALR state (missing or unknown 'format' entry)")
-        missing = [
-            k
-            for k in (
-                "step_count",
-                "updates",
-                "switched",
-                "ranks",
-                "eligible",
-                "snapshots",
-                "history",
-            )
-            if k not in state
-        ]
-        if missing:
-            raise CheckpointError(f"the OIALR state lacks the entries {missing}")
-        if self.switched:
-            raise CheckpointError(
-                "load_state_dict needs a controller that has not switched any layer yet"
-            )
-        eligible = state["eligible"]
-        if not isinstance(eligible, list | tuple) or list(eligible) != self.eligible:
-            raise CheckpointError(
-                "the checkpoint was made for other eligible layers: saved "
-                f"{eligible!r}, this model has {self.eligible}"
-            )
-        try:
-            step_count = check_int("step_count", state["step_count"], min=0)
-            check_int("updates", state["updates"], min=0)
-        except lc.LowRankError as exc:
-            raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
-        switched, ranks, snapshots, history = (
-            state["switched"],
-            state["ranks"],
-            state["snapshots"],
-            state["history"],
+        return self.schedule.check_state(
+            state,
+            parts=self._expected_parts,
+            warmup_shapes=lambda n: [
+                tuple(m.shape) for m in _weight_matrices(self.model.get_submodule(n))
+            ],
         )
-        for key, value, kind in (
-            ("switched", switched, dict),
-            ("ranks", ranks, dict),
-            ("snapshots", snapshots, dict),
-            ("history", history, list),
-        ):
-            if not isinstance(value, kind):
-                raise CheckpointError(
-                    f"the OIALR state's {key!r} must be a {kind.__name__}, got {describe(value)}"
-                )
-        if not all(isinstance(e, dict) for e in history):
-            raise CheckpointError("the OIALR state's 'history' must be a list of dicts")
-        order = {n: i for i, n in enumerate(self.eligible)}
-        expected: dict[str, int] = {}
-        steps: dict[str, int] = {}
-        for name, t in switched.items():
-            if name not in order:
-                raise CheckpointError(
-                    f"the checkpoint switched {name!r}, which is not eligible here"
-                )
-            try:
-                steps[name] = check_int(f"switched[{name!r}]", t, min=0, max=step_count)
-            except lc.LowRankError as exc:
-                raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
-            expected.update(self._expected_parts(name))
-        saved_ranks: dict[str, int] = {}
-        for part, upper in expected.items():
-            if part not in ranks:
-                raise CheckpointError(f"the checkpoint has no rank for {part!r}")
-            try:
-                saved_ranks[part] = check_int(
-                    f"ranks[{part!r}]", ranks[part], min=1, max=upper, max_name="min(m, n)"
-                )
-            except lc.LowRankError as exc:
-                raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
-        extra = sorted(set(ranks) - set(expected))
-        if extra:
-            raise CheckpointError(f"the checkpoint has ranks for layers it did not switch: {extra}")
-        for name, mats in snapshots.items():
-            if name not in order or name in switched:
-                raise CheckpointError(
-                    f"the checkpoint has a stability snapshot of {name!r}, which is not a pending "
-                    "eligible layer"
-                )
-            want = _weight_matrices(self.model.get_submodule(name))
-            if not isinstance(mats, list | tuple) or len(mats) != len(want):
-                raise CheckpointError(
-                    f"the stability snapshot of {name!r} must be a list of {len(want)} tensors"
-                )
-            for m, w in zip(mats, want, strict=True):
-                if not isinstance(m, Tensor) or m.shape != w.shape or not m.is_floating_point():
-                    got = tuple(m.shape) if isinstance(m, Tensor) else describe(m)
-                    raise CheckpointError(
-                        f"the stability snapshot of {name!r} does not fit: expected a floating "
-                        f"tensor of shape {tuple(w.shape)}, got {got}"
-                    )
-                if not bool(torch.isfinite(m).all()):
-                    raise CheckpointError(f"the stability snapshot of {name!r} contains NaN or Inf")
-        switch_order = sorted(steps.items(), key=lambda item: (item[1], order[item[0]]))
-        return switch_order, saved_ranks
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Rebuild the saved structure on this (freshly built, dense) model and optimizer.
@@ -747,51 +646,46 @@ class OIALR:
         Converts the saved layers at their saved ranks, in the saved order, moving their parameters into
         the optimizer exactly as training did, so that ``model.load_state_dict`` and
         ``optimizer.load_state_dict`` of the same checkpoint fit afterwards. The whole state is checked
-        against this model first (names, ranks, step counts, snapshot shapes); a state that does not
-        fit raises :class:`~lowrank_torch.checkpoint.CheckpointError` naming the problem, and the model,
-        the optimizer and the controller are left exactly as they were.
+        against this model first (names, ranks, step counts, warm-up factor shapes); a state that does
+        not fit raises :class:`~lowrank_core.CheckpointError` naming the problem, and the model, the
+        optimizer and the controller are left exactly as they were. States saved by version 0.1.0 load
+        too.
         """
-        switch_order, ranks = self._check_state(state)
+        checked = self.check_state(state)
         undo = _Undo(self.model, self.optimizer, self)
         try:
             with torch.no_grad(), full_precision(self.model):
                 batches: dict[int, list[str]] = {}
-                for name, t in switch_order:  # one conversion call per saved switch step
+                for name, t in checked.switch_order:  # one conversion call per saved switch step
                     batches.setdefault(t, []).append(name)
-                for t, names in batches.items():
-                    olds = {n: _dense_params(self.model.get_submodule(n)) for n in names}
+                for names in batches.values():
                     expected = {n: self._expected_parts(n) for n in names}
-                    converted = to_low_rank(
-                        self.model,
-                        include=self.config.include,
-                        exclude_names=self.config.exclude_names,
-                        keep_first=self.config.keep_first,
-                        keep_last=self.config.keep_last,
-                        min_aspect=self.config.min_aspect,
-                        allow_rank_one=self.config.allow_rank_one,
-                        names=names,
-                    )
+                    converted = self.convert_layers(names, 0)
                     for name in names:
-                        parts = {k: converted[k] for k in expected[name] if k in converted}
+                        parts = converted[name]
                         if set(parts) != set(expected[name]):
                             raise CheckpointError(
                                 f"converting {name!r} gave the parts {sorted(parts)}, the "
                                 f"checkpoint expects {sorted(expected[name])}"
                             )
                         for part, layer in parts.items():
-                            r = ranks[part]
+                            r = checked.ranks[part]
                             if r < layer.rank:
+                                old_sigma = layer.sigma
+                                if find_parameter(self.optimizer, old_sigma) is not None:
+                                    truncate_sigma_state(self.optimizer, old_sigma, r)
                                 layer.set_factors(
                                     *lc.truncate(layer.U, layer.sigma.detach(), layer.V, r)
                                 )
-                        self._adopt(name, olds[name], parts)
-                        self.switched[name] = t
-            self.step_count = int(state["step_count"])
-            self._updates = int(state["updates"])
-            self._snapshots = {
-                n: [m.detach().clone() for m in ms] for n, ms in state["snapshots"].items()
+                                if layer.sigma is not old_sigma:
+                                    self._replace_in_optimizer(old_sigma, layer.sigma)
+                        self.parts[name] = list(parts)
+                        self.layers.update(parts)
+            self.schedule.apply_state(checked)
+            self.warmup = {
+                n: [torch.as_tensor(m).detach().clone() for m in ms]
+                for n, ms in checked.warmup.items()
             }
-            self.history = [dict(e) for e in state["history"]]
         except BaseException as exc:
             undo.restore()
             if isinstance(exc, CheckpointError):
@@ -803,7 +697,7 @@ class OIALR:
     # ------------------------------------------------------------------ convenience
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
-        return [e for e in self.history if kind is None or e["event"] == kind]
+        return self.schedule.events(kind)
 
     def __repr__(self) -> str:
         return (

@@ -10,33 +10,20 @@ not rotate the moments when Sigma is rotated. This module does both properly.
 
 The rule
 --------
-Only state tensors whose shape equals the parameter's are transformed. Each is one of two kinds:
+The rule is :mod:`lowrank_core.oialr.moments`'s, the same for every framework: only state tensors whose
+shape equals the parameter's are transformed, each by its kind. This module holds torch's table of
+state keys (:data:`KINDS`):
 
-- **first-moment-like** (``momentum_buffer``, ``exp_avg``, ``grad_avg``, ``ax`` and *any key not listed
-  below*): a linear combination of gradients (and weights), so it transforms exactly like Sigma and its
-  gradient (``dL/dSigma = U^T dL/dW V``):
-
-  - switch: ``M -> rotate_sigma(weight_to_matrix(M, groups), U, V)``, i.e. ``U^T M V``;
-  - re-diagonalization: ``M -> rotate_sigma(M, left, right)``, i.e. ``left^T M right``.
-
-  This is exact: with SGD (momentum, Nesterov, weight decay) a re-diagonalization does not change the
-  training trajectory at all, and neither does the switch for a square weight (``U``, ``V`` orthogonal).
-
-- **second-moment-like** (keys in :data:`SECOND_MOMENT_KEYS`: Adam's ``exp_avg_sq``, AMSGrad's
+- **second-moment-like** (:data:`SECOND_MOMENT_KEYS`: Adam's ``exp_avg_sq``, AMSGrad's
   ``max_exp_avg_sq``, RMSprop's / Adadelta's ``square_avg``, Adagrad's ``sum``, Adadelta's ``acc_delta``):
-  element-wise averages of squares, which have no exact transform under a change of basis. They are
-  mapped with the element-wise squares of the same maps (``∘`` = element-wise square)::
+  mapped with the element-wise squares of the maps, clamped at ``>= 0``;
+- **magnitude-like** (:data:`MAGNITUDE_KEYS`: Adamax's ``exp_inf``, Rprop's ``step_size``): mapped
+  through their squares, ``x -> sqrt(map(x^2))``;
+- **first-moment-like** (``momentum_buffer``, ``exp_avg``, ``grad_avg``, ``ax`` and *any other key*):
+  mapped exactly like Sigma (``U^T M V`` at the switch, ``left^T M right`` at a re-diagonalization).
 
-      v -> (U∘U)^T v (V∘V)            (switch)
-      v -> (left∘left)^T v (right∘right)   (re-diagonalization)
-
-  and clamped at ``>= 0``. This is what ``E[g'^2]`` would be if the entries of the gradient were
-  uncorrelated; for orthogonal maps (rows and columns of unit norm) it keeps ``sum(v)``, hence the
-  overall scale of Adam's denominator, and it is exact when the map is a signed permutation.
-
-- **magnitude-like** (keys in :data:`MAGNITUDE_KEYS`: Adamax's ``exp_inf``, Rprop's ``step_size``):
-  non-negative element-wise magnitudes; they are mapped through their squares, ``x -> sqrt(map(x^2))``
-  with the squared map above (a linear map would make them negative).
+``kinds=`` (or :attr:`lowrank_torch.OIALRConfig.moment_kinds`) overrides the table for an optimizer with
+other key names.
 
 Every other entry (scalars such as ``step``, ``mu_product``, ``eta``; tensors of another shape) is kept as
 it is. Keeping ``step`` *together with* properly transformed (not zeroed) moments keeps Adam's bias
@@ -58,7 +45,7 @@ supported. State that is absent (the optimizer never stepped) is fine: there is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -67,11 +54,14 @@ from torch import Tensor, nn
 import lowrank_core as lc
 from lowrank_core._array import check_rank
 from lowrank_core._validate import check_int, describe
+from lowrank_core.oialr import moments
 
 __all__ = [
+    "KINDS",
     "MAGNITUDE_KEYS",
     "SECOND_MOMENT_KEYS",
     "dense_to_sigma_state",
+    "find_parameter",
     "rotate_sigma_state",
     "swap_parameter",
     "truncate_sigma_state",
@@ -84,10 +74,9 @@ SECOND_MOMENT_KEYS: frozenset[str] = frozenset(
 #: State keys of element-wise non-negative magnitudes (mapped through their squares).
 MAGNITUDE_KEYS: frozenset[str] = frozenset({"exp_inf", "step_size"})
 
-_Map = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-
-def _find(optimizer: torch.optim.Optimizer, param: Tensor) -> tuple[int, int] | None:
+def find_parameter(optimizer: torch.optim.Optimizer, param: Tensor) -> tuple[int, int] | None:
+    """``(group index, position)`` of ``param`` in ``optimizer``'s param groups (``None``: not there)."""
     for gi, group in enumerate(optimizer.param_groups):
         for pi, p in enumerate(group["params"]):
             if p is param:
@@ -152,7 +141,7 @@ def _check_bases(dense: Tensor, sigma: Tensor, U: object, V: object, groups: obj
 
 def _require(optimizer: torch.optim.Optimizer, param: Tensor, name: str) -> tuple[int, int]:
     _check_objects(optimizer, **{name: param})
-    where = _find(optimizer, param)
+    where = find_parameter(optimizer, param)
     if where is None:
         raise lc.ParameterError(
             f"`{name}` (a parameter of shape {tuple(param.shape)}) is not in any param group of the "
@@ -174,7 +163,7 @@ def swap_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.
         raise lc.ParameterTypeError(f"`new` must be a parameter (tensor), got {describe(new)}")
     if new is old:
         return
-    if _find(optimizer, new) is not None:
+    if find_parameter(optimizer, new) is not None:
         raise lc.ParameterError(
             f"`new` (a parameter of shape {tuple(new.shape)}) is already in the "
             f"{type(optimizer).__name__}; a parameter may appear only once"
@@ -184,92 +173,32 @@ def swap_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.
 
 
 # --------------------------------------------------------------------------------------------------
-# the maps
+# the maps: the core's rule (lowrank_core.oialr.moments) with torch's table of state keys
 # --------------------------------------------------------------------------------------------------
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    dt = torch.float32
-    for t in tensors:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt
-
-
-class _Maps:
-    """``left`` / ``right`` in each compute dtype and device asked for, and their element-wise squares.
-
-    Built once per event, so that several state tensors (Adam's two moments, AMSGrad's maximum) share
-    the conversions and the squares (each an ``O(n^2)`` pass, computed at most once).
-    """
-
-    def __init__(self, left: Tensor, right: Tensor) -> None:
-        self.left, self.right = left.detach(), right.detach()
-        self._plain: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
-        self._squared: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
-
-    def plain(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (dtype, device)
-        if key not in self._plain:
-            self._plain[key] = (
-                self.left.to(device=device, dtype=dtype),
-                self.right.to(device=device, dtype=dtype),
-            )
-        return self._plain[key]
-
-    def squared(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (dtype, device)
-        if key not in self._squared:
-            left, right = self.plain(dtype, device)
-            self._squared[key] = (left * left, right * right)
-        return self._squared[key]
-
-
-def _transform(key: str, x: Tensor, apply: _Map, maps: _Maps) -> Tensor:
-    """Map one state tensor by the rule of the module docstring; ``apply(x, left, right)`` is linear.
-
-    (An all-zero state tensor is not special-cased: testing for it costs a pass over the tensor and a
-    host synchronisation, ~1.5% of a 2048^2 map, for a case that is rare after a real step.)
-    """
-    dt = _compute_dtype(x, maps.left, maps.right)
-    xc = x.detach().to(dtype=dt)
-    if key in SECOND_MOMENT_KEYS:
-        y = apply(xc, *maps.squared(dt, x.device)).clamp_min_(0)
-    elif key in MAGNITUDE_KEYS:
-        y = apply(xc * xc, *maps.squared(dt, x.device)).clamp_min_(0).sqrt_()
-    else:
-        y = apply(xc, *maps.plain(dt, x.device))
-    return y.to(dtype=x.dtype, device=x.device).contiguous()
+#: torch's optimizer state keys and their kinds (every other key is first-moment-like).
+KINDS: dict[str, str] = {
+    **dict.fromkeys(SECOND_MOMENT_KEYS, moments.SECOND),
+    **dict.fromkeys(MAGNITUDE_KEYS, moments.MAGNITUDE),
+}
 
 
 def _map_state(
-    state: Mapping[str, Any], shape: torch.Size, apply: _Map, left: Tensor, right: Tensor
+    state: Mapping[str, Any],
+    shape: torch.Size,
+    maps: moments.MomentMap,
+    kinds: Mapping[str, str],
 ) -> tuple[dict[str, Any], list[str]]:
     """The new state (a new dict, new tensors) and the keys that were mapped."""
     out: dict[str, Any] = {}
     mapped: list[str] = []
-    maps = _Maps(left, right)
     for key, value in state.items():
         if isinstance(value, Tensor) and value.shape == shape:
-            out[key] = _transform(key, value, apply, maps)
+            kind = moments.moment_kind(key, KINDS, kinds)
+            out[key] = maps(value.detach(), kind).contiguous()
             mapped.append(key)
         else:
             out[key] = value
     return out, mapped
-
-
-def _rotate(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """``left^T x right``, multiplied in the cheaper order (the same product up to rounding).
-
-    ``(left^T x) right`` costs ``r1 m n + r1 n r2`` multiply-adds per matrix, ``left^T (x right)``
-    ``m n r2 + m r1 r2`` (``x`` ``m x n``, ``left`` ``m x r1``, ``right`` ``n x r2``): equal for a square
-    full-rank switch, up to ~2x apart for a rectangular weight. The second order is
-    ``rotate_sigma(x^T, right, left)^T``.
-    """
-    m, n = int(x.shape[-2]), int(x.shape[-1])
-    r1, r2 = int(left.shape[-1]), int(right.shape[-1])
-    if m * r2 * (n + r1) < r1 * n * (m + r2):
-        y: Tensor = lc.rotate_sigma(x.mT, right, left, check_finite=False).mT
-    else:
-        y = lc.rotate_sigma(x, left, right, check_finite=False)
-    return y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,6 +212,7 @@ def dense_to_sigma_state(
     V: Tensor,
     *,
     groups: int = 1,
+    kinds: Mapping[str, str] | None = None,
 ) -> None:
     """OIALR's switch: ``sigma`` replaces ``dense`` in ``optimizer``, with the state carried over.
 
@@ -300,11 +230,14 @@ def dense_to_sigma_state(
 
     def to_sigma(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
         # state passes through as it is (like the rotation below): no finiteness check of moments
-        return _rotate(lc.weight_to_matrix(x, groups=groups, check_finite=False), left, right)
+        matrix = lc.weight_to_matrix(x, groups=groups, check_finite=False)
+        y: Tensor = moments.rotate_cheaper(matrix, left, right)
+        return y
 
     new_state: dict[str, Any] | None = None
     if old_state:
-        new_state, mapped = _map_state(old_state, shape, to_sigma, U, V)
+        maps = moments.MomentMap(U.detach(), V.detach(), to_sigma)
+        new_state, mapped = _map_state(old_state, shape, maps, kinds or {})
         for key in mapped:
             if new_state[key].shape != sigma.shape:
                 raise lc.ShapeError(
@@ -318,7 +251,12 @@ def dense_to_sigma_state(
 
 
 def rotate_sigma_state(
-    optimizer: torch.optim.Optimizer, sigma: nn.Parameter, left: Tensor, right: Tensor
+    optimizer: torch.optim.Optimizer,
+    sigma: nn.Parameter,
+    left: Tensor,
+    right: Tensor,
+    *,
+    kinds: Mapping[str, str] | None = None,
 ) -> None:
     """After ``lowrank_core.rediagonalize`` (``Sigma_new = left^T Sigma right``): rotate ``sigma``'s state.
 
@@ -332,7 +270,8 @@ def rotate_sigma_state(
     state = optimizer.state.get(sigma)
     if not state:
         return
-    optimizer.state[sigma], _ = _map_state(state, sigma.shape, _rotate, left, right)
+    maps = moments.MomentMap(left.detach(), right.detach())
+    optimizer.state[sigma], _ = _map_state(state, sigma.shape, maps, kinds or {})
 
 
 def _sigma_like(x: Tensor, sigma: Tensor, rank: int) -> bool:

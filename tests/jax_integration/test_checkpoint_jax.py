@@ -78,7 +78,7 @@ def _saved_run(tmp_path: Path, tx: Any) -> tuple[Path, jo.OIALR, Any, Any]:
     p = _params()
     ctrl = jo.OIALR(p, _config())
     tr, opt = _train(ctrl, tx, p, tx.init(p), 6)  # switched at 3, truncated to rank 5 at 4
-    assert ctrl.ranks == {"['l0']['kernel']": 5, "['l1']['kernel']": 5}
+    assert ctrl.ranks() == {"['l0']['kernel']": 5, "['l1']['kernel']": 5}
     path = ck.save_checkpoint(
         tmp_path / "run.npz", params=tr, opt_state=opt, oialr=ctrl, extra={"epoch": 6, "lr": 0.01}
     )
@@ -98,7 +98,7 @@ def test_oialr_run_resumes_bit_for_bit(tmp_path: Path, make_tx: Any) -> None:
     fresh = jo.OIALR(_params(), _config())
     ckpt = ck.load_checkpoint(path, params=_params(), tx=tx, oialr=fresh)
     assert ckpt.extra == {"epoch": 6, "lr": 0.01}
-    assert fresh.ranks == {"['l0']['kernel']": 5, "['l1']['kernel']": 5}
+    assert fresh.ranks() == {"['l0']['kernel']": 5, "['l1']['kernel']": 5}
     assert fresh.step_count == 6 and fresh.switched == {n: 3 for n in fresh.eligible}
     assert ckpt.params["l1"]["kernel"].shape == (5, 5)
     got_tr, got_opt = _train(fresh, tx, ckpt.params, ckpt.opt_state, 6)
@@ -294,7 +294,7 @@ def test_checkpoints_that_do_not_fit_change_nothing(tmp_path: Path) -> None:
     used.switch(_params(), tx.init(_params()))
     with pytest.raises(lc.CheckpointError, match="not switched"):
         ck.load_checkpoint(path, params=_params(), tx=tx, oialr=used)
-    assert used.ranks == {"['l0']['kernel']": 6, "['l1']['kernel']": 8}
+    assert used.ranks() == {"['l0']['kernel']": 6, "['l1']['kernel']": 8}
 
     # hostile but digest-consistent manifests: a saved rank that does not match the bases, a Sigma
     # of the wrong size, a parameter leaf of another dtype

@@ -312,7 +312,7 @@ def _snapshot(model, opt, ctrl):
         "ranks": ctrl.ranks(),
         "step_count": ctrl.step_count,
         "history": len(ctrl.history),
-        "updates": ctrl._updates,
+        "updates": ctrl.schedule.updates,
     }
 
 
@@ -457,4 +457,4 @@ def test_a_nan_weight_at_the_switch_or_a_stability_check_names_the_layer(when):
     with pytest.raises(lc.NonFiniteError, match="layer '2'"):
         ctrl.step()
     _assert_same(before, _snapshot(model, opt, ctrl))
-    assert not ctrl.switched and not ctrl._snapshots
+    assert not ctrl.switched and not ctrl.warmup

@@ -85,7 +85,7 @@ def test_batched_check_gives_the_per_layer_values(scale, batch_on_cpu):
     # the snapshots are this check's polar factors, one per matrix, of the matrix's shape
     for name in got:
         mats = oialr_mod._weight_matrices(model.get_submodule(name))
-        snaps = ctrl._snapshots[name]
+        snaps = ctrl.warmup[name]
         assert [tuple(s.shape) for s in snaps] == [tuple(m.shape) for m in mats]
         for s, m in zip(snaps, mats, strict=True):
             torch.testing.assert_close(s, lc.orthogonal_factor(m), rtol=0, atol=1e-10)
@@ -128,7 +128,7 @@ def test_chunks_bound_the_stacked_entries(monkeypatch):
     ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
     ctrl._check_stability(1)
     _perturb(model, 1e-2, seed=2)
-    before = {n: list(s) for n, s in ctrl._snapshots.items()}
+    before = {n: list(s) for n, s in ctrl.warmup.items()}
     ctrl._check_stability(2)
     for e in ctrl.events("stability"):
         mats = oialr_mod._weight_matrices(model.get_submodule(e["layer"]))
@@ -143,11 +143,11 @@ def test_a_layer_without_a_snapshot_in_a_batch_gets_one(batch_on_cpu):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     ctrl = OIALR(model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99))
     ctrl._check_stability(1)
-    del ctrl._snapshots["b"], ctrl._snapshots["att"]
+    del ctrl.warmup["b"], ctrl.warmup["att"]
     ctrl._check_stability(2)
     layers = [e["layer"] for e in ctrl.events("stability")]
     assert layers == ["a", "c", "d", "e", "f"]
-    assert set(ctrl._snapshots) == {"a", "b", "c", "d", "e", "f", "att"}
+    assert set(ctrl.warmup) == {"a", "b", "c", "d", "e", "f", "att"}
 
 
 def test_a_nan_in_a_batch_names_its_layer_and_changes_nothing(monkeypatch):
@@ -158,15 +158,15 @@ def test_a_nan_in_a_batch_names_its_layer_and_changes_nothing(monkeypatch):
         model, opt, OIALRConfig(switch_step=None, stability_threshold=0.99, stability_every=1)
     )
     ctrl.step()
-    snaps = {n: [s.clone() for s in v] for n, v in ctrl._snapshots.items()}
+    snaps = {n: [s.clone() for s in v] for n, v in ctrl.warmup.items()}
     with torch.no_grad():
         model["c"].weight[1, 2] = float("nan")  # "c" is decomposed together with a, b, d
     with pytest.raises(lc.NonFiniteError, match="layer 'c'"):
         ctrl.step()
     assert ctrl.step_count == 1 and not ctrl.events("stability")
-    assert set(ctrl._snapshots) == set(snaps)
+    assert set(ctrl.warmup) == set(snaps)
     for n, v in snaps.items():
-        for a, b in zip(ctrl._snapshots[n], v, strict=True):
+        for a, b in zip(ctrl.warmup[n], v, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -1,0 +1,54 @@
+"""OIALR's framework-free logic, defined once for every framework.
+
+- :mod:`~lowrank_core.oialr.selection`: :class:`LayerSelection`, which layers are factorized;
+- :mod:`~lowrank_core.oialr.schedule`: :class:`OIALRConfig` and :class:`OIALRSchedule`, when to check,
+  switch and update which layers, the history, and the versioned saved state;
+- :mod:`~lowrank_core.oialr.moments`: :class:`MomentMap`, how optimizer moments follow the factors.
+
+The PyTorch and JAX controllers (``lowrank_torch.OIALR``, ``lowrank_jax.OIALR``) are adapters over these:
+they move parameters and optimizer states, the decisions are taken here.
+"""
+
+from __future__ import annotations
+
+from .moments import (
+    FIRST,
+    MAGNITUDE,
+    MOMENT_KINDS,
+    SECOND,
+    MomentMap,
+    moment_kind,
+    rotate_cheaper,
+    truncate_moment,
+)
+from .schedule import (
+    STATE_FORMAT,
+    STATE_VERSION,
+    CheckedState,
+    OIALRConfig,
+    OIALRSchedule,
+    StepPlan,
+    upgrade_state,
+)
+from .selection import UNSET, Candidate, LayerSelection
+
+__all__ = [
+    "FIRST",
+    "MAGNITUDE",
+    "MOMENT_KINDS",
+    "SECOND",
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "UNSET",
+    "Candidate",
+    "CheckedState",
+    "LayerSelection",
+    "MomentMap",
+    "OIALRConfig",
+    "OIALRSchedule",
+    "StepPlan",
+    "moment_kind",
+    "rotate_cheaper",
+    "truncate_moment",
+    "upgrade_state",
+]

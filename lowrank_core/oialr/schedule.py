@@ -1,0 +1,436 @@
+"""OIALR's schedule, written once: its settings, its decisions, its history and its saved state.
+
+Orthogonality-informed adaptive low-rank training (Coquelin et al., arXiv 2401.08505) in three phases:
+
+1. **Full-rank warm-up.** Every ``stability_every`` steps the basis stability of each pending layer
+   (between this check and the last) is measured; the framework computes it, :meth:`OIALRSchedule.ready`
+   says which layers reached ``stability_threshold``.
+2. **Switch.** A layer is put into ``U @ Sigma @ V.T`` form at ``switch_step``, or earlier once its
+   stability reaches the threshold (when set).
+3. **Rank reduction.** Every ``update_every`` steps, each layer switched at an earlier step is
+   re-diagonalized and truncated by the rank rule. With ``progressive=True`` only the last layers are
+   updated at first, and 10% more of them (at least one) at each update.
+
+:class:`OIALRSchedule` makes these decisions from plain values (step counts, layer names, stability
+values); the framework controllers (``lowrank_torch.OIALR``, ``lowrank_jax.OIALR``) do what it decides
+to their parameters and optimizer states and report back, so that both frameworks take the same
+decisions, keep the same history and save the same state (:meth:`OIALRSchedule.state_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import array_api_compat
+
+from .._validate import check_bool, check_float, check_int, describe
+from ..errors import CheckpointError, LowRankError, ParameterError, ParameterTypeError
+from ..rank import RankRule, SigmaCutoff
+from .moments import MOMENT_KINDS
+from .selection import LayerSelection
+
+__all__ = [
+    "STATE_FORMAT",
+    "STATE_VERSION",
+    "CheckedState",
+    "OIALRConfig",
+    "OIALRSchedule",
+    "StepPlan",
+]
+
+#: The ``format`` entry of a saved OIALR state, and its schema version.
+STATE_FORMAT = "lowrank_core.OIALR"
+STATE_VERSION = 2
+#: The formats of version 0.1.0, which :meth:`OIALRSchedule.check_state` reads too.
+LEGACY_FORMATS = ("lowrank_torch.OIALR/1", "lowrank_jax.OIALR/1")
+
+
+def _check_moment_kinds(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ParameterTypeError(
+            "`moment_kinds` must map optimizer state names to moment kinds, got " + describe(value)
+        )
+    out: dict[str, str] = {}
+    for key, kind in value.items():
+        if kind not in MOMENT_KINDS:
+            raise ParameterError(
+                f"`moment_kinds[{key!r}]` must be one of {MOMENT_KINDS}, got {kind!r}"
+            )
+        out[key] = str(kind)
+    return out
+
+
+@dataclass
+class OIALRConfig:
+    """Settings of OIALR, the same for every framework (defaults after the published configuration).
+
+    - ``switch_step``: step at which every remaining eligible layer switches to low rank (``None``: only
+      the stability rule switches).
+    - ``stability_threshold``: switch a layer as soon as its basis stability reaches this value
+      (``None``: only ``switch_step`` switches). At least one of the two must be set.
+    - ``stability_every``: steps between stability checks during the warm-up.
+    - ``update_every``: steps between rank updates of a low-rank layer.
+    - ``rule``: rank rule applied at each update (any :class:`lowrank_core.RankRule`).
+    - ``progressive``: update only the last layers first, 10% more layers per update.
+    - ``selection``: which layers are eligible (:class:`~lowrank_core.oialr.LayerSelection`).
+    - ``moment_kinds``: ``{state name: "first" | "second" | "magnitude"}``, overriding the framework's
+      table of optimizer-state names (:mod:`lowrank_core.oialr.moments`), e.g. ``{"nu": "magnitude"}``
+      for optax's Adamax, whose state has Adam's field names.
+
+    Every field is checked at construction (:class:`~lowrank_core.ParameterError` /
+    :class:`~lowrank_core.ParameterTypeError`, naming the field); NumPy scalars are accepted.
+    """
+
+    switch_step: int | None = 1000
+    stability_threshold: float | None = None
+    stability_every: int = 100
+    update_every: int = 100
+    rule: RankRule = field(default_factory=lambda: SigmaCutoff(0.1))
+    progressive: bool = False
+    selection: LayerSelection = field(default_factory=LayerSelection)
+    moment_kinds: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.switch_step is None and self.stability_threshold is None:
+            raise ParameterError("OIALRConfig needs `switch_step`, `stability_threshold`, or both")
+        self.switch_step = check_int("switch_step", self.switch_step, min=0, optional=True)
+        self.stability_threshold = check_float(
+            "stability_threshold",
+            self.stability_threshold,
+            min=0.0,
+            max=1.0,
+            min_open=True,
+            optional=True,
+        )
+        self.stability_every = check_int("stability_every", self.stability_every, min=1)
+        self.update_every = check_int("update_every", self.update_every, min=1)
+        if not callable(self.rule) or isinstance(self.rule, type):
+            raise ParameterTypeError(
+                f"`rule` must be a rank rule (e.g. lowrank_core.SigmaCutoff(0.1)), got "
+                f"{describe(self.rule)}"
+            )
+        self.progressive = check_bool("progressive", self.progressive)
+        if not isinstance(self.selection, LayerSelection):
+            raise ParameterTypeError(
+                f"`selection` must be a lowrank_core.oialr.LayerSelection, got {describe(self.selection)}"
+            )
+        self.moment_kinds = _check_moment_kinds(self.moment_kinds)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step of the schedule does (from :meth:`OIALRSchedule.plan`).
+
+    - ``step``: the step number (1 for the first call after the first optimizer step);
+    - ``check_stability``: measure the stability of every pending layer;
+    - ``switch_all``: switch every pending layer (``switch_step`` is reached);
+    - ``update``: the switched layers whose rank is updated, in eligible order (``None``: no update is
+      due; an empty tuple: an update is due, but ``progressive`` holds back every due layer).
+    """
+
+    step: int
+    check_stability: bool
+    switch_all: bool
+    update: tuple[str, ...] | None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to do at this step but count it."""
+        return not (self.check_stability or self.switch_all or self.update is not None)
+
+
+@dataclass(frozen=True)
+class CheckedState:
+    """A saved OIALR state, validated (:meth:`OIALRSchedule.check_state`); apply it with
+    :meth:`OIALRSchedule.apply_state` once the framework's part of it is in place."""
+
+    step_count: int
+    updates: int
+    switch_order: tuple[tuple[str, int], ...]
+    ranks: dict[str, int]
+    warmup: dict[str, list[Any]]
+    history: list[dict[str, Any]]
+    extra: dict[str, Any]
+
+
+class OIALRSchedule:
+    """OIALR's bookkeeping and decisions over layer names: no arrays, no framework.
+
+    ``eligible`` is the ordered list of the layers OIALR may switch (the selection's result). The
+    controller calls :meth:`plan` at each step, carries the plan out, and records what it did
+    (:meth:`record_switch`, :meth:`record_rank`, ...). All mutable state is in :attr:`step_count`,
+    :attr:`switched`, :attr:`updates` and :attr:`history`; :meth:`snapshot` / :meth:`restore` put it back
+    after a step that failed halfway.
+    """
+
+    def __init__(self, config: OIALRConfig, eligible: Sequence[str]) -> None:
+        if not isinstance(config, OIALRConfig):
+            raise ParameterTypeError(f"`config` must be an OIALRConfig, got {describe(config)}")
+        self.config = config
+        self.eligible: list[str] = list(eligible)
+        self.step_count = 0
+        self.switched: dict[str, int] = {}
+        self.updates = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def pending(self) -> list[str]:
+        """Eligible layers not switched yet, in eligible order."""
+        return [n for n in self.eligible if n not in self.switched]
+
+    def plan(self) -> StepPlan:
+        """The decisions of the next step (``step_count + 1``); changes nothing."""
+        t = self.step_count + 1
+        c = self.config
+        pending = bool(self.pending)
+        stability = pending and c.stability_threshold is not None and t % c.stability_every == 0
+        switch_all = pending and c.switch_step is not None and t >= c.switch_step
+        update: tuple[str, ...] | None = None
+        if self.switched and t % c.update_every == 0:
+            due = [n for n in self.eligible if n in self.switched and t - self.switched[n] > 0]
+            if due:
+                if c.progressive:
+                    per_update = max(1, math.ceil(0.1 * len(self.eligible)))
+                    k = min(len(self.eligible), per_update * (self.updates + 1))
+                    allowed = set(self.eligible[-k:])
+                    due = [n for n in due if n in allowed]
+                update = tuple(due)
+        return StepPlan(t, stability, switch_all, update)
+
+    def ready(self, values: Mapping[str, float]) -> list[str]:
+        """The layers among ``values`` (``{layer: stability}``) that reached the threshold."""
+        threshold = self.config.stability_threshold
+        if threshold is None:
+            return []
+        return [n for n in self.eligible if n in values and values[n] >= threshold]
+
+    def to_switch(self, plan: StepPlan, ready: Sequence[str]) -> list[str]:
+        """The layers a step switches, in eligible order: every pending one when ``switch_step`` is
+        reached, else those of ``ready`` (from the stability check)."""
+        chosen = set(self.pending) if plan.switch_all else set(ready)
+        return [n for n in self.eligible if n in chosen]
+
+    # ------------------------------------------------------------------ recording
+    def begin(self, plan: StepPlan) -> None:
+        """Count the step of ``plan``."""
+        self.step_count = plan.step
+
+    def record_stability(self, step: int, layer: str, value: float) -> None:
+        self.history.append({"step": step, "event": "stability", "layer": layer, "value": value})
+
+    def record_switch(self, step: int, layer: str, ranks: Mapping[str, int]) -> None:
+        """``layer`` switched at ``step``; ``ranks`` holds the rank of each of its low-rank parts."""
+        self.switched[layer] = step
+        for part, rank in ranks.items():
+            self.history.append({"step": step, "event": "switch", "layer": part, "rank": rank})
+
+    def record_update(self) -> None:
+        """A rank update took place (the ``progressive`` rule counts them)."""
+        self.updates += 1
+
+    def record_rank(self, step: int, part: str, old: int, new: int) -> None:
+        self.history.append({"step": step, "event": "rank", "layer": part, "old": old, "new": new})
+
+    def record_share(self, step: int, value: float) -> None:
+        self.history.append({"step": step, "event": "share", "value": value})
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
+        return [e for e in self.history if kind is None or e["event"] == kind]
+
+    def snapshot(self) -> tuple[int, dict[str, int], int, list[dict[str, Any]]]:
+        """The mutable state, to :meth:`restore` after a step that failed halfway."""
+        return self.step_count, dict(self.switched), self.updates, list(self.history)
+
+    def restore(self, saved: tuple[int, dict[str, int], int, list[dict[str, Any]]]) -> None:
+        self.step_count, switched, self.updates, history = saved
+        self.switched.clear()
+        self.switched.update(switched)
+        self.history[:] = history
+
+    # ------------------------------------------------------------------ saved state
+    def state_dict(
+        self,
+        ranks: Mapping[str, int],
+        warmup: Mapping[str, Sequence[Any]],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """The saved state (schema :data:`STATE_FORMAT` version :data:`STATE_VERSION`).
+
+        ``ranks`` is the rank of every low-rank part, ``warmup`` the warm-up factors (the last
+        stability check's polar factors, a list of arrays per pending layer); ``extra`` holds what a
+        framework needs besides (e.g. JAX's frozen bases). Arrays are stored as given.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step_count": self.step_count,
+            "updates": self.updates,
+            "switched": dict(self.switched),
+            "ranks": dict(ranks),
+            "eligible": list(self.eligible),
+            "warmup": {n: list(ms) for n, ms in warmup.items()},
+            "history": [dict(e) for e in self.history],
+            **extra,
+        }
+
+    def check_state(
+        self,
+        state: Any,
+        parts: Callable[[str], Mapping[str, int]],
+        warmup_shapes: Callable[[str], Sequence[tuple[int, ...]]],
+        extra_keys: Sequence[str] = (),
+    ) -> CheckedState:
+        """Validate a saved state against this schedule; changes nothing.
+
+        ``parts(layer)`` gives ``{part: largest rank}`` of the low-rank parts a switch of ``layer``
+        creates; ``warmup_shapes(layer)`` the shapes of its warm-up factors; ``extra_keys`` the
+        framework's own entries that must be present. States of version 0.1.0 (formats
+        ``lowrank_torch.OIALR/1`` and ``lowrank_jax.OIALR/1``) are read too. Anything that does not fit
+        raises :class:`~lowrank_core.CheckpointError` naming it.
+        """
+        state = upgrade_state(state)
+        missing = [k for k in (*_STATE_KEYS, *extra_keys) if k not in state]
+        if missing:
+            raise CheckpointError(f"the OIALR state lacks the entries {missing}")
+        if self.switched:
+            raise CheckpointError(
+                "load_state_dict needs a controller that has not switched any layer yet"
+            )
+        eligible = state["eligible"]
+        if not isinstance(eligible, list | tuple) or list(eligible) != self.eligible:
+            raise CheckpointError(
+                "the checkpoint was made for other eligible layers: saved "
+                f"{eligible!r}, these have {self.eligible}"
+            )
+        try:
+            step_count = check_int("step_count", state["step_count"], min=0)
+            updates = check_int("updates", state["updates"], min=0)
+        except LowRankError as exc:
+            raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
+        switched, ranks, warmup, history = (
+            state["switched"],
+            state["ranks"],
+            state["warmup"],
+            state["history"],
+        )
+        for key, value, kind in (
+            ("switched", switched, dict),
+            ("ranks", ranks, dict),
+            ("warmup", warmup, dict),
+            ("history", history, list),
+        ):
+            if not isinstance(value, kind):
+                raise CheckpointError(
+                    f"the OIALR state's {key!r} must be a {kind.__name__}, got {describe(value)}"
+                )
+        if not all(isinstance(e, dict) for e in history):
+            raise CheckpointError("the OIALR state's 'history' must be a list of dicts")
+        order = {n: i for i, n in enumerate(self.eligible)}
+        expected: dict[str, int] = {}
+        steps: dict[str, int] = {}
+        for name, t in switched.items():
+            if name not in order:
+                raise CheckpointError(
+                    f"the checkpoint switched {name!r}, which is not eligible here"
+                )
+            try:
+                steps[name] = check_int(f"switched[{name!r}]", t, min=0, max=step_count)
+            except LowRankError as exc:
+                raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
+            expected.update(parts(name))
+        saved_ranks: dict[str, int] = {}
+        for part, upper in expected.items():
+            if part not in ranks:
+                raise CheckpointError(f"the checkpoint has no rank for {part!r}")
+            try:
+                saved_ranks[part] = check_int(
+                    f"ranks[{part!r}]", ranks[part], min=1, max=upper, max_name="min(m, n)"
+                )
+            except LowRankError as exc:
+                raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
+        extra = sorted(set(ranks) - set(expected))
+        if extra:
+            raise CheckpointError(f"the checkpoint has ranks for layers it did not switch: {extra}")
+        checked_warmup: dict[str, list[Any]] = {}
+        for name, mats in warmup.items():
+            if name not in order or name in switched:
+                raise CheckpointError(
+                    f"the checkpoint has a warm-up factor of {name!r}, which is not a pending "
+                    "eligible layer"
+                )
+            want = list(warmup_shapes(name))
+            if not isinstance(mats, list | tuple) or len(mats) != len(want):
+                raise CheckpointError(
+                    f"the warm-up factors of {name!r} must be a list of {len(want)} arrays"
+                )
+            for m, w in zip(mats, want, strict=True):
+                _check_factor(name, m, tuple(w))
+            checked_warmup[name] = list(mats)
+        switch_order = tuple(sorted(steps.items(), key=lambda item: (item[1], order[item[0]])))
+        return CheckedState(
+            step_count=step_count,
+            updates=updates,
+            switch_order=switch_order,
+            ranks=saved_ranks,
+            warmup=checked_warmup,
+            history=[dict(e) for e in history],
+            extra={k: state[k] for k in extra_keys},
+        )
+
+    def apply_state(self, checked: CheckedState) -> None:
+        """Take the counts and history of a checked state (the framework switched the layers)."""
+        self.step_count = checked.step_count
+        self.updates = checked.updates
+        self.switched = dict(checked.switch_order)
+        self.history = [dict(e) for e in checked.history]
+
+
+_STATE_KEYS = ("step_count", "updates", "switched", "ranks", "eligible", "warmup", "history")
+
+
+def upgrade_state(state: Any) -> dict[str, Any]:
+    """A saved OIALR state in the current schema: version 2 as it is, the 0.1.0 formats converted
+    (PyTorch's ``snapshots`` and JAX's ``polar`` become ``warmup``); anything else raises
+    :class:`~lowrank_core.CheckpointError`. The input is not changed."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"not an OIALR state: expected a dict, got {describe(state)}")
+    fmt = state.get("format")
+    if fmt == STATE_FORMAT:
+        if state.get("version") != STATE_VERSION:
+            raise CheckpointError(
+                f"this OIALR state has schema version {state.get('version')!r}; this version of "
+                f"lowrank-core reads versions 1 (0.1.0) and {STATE_VERSION}"
+            )
+        return state
+    if fmt == "lowrank_torch.OIALR/1":
+        out = {k: v for k, v in state.items() if k != "snapshots"}
+        snapshots = state.get("snapshots", {})
+        out["warmup"] = snapshots
+        return out
+    if fmt == "lowrank_jax.OIALR/1":
+        out = {k: v for k, v in state.items() if k != "polar"}
+        polar = state.get("polar", {})
+        out["warmup"] = {n: [q] for n, q in polar.items()} if isinstance(polar, dict) else polar
+        return out
+    raise CheckpointError("not an OIALR state (missing or unknown 'format' entry)")
+
+
+def _check_factor(name: str, m: Any, shape: tuple[int, ...]) -> None:
+    """A warm-up factor: a finite floating array of ``shape`` (any array library)."""
+    if not array_api_compat.is_array_api_obj(m) or isinstance(m, int | float | bool):
+        raise CheckpointError(
+            f"the warm-up factor of {name!r} must be an array of shape {shape}, got {describe(m)}"
+        )
+    xp = array_api_compat.array_namespace(m)
+    if tuple(m.shape) != shape or not xp.isdtype(m.dtype, "real floating"):
+        raise CheckpointError(
+            f"the warm-up factor of {name!r} does not fit: expected a floating array of shape "
+            f"{shape}, got {tuple(m.shape)} ({m.dtype})"
+        )
+    if not bool(xp.all(xp.isfinite(m))):
+        raise CheckpointError(f"the warm-up factor of {name!r} contains NaN or Inf")
