@@ -52,7 +52,7 @@ def test_a_0_1_0_jax_oialr_checkpoint_loads() -> None:
     np.testing.assert_array_equal(
         np.asarray(got.extra["bf16"]), np.asarray(jnp.arange(4, dtype=jnp.bfloat16) / 3)
     )
-    assert set(ctrl.ranks.values()) == {3}
+    assert set(ctrl.ranks().values()) == {3}
     for leaf, want in zip(jax.tree_util.tree_leaves(got.params), _saved_params(path), strict=True):
         np.testing.assert_array_equal(np.asarray(leaf), want)
     assert got.opt_state is not None
