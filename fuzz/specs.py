@@ -1264,7 +1264,7 @@ def torch_specs() -> list[Spec]:
         Spec("eligible_names", C, fn("lowrank_torch.eligible_names"),
              [mod("model", _mlp), kw("keep_first", "bool", False), kw("keep_last", "bool", True),
               kw("min_aspect", "float", 0.1, min=0.0), kw("allow_rank_one", "bool", False)], libs=T),
-        Spec("LowRankConv1D", C, fn("lowrank_torch.LowRankConv1D"),
+        Spec("LowRankTransformersConv1D", C, fn("lowrank_torch.LowRankTransformersConv1D"),
              [arr("U", V[:, :3], ndims=(2,), stack=False), arr("Sigma", tS, ndims=(2,), stack=False),
               arr("V", tU, ndims=(2,), stack=False), kw("forward_mode", "choice", "auto")], libs=T),
     ]  # fmt: skip

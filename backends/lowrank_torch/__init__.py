@@ -21,13 +21,13 @@ from .convert import (
     trainable_share,
 )
 from .layers import (
-    LowRankConv1D,
     LowRankConv1d,
     LowRankConv2d,
     LowRankConv3d,
     LowRankConvNd,
     LowRankLayer,
     LowRankLinear,
+    LowRankTransformersConv1D,
     LowRankWeight,
     TransformersConv1D,
     low_rank_attention_,
@@ -36,13 +36,13 @@ from .layers import (
 __all__ = ["TorchBackend"]
 __all__ += [
     "ConversionError",
-    "LowRankConv1D",
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankConv3d",
     "LowRankConvNd",
     "LowRankLayer",
     "LowRankLinear",
+    "LowRankTransformersConv1D",
     "LowRankWeight",
     "NoEligibleLayerWarning",
     "TransformersConv1D",

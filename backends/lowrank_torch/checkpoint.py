@@ -34,7 +34,8 @@ from torch import Tensor, nn
 import lowrank_core as lc
 from lowrank_core._validate import check_bool, describe
 
-from .oialr import OIALR, CheckpointError, _Undo
+from .oialr import OIALR, CheckpointError
+from .undo import Undo
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -473,7 +474,7 @@ def load_checkpoint(
         raise CheckpointError(f"{path} does not fit: {exc}") from exc
 
     # 2. rebuild the structure, check what depends on it, then write (undone on any failure)
-    undo = _Undo(inner, optimizer, oialr, scheduler)
+    undo = Undo(inner, optimizer, oialr, scheduler)
     try:
         if oialr is not None:
             oialr.load_state_dict(blob["oialr"])

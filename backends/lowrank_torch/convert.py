@@ -58,12 +58,12 @@ from lowrank_core._validate import check_int, describe
 from lowrank_core.oialr import Candidate, LayerSelection
 
 from .layers import (
-    LowRankConv1D,
     LowRankLayer,
     LowRankLinear,
+    LowRankTransformersConv1D,
     TransformersConv1D,
-    _conv_class,
     attention_is_low_rank,
+    conv_class,
     dense_matrix_shape,
     is_transformers_conv1d,
     low_rank_attention_,
@@ -104,7 +104,7 @@ class NoEligibleLayerWarning(UserWarning):
     """The model has no layer that could be converted: OIALR / low-rank init would train it dense."""
 
 
-def _check_include(include: Iterable[Any]) -> tuple[type[Any], ...]:
+def check_include(include: Iterable[Any]) -> tuple[type[Any], ...]:
     types = tuple(include)
     for t in types:
         if isinstance(t, type) and issubclass(t, _RNN):
@@ -250,7 +250,7 @@ def _rank_one(module: nn.Module) -> bool:
     return min(dense_matrix_shape(module)) == 1
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -279,7 +279,7 @@ def layer_selection(
         "allow_rank_one": allow_rank_one,
     }
     if selection is None:
-        types = _check_include(include)
+        types = check_include(include)
         return LayerSelection(**{**flat, "include": types})
     if not isinstance(selection, LayerSelection):
         raise lc.ParameterTypeError(
@@ -300,7 +300,7 @@ def layer_selection(
             f"(got `selection` and {given})"
         )
     include = DEFAULT_INCLUDE if selection.include is None else selection.include
-    return dataclasses.replace(selection, include=_check_include(include))
+    return dataclasses.replace(selection, include=check_include(include))
 
 
 def _select(
@@ -438,10 +438,10 @@ def to_low_rank(
         elif isinstance(module, nn.Linear):
             built.append((name, module, LowRankLinear.from_dense(module, lr)))
         elif is_transformers_conv1d(type(module)):
-            built.append((name, module, LowRankConv1D.from_dense(module, lr)))
+            built.append((name, module, LowRankTransformersConv1D.from_dense(module, lr)))
         else:
-            cls = _conv_class(module)
-            if cls is None:  # pragma: no cover - excluded by _check_include
+            cls = conv_class(module)
+            if cls is None:  # pragma: no cover - excluded by check_include
                 raise UnsupportedLayerError(f"cannot convert {name} ({type(module).__name__})")
             built.append((name, module, cls.from_dense(module, lr)))
 
@@ -454,7 +454,7 @@ def to_low_rank(
                 result[f"{name}.{sub}" if name else sub] = layer
         else:
             for alias in scan.aliases.get(id(module), [name]):
-                _set_submodule(model, alias, new)
+                set_submodule(model, alias, new)
             result[name] = new
     return result
 

@@ -68,7 +68,7 @@ class ShardingError(LowRankError, ValueError):
     """Parameters are not sharded in a layout the sharded methods understand."""
 
 
-def _is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed tensors
@@ -82,7 +82,7 @@ def local_tensor(t: Tensor) -> Tensor:
     For an FSDP2 parameter the result shares its storage: writing into it (under ``no_grad``) writes
     the parameter's shard.
     """
-    if _is_dtensor(t):
+    if is_dtensor(t):
         out: Tensor = t.to_local()  # type: ignore[attr-defined]
         return out.detach()
     return t.detach()
@@ -110,7 +110,7 @@ class ShardLayout:
             )
         meshes = []
         for i, p in enumerate(self.params):
-            if not _is_dtensor(p):
+            if not is_dtensor(p):
                 raise ShardingError(
                     f"parameter {i} (shape {tuple(p.shape)}) is a plain tensor; the sharded methods "
                     "need every parameter sharded (a DTensor, e.g. after fully_shard of its module)"

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 import lowrank_core as lc
 
-from .convert import _set_submodule, to_low_rank
-from .distributed import ShardingError, _is_dtensor
+from .convert import set_submodule, to_low_rank
+from .distributed import ShardingError, is_dtensor
 from .layers import (
     LowRankConv1d,
     LowRankConv2d,
@@ -49,7 +49,7 @@ from .layers import (
     LowRankLayer,
     LowRankLinear,
 )
-from .oialr import OIALR, OIALRConfig, _dense_params
+from .oialr import OIALR, OIALRConfig, dense_params
 from .optim_state import (
     dense_to_sigma_state,
     find_parameter,
@@ -73,7 +73,7 @@ def _is_fsdp_unit(module: nn.Module) -> bool:
 
 def _full(t: Tensor) -> Tensor:
     """The whole tensor (all-gathered when it is a DTensor)."""
-    if _is_dtensor(t):
+    if is_dtensor(t):
         out: Tensor = t.full_tensor()  # type: ignore[attr-defined]
         return out
     return t
@@ -96,7 +96,7 @@ def _shard_state(optimizer: torch.optim.Optimizer, placeholder: Tensor, p: Tenso
     mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
     optimizer.state[p] = {
         k: distribute_tensor(v, mesh, placements)
-        if isinstance(v, Tensor) and v.shape == p.shape and not _is_dtensor(v)
+        if isinstance(v, Tensor) and v.shape == p.shape and not is_dtensor(v)
         else v
         for k, v in state.items()
     }
@@ -229,7 +229,7 @@ class FSDPOIALR(OIALR):
         out: dict[str, dict[str, LowRankLayer]] = {}
         for name in names:
             module: Any = self.model.get_submodule(name)
-            old = _dense_params(module)  # the sharded DTensors the optimizer holds
+            old = dense_params(module)  # the sharded DTensors the optimizer holds
             weight, bias = old["weight"], old.get("bias")
             module.unshard()  # every rank: the full weight, for the SVD
             try:
@@ -290,7 +290,7 @@ class FSDPOIALR(OIALR):
                 truncate_sigma_state(opt, plain, update.rank)
         b_state = opt.state.pop(bias, None) if bias is not None else None
         self._shard(new, sigma_sh)
-        _set_submodule(self.model, part, new)
+        set_submodule(self.model, part, new)
         if trained:
             _shard_state(opt, plain, new.sigma)
         if bias is not None and new.bias is not None and find_parameter(opt, bias) is not None:

@@ -62,8 +62,8 @@ from lowrank_core.oialr import LayerSelection
 
 from .convert import DEFAULT_INCLUDE, eligible_names, layer_selection, to_low_rank
 from .layers import LowRankLayer, LowRankWeight, dense_matrix_shape
-from .oialr import _Undo
 from .optim_state import find_parameter
+from .undo import Undo
 
 __all__ = [
     "INIT_METHODS",
@@ -277,7 +277,7 @@ def low_rank_model(
                         f"the weight of {sub!r} is not in the optimizer; pass the optimizer that "
                         "was built from this model's parameters (or none)"
                     )
-    undo = _Undo(model, optimizer)
+    undo = Undo(model, optimizer)
     redrawn: list[tuple[Tensor, Tensor]] = []  # (tensor, its value before from_scratch re-drew it)
     try:
         return _convert_all(

@@ -40,11 +40,10 @@ path (ties go to dense), with the current rank, at every call; when autograd rec
 (training: grad enabled and ``sigma`` trainable) it compares forward plus backward
 (:meth:`LowRankLayer.flops` with ``backward=True``), because the dense path's backward also forms
 ``dL/dW`` (``T m n``) and projects it onto ``sigma`` while the factorized one never forms anything of
-size ``m n`` (384 x 128 at rank 115, 1024 tokens: the forwards tie, fwd+bwd measured 0.95x vs 1.67x
-of a plain ``nn.Linear``). The counts are those of the matmuls torch runs (tested with
-``torch.utils.flop_counter``). the dense path pays the reconstruction
-of ``W`` at every call, which the factorized path never does (measured, 1024 x 1024 at rank 512 and
-batch 512: dense path 1.9x a plain ``nn.Linear``, factorized 0.97x). A Linear may therefore take
+size ``m n``; the dense path also pays the reconstruction of ``W`` at every call, which the factorized
+path never does. The counts are those of the matmuls torch runs (tested with
+``torch.utils.flop_counter``); measured timings of both paths are in ``benchmarks/bench_oialr.py``'s
+output and the CHANGELOG. A Linear may therefore take
 different paths for different batch sizes; both compute the same product up to rounding. ConvNd (and
 :meth:`LowRankLayer.resolved_mode` without ``tokens``) use the batch-independent per-token rule: the
 factorized path exactly when ``r (m + n + r) < m n`` (the factorized per-token cost without merging,
@@ -68,13 +67,13 @@ from lowrank_core.errors import ParameterError, ParameterTypeError
 
 __all__ = [
     "FORWARD_MODES",
-    "LowRankConv1D",
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankConv3d",
     "LowRankConvNd",
     "LowRankLayer",
     "LowRankLinear",
+    "LowRankTransformersConv1D",
     "LowRankWeight",
     "TransformersConv1D",
     "attention_is_low_rank",
@@ -441,7 +440,7 @@ class TransformersConv1D(metaclass=_Conv1DMeta):
         raise ParameterTypeError("TransformersConv1D is a marker class; it has no instances")
 
 
-class LowRankConv1D(LowRankLayer):
+class LowRankTransformersConv1D(LowRankLayer):
     """transformers' ``Conv1D`` held as OIALR factors: ``y = x U Sigma V^T + b``.
 
     Not to be confused with :class:`LowRankConv1d` (lower-case ``d``, the factorized ``nn.Conv1d``):
@@ -470,7 +469,7 @@ class LowRankConv1D(LowRankLayer):
         U, V = _as_factor(U, "U"), _as_factor(V, "V")
         if U.ndim != 2 or V.ndim != 2:
             raise lc.ShapeError(
-                f"LowRankConv1D needs 2-D U and V, got {tuple(U.shape)} and {tuple(V.shape)}"
+                f"LowRankTransformersConv1D needs 2-D U and V, got {tuple(U.shape)} and {tuple(V.shape)}"
             )
         super().__init__(
             U,
@@ -497,11 +496,11 @@ class LowRankConv1D(LowRankLayer):
     @classmethod
     def from_dense(
         cls, module: nn.Module, rank: int | None = None, *, forward_mode: str = "auto"
-    ) -> LowRankConv1D:
+    ) -> LowRankTransformersConv1D:
         """Factorize a transformers ``Conv1D``'s weight ``(in, out)`` (full rank by default: exact)."""
         if not is_transformers_conv1d(type(module)):
             raise ParameterTypeError(
-                f"LowRankConv1D.from_dense needs a transformers Conv1D, got {type(module).__name__}"
+                f"LowRankTransformersConv1D.from_dense needs a transformers Conv1D, got {type(module).__name__}"
             )
         weight: Any = module.weight
         bias: Any = getattr(module, "bias", None)
@@ -746,7 +745,7 @@ class LowRankConvNd(LowRankLayer):
 
 class LowRankConv1d(LowRankConvNd):
     """Factorized ``nn.Conv1d`` (see :class:`LowRankConvNd`); for transformers' ``Conv1D`` (a transposed
-    Linear, upper-case ``D``) see :class:`LowRankConv1D`."""
+    Linear, upper-case ``D``) see :class:`LowRankTransformersConv1D`."""
 
     _nd = 1
     _dense_type = nn.Conv1d
@@ -843,7 +842,7 @@ def low_rank_attention_(
     return out
 
 
-def _conv_class(module: nn.Module) -> type[LowRankConvNd] | None:
+def conv_class(module: nn.Module) -> type[LowRankConvNd] | None:
     for cls in (LowRankConv1d, LowRankConv2d, LowRankConv3d):
         if isinstance(module, cls._dense_type):
             return cls

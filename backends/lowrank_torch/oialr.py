@@ -33,7 +33,6 @@ freshly built dense model.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +48,7 @@ from lowrank_core.errors import ParameterError, ParameterTypeError
 from lowrank_core.oialr import LayerSelection
 
 from .amp import full_precision
-from .convert import DEFAULT_INCLUDE, _check_include, count_trainable, eligible_names, to_low_rank
+from .convert import DEFAULT_INCLUDE, check_include, count_trainable, eligible_names, to_low_rank
 from .layers import LowRankLayer, dense_matrix_shape
 from .optim_state import (
     dense_to_sigma_state,
@@ -58,6 +57,7 @@ from .optim_state import (
     swap_parameter,
     truncate_sigma_state,
 )
+from .undo import Undo
 
 __all__ = ["OIALR", "CheckpointError", "LayerSelection", "OIALRConfig"]
 
@@ -91,7 +91,7 @@ def _module_types(value: Any) -> tuple[type[nn.Module], ...]:
             f"`include` must be a tuple of module types, got {describe(value)}"
         )
     try:
-        return _check_include(include)
+        return check_include(include)
     except TypeError as exc:
         raise ParameterTypeError(str(exc)) from None
 
@@ -134,7 +134,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _dense_params(module: nn.Module) -> dict[str, nn.Parameter]:
+def dense_params(module: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters a conversion replaces: ``{role: parameter}``."""
     if isinstance(module, nn.MultiheadAttention):
         found: dict[str, nn.Parameter] = {}
@@ -170,9 +170,9 @@ def _weight_matrices(module: nn.Module) -> list[Tensor]:
 #: Largest number of matrix entries decomposed in one batched call of a stability check (a bound on
 #: the extra memory of stacking: 2**26 float32 entries are 256 MiB).
 _BATCH_ELEMENTS = 2**26
-#: Whether CPU matrices are batched too. torch's CPU SVD loops over a stack internally and was measured
-#: slower batched than looped (1024 x 256, 4 matrices: 1.12x; 256 x 256: 1.04x; 128 x 128, 8: 0.98x),
-#: so on the CPU each matrix gets its own call; accelerators get one batched call per shape.
+#: Whether CPU matrices are batched too. torch's CPU SVD loops over a stack internally, and batching
+#: was measured slower there (ratios in the CHANGELOG), so on the CPU each matrix gets its own call;
+#: accelerators get one batched call per shape.
 _BATCH_ON_CPU = False
 
 
@@ -216,91 +216,6 @@ def _named(exc: lc.LowRankError, where: str) -> lc.LowRankError:
         return lc.LowRankError(f"{where}: {exc}")
 
 
-def _restore_container(obj: Any, saved: Any) -> None:
-    """Put ``saved``'s items back into the (possibly mutated) container ``obj``, keeping its identity."""
-    obj.clear()
-    if isinstance(obj, list):
-        obj.extend(saved)
-    else:
-        obj.update(saved)
-
-
-class _Undo:
-    """A cheap record of what a structural change may touch, to put everything back on failure.
-
-    Records, shallowly (tensors are shared, not copied): every module of ``model`` (its class, its
-    attributes, its parameter / buffer / child dictionaries: conversions replace modules and
-    parametrize attentions), the optimizer's param groups (the group dicts, their parameter lists) and
-    state (the per-parameter dicts), the controller's fields, and any further objects' attributes
-    (``extra``, e.g. an LR scheduler). :meth:`restore` puts all of it back, object identities included.
-    Values written *into* existing tensors are not recorded: callers validate first and write in place
-    only once nothing can fail any more.
-    """
-
-    _CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
-        *extra: object,
-    ) -> None:
-        self.modules = [
-            (
-                m,
-                m.__class__,
-                dict(m.__dict__),
-                {k: copy.copy(m.__dict__[k]) for k in self._CONTAINERS if k in m.__dict__},
-            )
-            for m in model.modules()
-        ]
-        self.optimizer = optimizer
-        if optimizer is not None:
-            groups = optimizer.param_groups
-            self.groups = (groups, list(groups), [(g, dict(g), list(g["params"])) for g in groups])
-            state = optimizer.state
-            self.state = (state, dict(state), [(d, dict(d)) for d in state.values()])
-        # an OIALR controller's schedule holds its counts and history
-        extra = (*extra, *(o.schedule for o in extra if isinstance(o, OIALR)))
-        self.objects = [
-            (
-                obj,
-                dict(obj.__dict__),
-                {k: copy.copy(v) for k, v in obj.__dict__.items() if isinstance(v, dict | list)},
-            )
-            for obj in extra
-            if obj is not None
-        ]
-
-    def restore(self) -> None:
-        """Put every recorded module, the optimizer and the objects back as they were."""
-        for m, cls, attrs, containers in self.modules:
-            if m.__class__ is not cls:
-                m.__class__ = cls
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            for key, items in containers.items():
-                _restore_container(m.__dict__[key], items)
-        opt = self.optimizer
-        if opt is not None:
-            groups, group_list, group_items = self.groups
-            for g, items, params in group_items:
-                _restore_container(items["params"], params)
-                _restore_container(g, items)
-            opt.param_groups = groups
-            _restore_container(groups, group_list)
-            state, state_items, per_param = self.state
-            for d, items in per_param:
-                _restore_container(d, items)
-            opt.state = state
-            _restore_container(state, state_items)
-        for obj, attrs, containers in self.objects:
-            obj.__dict__.clear()
-            obj.__dict__.update(attrs)
-            for key, items in containers.items():
-                _restore_container(attrs[key], items)
-
-
 class OIALR:
     """Drives OIALR on ``model`` trained by ``optimizer``: call :meth:`step` after each optimizer step.
 
@@ -336,7 +251,7 @@ class OIALR:
         self.optimizer = optimizer
         eligible = eligible_names(self.model, selection=self.config.selection)
         for name in eligible:
-            for role, p in _dense_params(self.model.get_submodule(name)).items():
+            for role, p in dense_params(self.model.get_submodule(name)).items():
                 if p.requires_grad and find_parameter(optimizer, p) is None:
                     raise ParameterError(
                         f"parameter {name}.{role} is trainable but not in the optimizer; build the "
@@ -407,7 +322,7 @@ class OIALR:
             self.structure_changed = False
             return
         t = plan.step
-        undo = _Undo(self.model, self.optimizer, self)
+        undo = Undo(self.model, self.optimizer, self)
         try:
             sched.begin(plan)
             changed = False
@@ -499,7 +414,7 @@ class OIALR:
         """Hook: put the dense layers ``names`` into low-rank form at full rank, their parameters'
         optimizer slots and state moved to the new ones; returns ``{layer: {part: low-rank layer}}``."""
         # one conversion call for all layers due (one pass over the model, not one per layer)
-        olds = {name: _dense_params(self.model.get_submodule(name)) for name in names}
+        olds = {name: dense_params(self.model.get_submodule(name)) for name in names}
         converted = to_low_rank(self.model, selection=self.config.selection, names=names)
         out: dict[str, dict[str, LowRankLayer]] = {}
         for name in names:
@@ -652,7 +567,7 @@ class OIALR:
         too.
         """
         checked = self.check_state(state)
-        undo = _Undo(self.model, self.optimizer, self)
+        undo = Undo(self.model, self.optimizer, self)
         try:
             with torch.no_grad(), full_precision(self.model):
                 batches: dict[int, list[str]] = {}

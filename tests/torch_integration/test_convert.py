@@ -22,11 +22,11 @@ from lowrank_torch.convert import (  # noqa: E402
     trainable_share,
 )
 from lowrank_torch.layers import (  # noqa: E402
-    LowRankConv1D,
     LowRankConv1d,
     LowRankConv2d,
     LowRankLayer,
     LowRankLinear,
+    LowRankTransformersConv1D,
     LowRankWeight,
     TransformersConv1D,
 )
@@ -421,7 +421,7 @@ def test_conv1d_converted_exact_and_transposed(nx, nf):
     result = to_low_rank(model)
     assert converted_names(result) == ["0"]
     layer = result["0"]
-    assert isinstance(layer, LowRankConv1D)
+    assert isinstance(layer, LowRankTransformersConv1D)
     # the matrix view is the (in, out) weight itself: U (in, r), V (out, r)
     assert (layer.nx, layer.nf) == (nx, nf) == (layer.in_features, layer.out_features)
     assert tuple(layer.U.shape) == (nx, min(nx, nf)) and tuple(layer.V.shape) == (nf, min(nx, nf))
@@ -440,7 +440,7 @@ def test_conv1d_auto_rule_is_linears():
     with torch.no_grad():
         lin.weight.copy_(conv.weight.T)
         lin.bias.copy_(conv.bias)
-    a = LowRankConv1D.from_dense(conv, 4)
+    a = LowRankTransformersConv1D.from_dense(conv, 4)
     b = LowRankLinear.from_dense(lin, 4)
     for tokens in (1, 8, 64, 1000):
         # same factorized cost; dense: the product plus rebuilding the (in, out) weight as (U S) V^T
@@ -448,7 +448,7 @@ def test_conv1d_auto_rule_is_linears():
         assert a.flops(tokens)["dense"] == tokens * 32 * 64 + 32 * 4 * (4 + 64)
         assert a.resolved_mode(tokens) == b.resolved_mode(tokens)
     assert a.resolved_mode(1000) == "factorized"
-    full = LowRankConv1D.from_dense(conv)
+    full = LowRankTransformersConv1D.from_dense(conv)
     assert full.resolved_mode(1000) == "dense"  # full rank: factorized is dearer
     x = torch.randn(7, 32, dtype=F64)
     close(a(x), b(x))

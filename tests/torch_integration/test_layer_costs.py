@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lowrank_torch.layers import LowRankConv1D, LowRankLinear  # noqa: E402
+from lowrank_torch.layers import LowRankLinear, LowRankTransformersConv1D  # noqa: E402
 
 CASES = [  # (out, in, rank, tokens): tall, wide, square; thin (T <= min) and merged paths
     (48, 16, 5, 8), (48, 16, 12, 64), (16, 48, 7, 40), (16, 48, 16, 10), (24, 24, 24, 100),
@@ -44,7 +44,7 @@ def test_conv1d_flops_count_what_runs(m, n, r, T):
     torch.manual_seed(0)
     lin = LowRankLinear.from_dense(nn.Linear(n, m).double(), r)
     # Conv1D with in = n, out = m from the same factors, transposed
-    layer = LowRankConv1D(lin.V, lin.sigma.detach().mT, lin.U, lin.bias.detach())
+    layer = LowRankTransformersConv1D(lin.V, lin.sigma.detach().mT, lin.U, lin.bias.detach())
     x = torch.randn(T, n, dtype=torch.float64)
     for backward in (False, True):
         cost = layer.flops(T, backward=backward)

@@ -35,7 +35,7 @@ from lowrank_torch.cmd import CMDConfig, CMDTracker  # noqa: E402
 from lowrank_torch.convert import ConversionError, eligible_names, to_low_rank  # noqa: E402
 from lowrank_torch.dldr import SnapshotRecorder, SubspaceSGD, flatten  # noqa: E402
 from lowrank_torch.init import low_rank_model  # noqa: E402
-from lowrank_torch.layers import LowRankConv1D, LowRankLayer  # noqa: E402
+from lowrank_torch.layers import LowRankLayer, LowRankTransformersConv1D  # noqa: E402
 from lowrank_torch.oialr import OIALR, OIALRConfig  # noqa: E402
 
 PACKAGES, IMPORT_ERRORS = import_model_packages()
@@ -365,7 +365,7 @@ CASES: dict[str, Case] = {
             *_blocks("blocks", 2, ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]),
         ],
     ),
-    # GPT-2: the 8 Conv1D projections (as LowRankConv1D); lm_head is tied to wte and stays dense even
+    # GPT-2: the 8 Conv1D projections (as LowRankTransformersConv1D); lm_head is tied to wte and stays dense even
     # with keep_last=False; wte keeps training
     "gpt2": Case(
         _seeded(gpt2),
@@ -469,7 +469,7 @@ def test_conversion_picks_the_expected_layers_and_is_exact(name):
     result = to_low_rank(model, **case.options)
     assert all(isinstance(layer, LowRankLayer) for layer in result.values())
     if name == "gpt2":
-        assert all(isinstance(result[n], LowRankConv1D) for n in case.expected)
+        assert all(isinstance(result[n], LowRankTransformersConv1D) for n in case.expected)
     if case.tied is not None:
         emb, head = case.tied
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -610,7 +610,7 @@ def test_gpt2_tied_head_refused_by_name_and_model_untouched():
 def test_gpt2_low_rank_conv1d_back_to_dense():
     model = CASES["gpt2"].build()
     conv = model.transformer.h[0].attn.c_attn
-    layer = LowRankConv1D.from_dense(conv)
+    layer = LowRankTransformersConv1D.from_dense(conv)
     back = layer.to_dense()
     assert type(back) is type(conv) and back.weight.shape == conv.weight.shape
     x = torch.randn(3, 5, 32)

@@ -25,6 +25,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import nn
 
+from ..convert import count_trainable
+
 __all__ = [
     "OIALR",
     "Dense",
@@ -120,10 +122,6 @@ def available_methods() -> list[str]:
     return names
 
 
-def _count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 @register_method("dense")
 class Dense:
     """Plain training: every parameter trains, nothing happens between steps."""
@@ -143,7 +141,7 @@ class Dense:
         pass
 
     def trainable_share(self, model: nn.Module, dense_params: int) -> float:
-        return _count_trainable(model) / dense_params
+        return count_trainable(model) / dense_params
 
     def __repr__(self) -> str:
         return "Dense()"
@@ -215,7 +213,7 @@ class OIALR:
 
     def trainable_share(self, model: nn.Module, dense_params: int) -> float:
         if self.ctrl is None:
-            return _count_trainable(model) / dense_params
+            return count_trainable(model) / dense_params
         return float(self.ctrl.trainable_share(dense_params))
 
     def __repr__(self) -> str:

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods import MethodUnavailable, _count_trainable, register_method
+from ..convert import count_trainable
+from .methods import MethodUnavailable, register_method
 
 __all__ = ["CMD"]
 
@@ -72,7 +73,7 @@ class CMD:
         return ctx
 
     def trainable_share(self, model: nn.Module, dense_params: int) -> float:
-        return _count_trainable(model) / dense_params
+        return count_trainable(model) / dense_params
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.config.items())
