@@ -275,7 +275,7 @@ def _factorize(m: jax.Array) -> lc.LowRankFactors:
     return lc.factorize(m, check_finite=False)
 
 
-class OIALR:
+class OIALR(core_oialr.ScheduleView):
     """The OIALR schedule over a parameter pytree (see the module docstring).
 
     The decisions, the history and the saved state are :class:`lowrank_core.oialr.OIALRSchedule`'s
@@ -325,31 +325,6 @@ class OIALR:
             )
         chosen, _ = sel.choose(candidates)
         return chosen
-
-    @property
-    def eligible(self) -> list[str]:
-        """The kernels OIALR may switch, in the pytree's flattening order."""
-        return self.schedule.eligible
-
-    @property
-    def step_count(self) -> int:
-        """Steps counted so far (calls of :meth:`step`)."""
-        return self.schedule.step_count
-
-    @property
-    def switched(self) -> dict[str, int]:
-        """``{kernel: step of its switch}``."""
-        return self.schedule.switched
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """Recorded events (stability, switch, rank, share), oldest first."""
-        return self.schedule.history
-
-    @property
-    def pending(self) -> list[str]:
-        """Eligible kernels not switched yet."""
-        return self.schedule.pending
 
     def ranks(self) -> dict[str, int]:
         """Current rank of every switched kernel."""
@@ -596,10 +571,6 @@ class OIALR:
         """``params`` with a zero Sigma of the current rank at every switched kernel: the structure and
         shapes of the trainable tree (for ``tx.init`` and for loading a checkpoint)."""
         return self.state_template(params, self.ranks())
-
-    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
-        return self.schedule.events(kind)
 
     def __repr__(self) -> str:
         return (

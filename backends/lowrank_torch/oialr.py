@@ -216,7 +216,7 @@ def _named(exc: lc.LowRankError, where: str) -> lc.LowRankError:
         return lc.LowRankError(f"{where}: {exc}")
 
 
-class OIALR:
+class OIALR(core_oialr.ScheduleView):
     """Drives OIALR on ``model`` trained by ``optimizer``: call :meth:`step` after each optimizer step.
 
     ``model`` may be wrapped in DistributedDataParallel: the controller works on ``model.module``. Every
@@ -270,30 +270,6 @@ class OIALR:
         self.warmup: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ queries
-    @property
-    def eligible(self) -> list[str]:
-        """The layers OIALR may switch, in the model's order."""
-        return self.schedule.eligible
-
-    @property
-    def step_count(self) -> int:
-        """Steps counted so far (calls of :meth:`step`)."""
-        return self.schedule.step_count
-
-    @property
-    def switched(self) -> dict[str, int]:
-        """``{layer: step of its switch}``."""
-        return self.schedule.switched
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """Recorded events (stability, switch, rank, share), oldest first."""
-        return self.schedule.history
-
-    @property
-    def pending(self) -> list[str]:
-        """Eligible layers still dense."""
-        return self.schedule.pending
 
     def ranks(self) -> dict[str, int]:
         """Current rank of every low-rank part."""
@@ -610,9 +586,6 @@ class OIALR:
             raise
 
     # ------------------------------------------------------------------ convenience
-    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
-        return self.schedule.events(kind)
 
     def __repr__(self) -> str:
         return (

@@ -27,6 +27,7 @@ from .schedule import (
     CheckedState,
     OIALRConfig,
     OIALRSchedule,
+    ScheduleView,
     StepPlan,
     upgrade_state,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "MomentMap",
     "OIALRConfig",
     "OIALRSchedule",
+    "ScheduleView",
     "StepPlan",
     "moment_kind",
     "rotate_cheaper",

@@ -38,6 +38,7 @@ __all__ = [
     "CheckedState",
     "OIALRConfig",
     "OIALRSchedule",
+    "ScheduleView",
     "StepPlan",
 ]
 
@@ -388,6 +389,42 @@ class OIALRSchedule:
         self.updates = checked.updates
         self.switched = dict(checked.switch_order)
         self.history = [dict(e) for e in checked.history]
+
+
+class ScheduleView:
+    """Read access to a controller's :attr:`schedule` (an :class:`OIALRSchedule`): the properties every
+    framework's OIALR controller shows."""
+
+    schedule: OIALRSchedule
+
+    @property
+    def eligible(self) -> list[str]:
+        """The layers OIALR may switch, in the model's order."""
+        return self.schedule.eligible
+
+    @property
+    def step_count(self) -> int:
+        """Steps counted so far (calls of ``step``)."""
+        return self.schedule.step_count
+
+    @property
+    def switched(self) -> dict[str, int]:
+        """``{layer: step of its switch}``."""
+        return self.schedule.switched
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Recorded events (stability, switch, rank, share), oldest first."""
+        return self.schedule.history
+
+    @property
+    def pending(self) -> list[str]:
+        """Eligible layers not switched yet."""
+        return self.schedule.pending
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
+        return self.schedule.events(kind)
 
 
 _STATE_KEYS = ("step_count", "updates", "switched", "ranks", "eligible", "warmup", "history")
