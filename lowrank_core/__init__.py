@@ -8,7 +8,7 @@ See ``docs/spec.md`` (the documentation site's "Semantics" page) for the exact s
 from __future__ import annotations
 
 from . import cmd, dldr, errors, init, oialr
-from .backend import Backend, StandardBackend, get_backend, register_backend
+from .backend import StandardBackend, get_backend, register_backend
 
 # DLDR (lowrank_core.dldr), CMD (lowrank_core.cmd), low-rank initialization (lowrank_core.init): the
 # main entry points here, everything else in the submodules.
@@ -72,7 +72,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArrayTypeError",
-    "Backend",
     "CMDFit",
     "CheckpointError",
     "DTypeError",

@@ -31,7 +31,7 @@ from ._array import Array, Namespace
 from ._validate import check_seed, check_shape
 from .errors import ArrayTypeError, ParameterError, ParameterTypeError
 
-__all__ = ["Backend", "StandardBackend", "get_backend", "register_backend"]
+__all__ = ["StandardBackend", "get_backend", "register_backend"]
 
 ENTRY_POINT_GROUP = "lowrank_core.backends"
 _BUILTIN = {
@@ -109,9 +109,6 @@ class StandardBackend:
         except (TypeError, BufferError, RuntimeError, AttributeError):
             return np.asarray(x)
 
-
-Backend = StandardBackend
-"""The backend interface (the base class a third-party backend subclasses)."""
 
 _METHODS = ("svd", "eigh", "all_finite", "random_normal", "synchronize", "to_numpy")
 _lock = threading.Lock()

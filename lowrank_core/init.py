@@ -397,7 +397,7 @@ def random_init(
     given; its values are not read). ``left`` and ``right`` have i.i.d. ``N(0, std / sqrt(rank))`` entries,
     so ``(left @ right.mT)_ij`` has mean 0 and variance ``rank * (std / sqrt(rank))^2 = std^2``.
     ``std=None`` takes :func:`default_init_std` of ``fan_in = n``. Numbers come from the array's backend
-    (``Backend.random_normal``), reproducible for a given ``seed``.
+    (``StandardBackend.random_normal``), reproducible for a given ``seed``.
     """
     xp = namespace(like=like)
     check_floating(xp, like, "like")

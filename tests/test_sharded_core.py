@@ -1,7 +1,7 @@
 """The core's sharded pieces, without processes: shards of one trajectory give the unsharded result.
 
 ``subspace_from_gram(..., reduce=)`` and ``fit_cmd_shard`` / ``OnlineCMD.update(reference_values=)``
-are what the torch sharded DLDR / CMD (``lowrank_torch.distributed``) call on every rank; here the
+are what the torch sharded DLDR / CMD (``lowrank_torch.sharded``) call on every rank; here the
 "ranks" are slices of one array and the all-reduce is a plain sum over the slices, so the sharded result
 must equal the whole-array one up to the summation order of the partial sums (float64: a few ulps).
 """

@@ -5,12 +5,17 @@ group ``lowrank_core.backends``) the first time it meets a ``torch.Tensor``; not
 registered by hand. The PyTorch integration: OIALR layers and controller (``lowrank_torch.oialr``),
 DLDR (``lowrank_torch.dldr``), CMD (``lowrank_torch.cmd``), low-rank initialization (``lowrank_torch.init``).
 The names users start from are importable from the package itself (``from lowrank_torch import OIALR,
-OIALRConfig, CMDTracker, SubspaceSGD, low_rank_model``).
+OIALRConfig, CMDTracker, SubspaceSGD, low_rank_model, save_checkpoint``); the optimizer-state functions
+OIALR uses stay in :mod:`lowrank_torch.optim_state`.
 """
 
 from __future__ import annotations
 
+from lowrank_core.oialr import LayerSelection
+
 from ._backend import TorchBackend
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .cmd import CMDConfig, CMDTracker, NotFittedError
 from .convert import (
     ConversionError,
     NoEligibleLayerWarning,
@@ -20,6 +25,8 @@ from .convert import (
     to_low_rank,
     trainable_share,
 )
+from .dldr import SnapshotRecorder, SubspaceBFGS, SubspaceParametrization, SubspaceSGD
+from .init import frobenius_decay_penalty, init_low_rank_layer_, low_rank_model
 from .layers import (
     LowRankConv1d,
     LowRankConv2d,
@@ -32,10 +39,15 @@ from .layers import (
     TransformersConv1D,
     low_rank_attention_,
 )
+from .oialr import OIALR, OIALRConfig
 
-__all__ = ["TorchBackend"]
-__all__ += [
+__all__ = [
+    "OIALR",
+    "CMDConfig",
+    "CMDTracker",
+    "CheckpointError",
     "ConversionError",
+    "LayerSelection",
     "LowRankConv1d",
     "LowRankConv2d",
     "LowRankConv3d",
@@ -45,49 +57,23 @@ __all__ += [
     "LowRankTransformersConv1D",
     "LowRankWeight",
     "NoEligibleLayerWarning",
-    "TransformersConv1D",
-    "UnsupportedLayerError",
-    "count_trainable",
-    "eligible_names",
-    "low_rank_attention_",
-    "to_low_rank",
-    "trainable_share",
-]
-
-from .optim_state import (  # noqa: E402
-    MAGNITUDE_KEYS,
-    SECOND_MOMENT_KEYS,
-    dense_to_sigma_state,
-    rotate_sigma_state,
-    swap_parameter,
-    truncate_sigma_state,
-)
-
-__all__ += [
-    "MAGNITUDE_KEYS",
-    "SECOND_MOMENT_KEYS",
-    "dense_to_sigma_state",
-    "rotate_sigma_state",
-    "swap_parameter",
-    "truncate_sigma_state",
-]
-
-from .cmd import CMDConfig, CMDTracker, NotFittedError  # noqa: E402
-from .dldr import SnapshotRecorder, SubspaceBFGS, SubspaceParametrization, SubspaceSGD  # noqa: E402
-from .init import frobenius_decay_penalty, init_low_rank_layer_, low_rank_model  # noqa: E402
-from .oialr import OIALR, OIALRConfig  # noqa: E402
-
-__all__ += [
-    "OIALR",
-    "CMDConfig",
-    "CMDTracker",
     "NotFittedError",
     "OIALRConfig",
     "SnapshotRecorder",
     "SubspaceBFGS",
     "SubspaceParametrization",
     "SubspaceSGD",
+    "TorchBackend",
+    "TransformersConv1D",
+    "UnsupportedLayerError",
+    "count_trainable",
+    "eligible_names",
     "frobenius_decay_penalty",
     "init_low_rank_layer_",
+    "load_checkpoint",
+    "low_rank_attention_",
     "low_rank_model",
+    "save_checkpoint",
+    "to_low_rank",
+    "trainable_share",
 ]

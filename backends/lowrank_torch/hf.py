@@ -58,8 +58,8 @@ def _skipped(optimizer: Any) -> bool:
 def _single_process(args: Any, what: str) -> None:
     if int(getattr(args, "world_size", 1)) > 1:
         raise IntegrationError(
-            f"{what} runs on single-process training; for DDP use lowrank_torch.distributed, "
-            "for FSDP lowrank_torch.fsdp, in a plain training loop"
+            f"{what} runs on single-process training; for DDP use lowrank_torch.sharded, "
+            "for FSDP lowrank_torch.fsdp_oialr, in a plain training loop"
         )
 
 

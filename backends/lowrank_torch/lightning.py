@@ -82,8 +82,8 @@ def _single_optimizer(trainer: Any) -> torch.optim.Optimizer:
 def _single_process(trainer: Any, what: str) -> None:
     if int(getattr(trainer, "world_size", 1)) > 1:
         raise IntegrationError(
-            f"{what} runs on single-process strategies; for DDP use lowrank_torch.distributed, "
-            "for FSDP lowrank_torch.fsdp, in a plain training loop"
+            f"{what} runs on single-process strategies; for DDP use lowrank_torch.sharded, "
+            "for FSDP lowrank_torch.fsdp_oialr, in a plain training loop"
         )
 
 

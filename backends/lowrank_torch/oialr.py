@@ -228,7 +228,7 @@ class OIALR(core_oialr.ScheduleView):
     The decisions (when to check, switch and update which layers), the history and the saved state are
     :class:`lowrank_core.oialr.OIALRSchedule`'s (:attr:`schedule`); this class moves parameters and
     optimizer state. A subclass changes *how* (e.g. on sharded parameters,
-    :class:`~lowrank_torch.fsdp.FSDPOIALR`) through four hooks: :meth:`stability_matrices`,
+    :class:`~lowrank_torch.fsdp_oialr.FSDPOIALR`) through four hooks: :meth:`stability_matrices`,
     :meth:`convert_layers`, :meth:`full_factors` and :meth:`apply_rank_update`.
     """
 

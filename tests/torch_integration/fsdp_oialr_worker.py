@@ -1,7 +1,7 @@
 """Run by tests/torch_integration/test_fsdp.py as a script: OIALR under FSDP2 ``fully_shard`` (gloo).
 
 Two processes hold an MLP whose eligible Linears are FSDP units of their own; each trains on its half of
-a global batch, with :class:`lowrank_torch.fsdp.FSDPOIALR` (switch, then rank updates). After every step
+a global batch, with :class:`lowrank_torch.fsdp_oialr.FSDPOIALR` (switch, then rank updates). After every step
 the gathered factors of every low-rank layer are compared across ranks, and with an unsharded copy
 trained by plain OIALR on the whole batch (the single-process reference). Writes ``argv[2].<rank>``.
 """
@@ -16,9 +16,9 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import lowrank_core as lc
-from lowrank_torch.distributed import ShardingError
-from lowrank_torch.fsdp import FSDPOIALR, _full
+from lowrank_torch.fsdp_oialr import FSDPOIALR, _full
 from lowrank_torch.oialr import OIALR, OIALRConfig
+from lowrank_torch.sharded import ShardingError
 
 
 def worker(rank: int, world: int, init_file: str, out: str) -> None:

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from lowrank_core.errors import LowRankError
 from lowrank_torch import dldr
 from lowrank_torch.cmd import CMDConfig, CMDTracker
-from lowrank_torch.distributed import (
+from lowrank_torch.sharded import (
     ShardedCMDTracker,
     ShardedSnapshotRecorder,
     ShardedSubspaceBFGS,

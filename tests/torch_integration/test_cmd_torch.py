@@ -504,7 +504,7 @@ def test_state_dict_keeps_the_step_counter(stop):
 
 
 def test_sharded_tracker_refuses_the_per_step_cadence_clearly():
-    from lowrank_torch.distributed import ShardedCMDTracker
+    from lowrank_torch.sharded import ShardedCMDTracker
 
     with pytest.raises(ParameterError, match="every_n_steps"):
         ShardedCMDTracker(_model(), CMDConfig(every_n_steps=2))  # before any process group check

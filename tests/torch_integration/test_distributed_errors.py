@@ -10,8 +10,8 @@ pytest.importorskip("torch")
 
 import lowrank_core as lc
 from lowrank_torch.cmd import CMDConfig, NotFittedError
-from lowrank_torch.distributed import ShardedCMDTracker, ShardingError
-from lowrank_torch.fsdp import FSDPOIALR
+from lowrank_torch.fsdp_oialr import FSDPOIALR
+from lowrank_torch.sharded import ShardedCMDTracker, ShardingError
 
 
 def test_fsdp_oialr_load_state_dict_is_a_sharding_error():

@@ -123,7 +123,7 @@ def test_oialr_under_fsdp2_matches_single_process_with_identical_factors(tmp_pat
 def test_rebuilt_layer_is_the_same_layer_at_its_new_factors(dense):
     """FSDP rank updates rebuild each layer (a new FSDP unit): same kind, settings and function."""
     from lowrank_torch.convert import to_low_rank
-    from lowrank_torch.fsdp import _rebuild
+    from lowrank_torch.fsdp_oialr import _rebuild
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(dense())

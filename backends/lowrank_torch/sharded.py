@@ -24,7 +24,7 @@ shard, not the model:
 
 Communication goes through ``torch.distributed`` on the parameters' process group (the mesh's group).
 All math is :mod:`lowrank_core`'s. FSDP2 OIALR (switch and rank updates of sharded weights) is in
-:mod:`lowrank_torch.fsdp`.
+:mod:`lowrank_torch.fsdp_oialr`.
 """
 
 from __future__ import annotations

@@ -40,7 +40,6 @@ from torch import Tensor, nn
 import lowrank_core as lc
 
 from .convert import set_submodule, to_low_rank
-from .distributed import ShardingError, is_dtensor
 from .layers import (
     LowRankConv1d,
     LowRankConv2d,
@@ -57,6 +56,7 @@ from .optim_state import (
     swap_parameter,
     truncate_sigma_state,
 )
+from .sharded import ShardingError, is_dtensor
 
 __all__ = ["FSDPOIALR"]
 
