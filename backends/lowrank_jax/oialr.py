@@ -460,12 +460,29 @@ class OIALR(core_oialr.ScheduleView):
         new_values: dict[str, jax.Array] = {}
         frozen = dict(self.frozen)
         kinds = self.config.moment_kinds
+        ranks: dict[str, int] | None = None
+        rds: dict[str, lc.Rediagonalized] = {}
+        if self.config.budget is not None:  # every due kernel's spectrum first: one allocation
+            for name in due:
+                b = frozen[name]
+                rds[name] = lc.rediagonalize(b.U, self._leaf(trainable, name), b.V)
+            shapes = {n: _matrix_shape(b.shape, b.layout) for n, b in frozen.items()}
+            ranks = self.schedule.allocate(
+                t,
+                {n: np.asarray(rd.singular_values) for n, rd in rds.items()},
+                {n: shapes[n] for n in due},
+                {n: (shapes[n], b.rank) for n, b in frozen.items() if n not in rds},
+            )
         for name in due:
             b = frozen[name]
             sigma = self._leaf(trainable, name)
             old = b.rank
             m, n = _matrix_shape(b.shape, b.layout)
-            upd = lc.update_rank(b.U, sigma, b.V, self.config.rule, shape=(m, n))
+            if ranks is None:
+                upd = lc.update_rank(b.U, sigma, b.V, self.config.rule, shape=(m, n))
+            else:
+                rd = rds[name]
+                upd = lc.RankUpdate(lc.truncate(rd.U, rd.Sigma, rd.V, ranks[name]), ranks[name], rd)
             rd = upd.rediagonalized
             opt_state = rotate_sigma_state(
                 opt_state, self._paths[name], rd.left, rd.right, kinds=kinds

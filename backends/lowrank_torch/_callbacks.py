@@ -179,10 +179,16 @@ class OIALRDriver:
         self.model = model
         StateCarrier.attach(model).add(self)
 
-    def start(self, model: nn.Module, optimizer: Any) -> OIALR:
-        """Bind to the trainer's optimizer (a new controller, or the one rebuilt from a checkpoint)."""
+    def start(self, model: nn.Module, optimizer: Any, total_steps: int | None = None) -> OIALR:
+        """Bind to the trainer's optimizer (a new controller, or the one rebuilt from a checkpoint).
+
+        ``total_steps``: the trainer's number of optimizer steps; it sets
+        :attr:`~lowrank_core.oialr.OIALRConfig.total_steps` unless the config has it, so that
+        ``switch_fraction`` and a budget's ``reach_at`` are fractions of this run."""
         opt = unwrap_optimizer(optimizer)
         if self.controller is None:
+            if self.config.total_steps is None and total_steps is not None and total_steps > 0:
+                self.config = self.config.for_run(total_steps)
             self.controller = OIALR(model, opt, self.config)
             return self.controller
         ctrl = self.controller
@@ -202,7 +208,9 @@ class OIALRDriver:
         return self.controller.structure_changed
 
     def export_state(self) -> Any:
-        return None if self.controller is None else self.controller.state_dict()
+        if self.controller is None:
+            return None
+        return {**self.controller.state_dict(), "total_steps": self.controller.config.total_steps}
 
     def import_state(self, state: Any) -> None:
         if self.model is None:
@@ -215,6 +223,9 @@ class OIALRDriver:
                 )
             return
         stand_in = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=0.0)
+        total = state.get("total_steps") if isinstance(state, dict) else None
+        if self.config.total_steps is None and isinstance(total, int) and total > 0:
+            self.config = self.config.for_run(total)  # the run's length, as the saved run knew it
         ctrl = OIALR(self.model, stand_in, self.config)
         ctrl.load_state_dict(state)  # rebuilds the structure; checks the state first
         self._order = [p for g in stand_in.param_groups for p in g["params"]]

@@ -106,7 +106,10 @@ class OIALRTrainerCallback(_Base):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._begin(args, state, kwargs["model"])
-        self.driver.start(kwargs["model"], kwargs["optimizer"])
+        total = getattr(state, "max_steps", None)  # the Trainer's optimizer steps of this run
+        self.driver.start(
+            kwargs["model"], kwargs["optimizer"], total if isinstance(total, int) else None
+        )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.driver.after_step(_skipped(kwargs.get("optimizer")))

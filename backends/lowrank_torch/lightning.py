@@ -28,6 +28,7 @@ the state is kept once, with the weights.)
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import torch
@@ -136,7 +137,9 @@ class OIALRCallback(_Callback):
         self.driver.attach(pl_module)  # every stage: a checkpoint may be loaded (validate, test)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.driver.start(pl_module, _single_optimizer(trainer))
+        total = getattr(trainer, "estimated_stepping_batches", None)  # optimizer steps of the fit
+        total = int(total) if isinstance(total, int | float) and math.isfinite(total) else None
+        self.driver.start(pl_module, _single_optimizer(trainer), total)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._watch.reset(trainer)  # after the checkpoint's loops and scaler were restored

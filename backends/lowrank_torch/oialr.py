@@ -440,31 +440,60 @@ class OIALR(core_oialr.ScheduleView):
     def _plan_rank_updates(self, due: tuple[str, ...], t: int) -> list[tuple[str, Any]]:
         """Every due part's new factors, computed and checked before any layer changes.
 
-        A failure (NaN or Inf in a layer's factors, a rank rule that misbehaves) raises the core's
-        error, its message prefixed with the layer's name.
+        The new rank is the rule's, or with a budget (:attr:`OIALRConfig.budget`) the one
+        :meth:`lowrank_core.oialr.OIALRSchedule.allocate` gives every due part at once. A failure (NaN
+        or Inf in a layer's factors, a rank rule that misbehaves) raises the core's error, its message
+        prefixed with the layer's name.
         """
-        plan: list[tuple[str, Any]] = []
-        for name in due:
-            for part in self.parts[name]:
-                layer = self.layers[part]
+        parts = [part for name in due for part in self.parts[name]]
+        rds: dict[str, lc.Rediagonalized] = {}
+        ranks: dict[str, int] | None = None
+        if self.config.budget is not None:  # every due part's spectrum first: one allocation
+            for part in parts:
                 try:
-                    U, S, V = self.full_factors(layer)
-                    upd = lc.update_rank(U, S, V, self.config.rule, shape=(layer.rows, layer.cols))
-                    rd = upd.rediagonalized
-                    # one host transfer for the five finiteness checks (not one per tensor)
-                    checked = (*upd.factors, rd.left, rd.right)
-                    finite = torch.stack([torch.isfinite(x).all() for x in checked]).tolist()
-                    for fname, ok in zip(("U", "sigma", "V"), finite[:3], strict=True):
-                        if not ok:
-                            raise lc.NonFiniteError(f"the updated `{fname}` contains NaN or Inf")
-                    for fname, ok in zip(("left", "right"), finite[3:], strict=True):
-                        if not ok:
-                            raise lc.NonFiniteError(f"the rotation `{fname}` contains NaN or Inf")
-                    check_rank(upd.rank, layer.rank, name="new rank", what="the current rank")
+                    rds[part] = lc.rediagonalize(*self.full_factors(self.layers[part]))
                 except lc.LowRankError as exc:
                     raise _named(exc, f"rank update of layer {part!r} at step {t}") from exc
-                plan.append((part, upd))
+            ranks = self._budget_ranks({p: rd.singular_values for p, rd in rds.items()}, t)
+        plan: list[tuple[str, Any]] = []
+        for part in parts:
+            layer = self.layers[part]
+            try:
+                if ranks is None:
+                    U, S, V = self.full_factors(layer)
+                    upd = lc.update_rank(U, S, V, self.config.rule, shape=(layer.rows, layer.cols))
+                else:
+                    rd, r = rds[part], ranks[part]
+                    upd = lc.RankUpdate(lc.truncate(rd.U, rd.Sigma, rd.V, r), r, rd)
+                rd = upd.rediagonalized
+                # one host transfer for the five finiteness checks (not one per tensor)
+                checked = (*upd.factors, rd.left, rd.right)
+                finite = torch.stack([torch.isfinite(x).all() for x in checked]).tolist()
+                for fname, ok in zip(("U", "sigma", "V"), finite[:3], strict=True):
+                    if not ok:
+                        raise lc.NonFiniteError(f"the updated `{fname}` contains NaN or Inf")
+                for fname, ok in zip(("left", "right"), finite[3:], strict=True):
+                    if not ok:
+                        raise lc.NonFiniteError(f"the rotation `{fname}` contains NaN or Inf")
+                check_rank(upd.rank, layer.rank, name="new rank", what="the current rank")
+            except lc.LowRankError as exc:
+                raise _named(exc, f"rank update of layer {part!r} at step {t}") from exc
+            plan.append((part, upd))
         return plan
+
+    def _budget_ranks(self, singular_values: dict[str, Tensor], t: int) -> dict[str, int]:
+        """The budget's ranks for the parts of ``singular_values`` (the other parts keep theirs)."""
+        spectra = {
+            p: core_oialr.stack_spectrum(s.detach().double().cpu().numpy())
+            for p, s in singular_values.items()
+        }
+        shapes = {p: (layer.rows, layer.cols) for p, layer in self.layers.items()}
+        fixed = {p: (shapes[p], layer.rank) for p, layer in self.layers.items() if p not in spectra}
+        counts = {p: layer.groups for p, layer in self.layers.items()}
+        due = {p: shapes[p] for p in spectra}
+        ranks = self.schedule.allocate(t, spectra, due, fixed, counts)
+        assert ranks is not None
+        return ranks
 
     def full_factors(self, layer: LowRankLayer) -> tuple[Tensor, Tensor, Tensor]:
         """Hook: the layer's whole ``U``, ``sigma``, ``V`` for a rank update (a sharded controller

@@ -3,7 +3,9 @@
 - :mod:`~lowrank_core.oialr.selection`: :class:`LayerSelection`, which layers are factorized;
 - :mod:`~lowrank_core.oialr.schedule`: :class:`OIALRConfig` and :class:`OIALRSchedule`, when to check,
   switch and update which layers, the history, and the versioned saved state;
-- :mod:`~lowrank_core.oialr.moments`: :class:`MomentMap`, how optimizer moments follow the factors.
+- :mod:`~lowrank_core.oialr.moments`: :class:`MomentMap`, how optimizer moments follow the factors;
+- :mod:`~lowrank_core.oialr.budget`: :class:`RankBudget`, ranks chosen across all layers to meet a
+  compute or parameter budget.
 
 The PyTorch and JAX controllers (``lowrank_torch.OIALR``, ``lowrank_jax.OIALR``) are adapters over these:
 they move parameters and optimizer states, the decisions are taken here.
@@ -11,6 +13,7 @@ they move parameters and optimizer states, the decisions are taken here.
 
 from __future__ import annotations
 
+from .budget import MEASURES, RankBudget, allocate_ranks, budget_cost, layer_cost, stack_spectrum
 from .moments import (
     FIRST,
     MAGNITUDE,
@@ -36,6 +39,7 @@ from .selection import UNSET, Candidate, LayerSelection
 __all__ = [
     "FIRST",
     "MAGNITUDE",
+    "MEASURES",
     "MOMENT_KINDS",
     "SECOND",
     "STATE_FORMAT",
@@ -47,10 +51,15 @@ __all__ = [
     "MomentMap",
     "OIALRConfig",
     "OIALRSchedule",
+    "RankBudget",
     "ScheduleView",
     "StepPlan",
+    "allocate_ranks",
+    "budget_cost",
+    "layer_cost",
     "moment_kind",
     "rotate_cheaper",
+    "stack_spectrum",
     "truncate_moment",
     "upgrade_state",
 ]

@@ -19,16 +19,18 @@ decisions, keep the same history and save the same state (:meth:`OIALRSchedule.s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import array_api_compat
 
 from .._validate import check_bool, check_float, check_int, describe
 from ..errors import CheckpointError, LowRankError, ParameterError, ParameterTypeError
 from ..rank import RankRule, SigmaCutoff
+from .budget import RankBudget, allocate_ranks
 from .moments import MOMENT_KINDS
 from .selection import LayerSelection
 
@@ -47,6 +49,9 @@ STATE_FORMAT = "lowrank_core.OIALR"
 STATE_VERSION = 2
 #: The formats of version 0.1.0, which :meth:`OIALRSchedule.check_state` reads too.
 LEGACY_FORMATS = ("lowrank_torch.OIALR/1", "lowrank_jax.OIALR/1")
+
+
+_Config = TypeVar("_Config", bound="OIALRConfig")
 
 
 def _check_moment_kinds(value: object) -> dict[str, str]:
@@ -80,6 +85,12 @@ class OIALRConfig:
     - ``moment_kinds``: ``{state name: "first" | "second" | "magnitude"}``, overriding the framework's
       table of optimizer-state names (:mod:`lowrank_core.oialr.moments`), e.g. ``{"nu": "magnitude"}``
       for optax's Adamax, whose state has Adam's field names.
+    - ``budget``: a :class:`~lowrank_core.oialr.RankBudget`: the ranks of all low-rank layers are
+      chosen together to meet it (at each rank update; ``rule`` is then not used).
+    - ``total_steps``: the run's length in steps; needed by ``switch_fraction`` and by a budget whose
+      ``reach_at`` is a fraction (the trainer callbacks set it from the trainer's maximum steps).
+    - ``switch_fraction``: switch at this fraction of the run, ``round(switch_fraction * total_steps)``,
+      instead of at ``switch_step`` (which it replaces when set).
 
     Every field is checked at construction (:class:`~lowrank_core.ParameterError` /
     :class:`~lowrank_core.ParameterTypeError`, naming the field); NumPy scalars are accepted.
@@ -93,11 +104,28 @@ class OIALRConfig:
     progressive: bool = False
     selection: LayerSelection = field(default_factory=LayerSelection)
     moment_kinds: Mapping[str, str] = field(default_factory=dict)
+    budget: RankBudget | None = None
+    total_steps: int | None = None
+    switch_fraction: float | None = None
 
     def __post_init__(self) -> None:
-        if self.switch_step is None and self.stability_threshold is None:
-            raise ParameterError("OIALRConfig needs `switch_step`, `stability_threshold`, or both")
+        if (
+            self.switch_step is None
+            and self.stability_threshold is None
+            and self.switch_fraction is None
+        ):
+            raise ParameterError(
+                "OIALRConfig needs `switch_step` (or `switch_fraction`), `stability_threshold`, or both"
+            )
         self.switch_step = check_int("switch_step", self.switch_step, min=0, optional=True)
+        self.total_steps = check_int("total_steps", self.total_steps, min=1, optional=True)
+        self.switch_fraction = check_float(
+            "switch_fraction", self.switch_fraction, min=0.0, max=1.0, optional=True
+        )
+        if self.budget is not None and not isinstance(self.budget, RankBudget):
+            raise ParameterTypeError(
+                f"`budget` must be a lowrank_core.oialr.RankBudget or None, got {describe(self.budget)}"
+            )
         self.stability_threshold = check_float(
             "stability_threshold",
             self.stability_threshold,
@@ -119,6 +147,27 @@ class OIALRConfig:
                 f"`selection` must be a lowrank_core.oialr.LayerSelection, got {describe(self.selection)}"
             )
         self.moment_kinds = _check_moment_kinds(self.moment_kinds)
+
+    def switch_at(self) -> int | None:
+        """The step at which every pending layer switches: ``switch_step``, or ``switch_fraction`` of
+        ``total_steps`` (:class:`~lowrank_core.ParameterError` when the run's length is not known)."""
+        if self.switch_fraction is None:
+            return self.switch_step
+        if self.total_steps is None:
+            raise ParameterError(
+                f"switch_fraction={self.switch_fraction} is a fraction of the run: set "
+                "OIALRConfig(total_steps=...) (the trainer callbacks set it from the trainer)"
+            )
+        return round(self.switch_fraction * self.total_steps)
+
+    def for_run(self: _Config, total_steps: int) -> _Config:
+        """A copy for a run of ``total_steps`` steps (what the trainer callbacks use); the fractions
+        of the run (``switch_fraction``, a budget's ``reach_at``) are resolved against it."""
+        copy = dataclasses.replace(self, total_steps=check_int("total_steps", total_steps, min=1))
+        copy.switch_at()
+        if copy.budget is not None:
+            copy.budget.reach_step(copy.total_steps)
+        return copy
 
 
 @dataclass(frozen=True)
@@ -171,6 +220,10 @@ class OIALRSchedule:
         if not isinstance(config, OIALRConfig):
             raise ParameterTypeError(f"`config` must be an OIALRConfig, got {describe(config)}")
         self.config = config
+        #: the step at which every pending layer switches (``None``: only the stability rule switches)
+        self.switch_step = config.switch_at()
+        if config.budget is not None:
+            config.budget.reach_step(config.total_steps)  # a fraction needs the run's length
         self.eligible: list[str] = list(eligible)
         self.step_count = 0
         self.switched: dict[str, int] = {}
@@ -189,7 +242,7 @@ class OIALRSchedule:
         c = self.config
         pending = bool(self.pending)
         stability = pending and c.stability_threshold is not None and t % c.stability_every == 0
-        switch_all = pending and c.switch_step is not None and t >= c.switch_step
+        switch_all = pending and self.switch_step is not None and t >= self.switch_step
         update: tuple[str, ...] | None = None
         if self.switched and t % c.update_every == 0:
             due = [n for n in self.eligible if n in self.switched and t - self.switched[n] > 0]
@@ -201,6 +254,34 @@ class OIALRSchedule:
                     due = [n for n in due if n in allowed]
                 update = tuple(due)
         return StepPlan(t, stability, switch_all, update)
+
+    def allocate(
+        self,
+        step: int,
+        spectra: Mapping[str, Any],
+        shapes: Mapping[str, tuple[int, int]],
+        fixed: Mapping[str, tuple[tuple[int, int], int]] | None = None,
+        counts: Mapping[str, int] | None = None,
+    ) -> dict[str, int] | None:
+        """The ranks the budget gives the updated parts at ``step`` (``None`` without a budget).
+
+        ``spectra`` / ``shapes``: the singular values (host arrays) and matrix shapes of the parts being
+        updated; ``fixed``: the other low-rank parts, ``{part: ((m, n), rank)}``, which keep their rank
+        (see :func:`~lowrank_core.oialr.allocate_ranks`)."""
+        budget = self.config.budget
+        if budget is None:
+            return None
+        first = min(self.switched.values()) if self.switched else step
+        target = budget.target_at(step, first, self.config.total_steps)
+        return allocate_ranks(
+            spectra,
+            shapes,
+            target,
+            measure=budget.measure,
+            min_rank=budget.min_rank,
+            fixed=fixed,
+            counts=counts,
+        )
 
     def ready(self, values: Mapping[str, float]) -> list[str]:
         """The layers among ``values`` (``{layer: stability}``) that reached the threshold."""

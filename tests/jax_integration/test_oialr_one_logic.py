@@ -48,7 +48,7 @@ def _torch_model() -> Any:
     return model
 
 
-def _config(framework: Any) -> Any:
+def _config(framework: Any, budget: bool = False) -> Any:
     kwargs: dict[str, Any] = {
         "switch_step": 14,
         "stability_threshold": 0.995,
@@ -57,6 +57,10 @@ def _config(framework: Any) -> Any:
         "rule": lc.FixedRank(rank=5),
         "progressive": True,
     }
+    if budget:  # a global budget, reached gradually by step 18 of 20 (an update step)
+        kwargs.pop("rule")
+        kwargs.update(progressive=False, total_steps=20)
+        kwargs["budget"] = lc.oialr.RankBudget(0.35, measure="params", reach_at=0.9)
     if framework is jo:
         kwargs["layout"] = "torch"
     return framework.OIALRConfig(**kwargs)
@@ -66,15 +70,18 @@ def _jax_name(torch_name: str) -> str:
     return f"['{torch_name}']['weight']"
 
 
-def test_torch_and_jax_controllers_take_the_same_decisions_and_save_the_same_state() -> None:
+@pytest.mark.parametrize("budget", [False, True], ids=["rule", "budget"])
+def test_torch_and_jax_controllers_take_the_same_decisions_and_save_the_same_state(
+    budget: bool,
+) -> None:
     script = _script(20)
     model = _torch_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    tctrl = to.OIALR(model, opt, _config(to))
+    tctrl = to.OIALR(model, opt, _config(to, budget))
     params = {
         n: {"weight": jnp.asarray(script[0][n]), "bias": jnp.zeros(SHAPES[n][0])} for n in SHAPES
     }
-    jctrl = jo.OIALR(params, _config(jo))
+    jctrl = jo.OIALR(params, _config(jo, budget))
     assert (
         [_jax_name(n) for n in tctrl.eligible]
         == jctrl.eligible
@@ -122,6 +129,12 @@ def test_torch_and_jax_controllers_take_the_same_decisions_and_save_the_same_sta
     assert {_jax_name(n): v for n, v in ts["switched"].items()} == js["switched"]
     assert {_jax_name(n): v for n, v in ts["ranks"].items()} == js["ranks"]
     assert set(ts["warmup"]) == set() == set(js["warmup"])  # both layers switched
+    if budget:  # the budget holds at the end, and was reached gradually
+        shapes = {"0": (12, 8), "2": (12, 12)}
+        cost = lc.oialr.budget_cost("params", shapes, tctrl.ranks())
+        assert 0.25 < cost <= 0.35
+        rank_steps = sorted({e["step"] for e in tctrl.events("rank") if e["new"] < e["old"]})
+        assert len(rank_steps) >= 2
 
 
 def _torch_state(opt_name: str) -> tuple[Any, Any, dict[str, Any]]:

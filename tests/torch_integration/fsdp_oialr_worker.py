@@ -9,6 +9,8 @@ trained by plain OIALR on the whole batch (the single-process reference). Writes
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 
 import torch
 from _ddp import finish, init, max_diff_across_ranks, spawn
@@ -36,6 +38,10 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         switch_step=None, stability_threshold=0.5, stability_every=3, update_every=4,
         rule=lc.SigmaCutoff(0.2),
     )  # fmt: skip
+    if os.environ.get("FSDP_OIALR_BUDGET"):  # the global rank budget instead of the per-layer rule
+        cfg = dataclasses.replace(
+            cfg, budget=lc.oialr.RankBudget(0.6, reach_at=22), rule=lc.SigmaCutoff(0.0)
+        )
     # Adam: two moment buffers and a step counter per parameter, all carried through switch/updates
     opt_ref = torch.optim.Adam(ref.parameters(), lr=0.01)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)

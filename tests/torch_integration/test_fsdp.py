@@ -87,9 +87,14 @@ def test_sharded_cmd_equals_single_process(sharded_reports):
     assert held == len(sharded_reports[0]["cmd_references"])
 
 
-def test_oialr_under_fsdp2_matches_single_process_with_identical_factors(tmp_path):
+@pytest.mark.parametrize("budget", [False, True], ids=["rule", "budget"])
+def test_oialr_under_fsdp2_matches_single_process_with_identical_factors(
+    tmp_path, budget, monkeypatch
+):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
+    if budget:
+        monkeypatch.setenv("FSDP_OIALR_BUDGET", "1")
     reports = run_workers("fsdp_oialr_worker.py", tmp_path, timeout=300)
     for rep in reports:
         assert rep["max_across_ranks"] == 0.0, rep  # the same factors on every rank, every step

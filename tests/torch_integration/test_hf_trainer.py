@@ -282,3 +282,17 @@ def test_gpt2_stdlib_example_quick_run(tmp_path: Path, capsys: pytest.CaptureFix
         assert 0.0 < r["bpb"] < 8.5  # 8 bits/byte is a uniform guess; random init is close to it
     printed = capsys.readouterr().out
     assert "val bits/byte" in printed and "trainable share" in printed
+
+
+def test_oialr_trainer_callback_reads_max_steps_for_a_schedule_by_fraction(tmp_path: Path) -> None:
+    model = _model()
+    budget = lc.oialr.RankBudget(0.5, reach_at=0.75)
+    cb = OIALRTrainerCallback(OIALRConfig(switch_fraction=0.25, update_every=3, budget=budget))
+    trainer = transformers.Trainer(
+        model=model, args=_args(tmp_path), train_dataset=Tokens(48), callbacks=[cb]
+    )
+    trainer.train()
+    ctrl = cb.controller
+    assert ctrl.config.total_steps == 12 and min(ctrl.switched.values()) == 3
+    shapes = {n: (layer.rows, layer.cols) for n, layer in ctrl.layers.items()}
+    assert lc.oialr.budget_cost("flops", shapes, ctrl.ranks()) <= 0.5  # reached by step 9

@@ -302,3 +302,18 @@ def test_oialr_callback_ignores_steps_the_grad_scaler_skipped(tmp_path: Path) ->
     assert set(ctrl.switched.values()) == {4}
     for layer in ctrl.layers.values():
         assert torch.isfinite(layer.sigma).all()
+
+
+def test_oialr_callback_reads_the_run_length_for_a_schedule_by_fraction(tmp_path: Path) -> None:
+    """switch_fraction and a budget's reach_at are fractions of the fit's optimizer steps."""
+    torch.manual_seed(0)
+    module = Module()
+    budget = lc.oialr.RankBudget(0.3, measure="params", reach_at=1.0)
+    cb = OIALRCallback(OIALRConfig(switch_fraction=0.5, update_every=3, budget=budget))
+    trainer = _trainer(tmp_path, [cb], accumulate_grad_batches=2, enable_checkpointing=False)
+    trainer.fit(module, _loader())
+    ctrl = cb.controller
+    assert ctrl.config.total_steps == trainer.global_step == 9
+    assert set(ctrl.switched.values()) == {4}  # round(0.5 * 9)
+    shapes = {n: (layer.rows, layer.cols) for n, layer in ctrl.layers.items()}
+    assert lc.oialr.budget_cost("params", shapes, ctrl.ranks()) <= 0.3
