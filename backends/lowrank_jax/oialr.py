@@ -62,6 +62,7 @@ __all__ = [
     "factored",
     "kernel_matrix",
     "materialize",
+    "scale_sigma_updates",
 ]
 
 LAYOUTS = ("flax", "torch")
@@ -177,6 +178,20 @@ def dense(x: jax.Array, kernel: jax.Array | FactoredKernel) -> jax.Array:
             return ((x @ kernel.U) @ kernel.Sigma) @ kernel.V.T
         return x @ kernel.kernel()
     return x @ kernel
+
+
+def scale_sigma_updates(updates: Any, scales: dict[str, float]) -> Any:
+    """``updates`` (optax's, before ``optax.apply_updates``) with the leaf at each path of ``scales``
+    multiplied by its scale: OIALR's ``sigma_lr_scale`` (:meth:`OIALR.sigma_scales` gives ``scales``).
+    Pure; use it inside ``jit`` (``scales`` changes only at a switch, when the step retraces anyway)."""
+    if not scales:
+        return updates
+
+    def visit(path: Any, leaf: Any) -> Any:
+        scale = scales.get(jax.tree_util.keystr(path))
+        return leaf if scale is None else leaf * scale
+
+    return jax.tree_util.tree_map_with_path(visit, updates)
 
 
 def count_params(tree: Any) -> int:
@@ -329,6 +344,12 @@ class OIALR(core_oialr.ScheduleView):
     def ranks(self) -> dict[str, int]:
         """Current rank of every switched kernel."""
         return {n: b.rank for n, b in self.frozen.items()}
+
+    def sigma_scales(self) -> dict[str, float]:
+        """``{path: scale}`` of the switched kernels whose Sigma trains at a scaled learning rate
+        (``OIALRConfig.sigma_lr_scale``), for :func:`scale_sigma_updates`."""
+        scales = {n: self.config.sigma_scale(n) for n in self.frozen}
+        return {n: v for n, v in scales.items() if v != 1.0}
 
     def trainable_count(self, trainable: Any) -> int:
         """Trainable scalars of ``trainable`` (``sum r^2`` for the switched kernels, the rest dense)."""

@@ -268,6 +268,8 @@ class OIALR(core_oialr.ScheduleView):
         self.parts: dict[str, list[str]] = {}  # layer name -> its low-rank part names
         #: the last stability check's polar factors of each pending layer (one per weight matrix)
         self.warmup: dict[str, list[Tensor]] = {}
+        self._lr_hooks: tuple[torch.optim.Optimizer, list[Any]] | None = None
+        self._before: list[tuple[Tensor, Tensor, float]] = []
 
     # ------------------------------------------------------------------ queries
 
@@ -296,6 +298,7 @@ class OIALR(core_oialr.ScheduleView):
         if plan.idle:
             sched.begin(plan)
             self.structure_changed = False
+            self._ensure_lr_hooks()  # the optimizer object may have been replaced (a resume)
             return
         t = plan.step
         undo = Undo(self.model, self.optimizer, self)
@@ -319,6 +322,45 @@ class OIALR(core_oialr.ScheduleView):
             undo.restore()
             raise
         self.structure_changed = changed
+        self._ensure_lr_hooks()
+
+    # ------------------------------------------------------------------ Sigma's learning rate
+    def _scaled(self) -> list[tuple[Tensor, float]]:
+        """``(sigma, scale)`` of every low-rank part whose Sigma trains at a scaled learning rate."""
+        out = []
+        for name, parts in self.parts.items():
+            scale = self.config.sigma_scale(name)
+            if scale != 1.0:
+                out += [(self.layers[p].sigma, scale) for p in parts]
+        return out
+
+    def _ensure_lr_hooks(self) -> None:
+        """Hooks on the optimizer's step that scale each update of Sigma by ``sigma_lr_scale``
+        (registered once something is switched, moved when the optimizer object changes)."""
+        if self._lr_hooks is not None and self._lr_hooks[0] is self.optimizer:
+            return
+        if self._lr_hooks is not None:
+            for handle in self._lr_hooks[1]:
+                handle.remove()
+            self._lr_hooks = None
+        if not self._scaled():
+            return
+        opt = self.optimizer
+        handles = [
+            opt.register_step_pre_hook(lambda *_: self._record_sigma()),
+            opt.register_step_post_hook(lambda *_: self._scale_sigma_update()),
+        ]
+        self._lr_hooks = (opt, handles)
+
+    def _record_sigma(self) -> None:
+        with torch.no_grad():
+            self._before = [(s, s.detach().clone(), c) for s, c in self._scaled()]
+
+    def _scale_sigma_update(self) -> None:
+        with torch.no_grad():  # sigma <- old + scale * (sigma - old)
+            for sigma, old, scale in self._before:
+                sigma.lerp_(old, 1.0 - scale)
+        self._before = []
 
     def stability_matrices(self, name: str) -> list[Tensor]:
         """Hook: the matrices whose basis stability decides the switch of layer ``name`` (the whole
@@ -602,6 +644,7 @@ class OIALR(core_oialr.ScheduleView):
                         self.parts[name] = list(parts)
                         self.layers.update(parts)
             self.schedule.apply_state(checked)
+            self._ensure_lr_hooks()
             self.warmup = {
                 n: [torch.as_tensor(m).detach().clone() for m in ms]
                 for n, ms in checked.warmup.items()

@@ -20,6 +20,7 @@ decisions, keep the same history and save the same state (:meth:`OIALRSchedule.s
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ class OIALRConfig:
       ``reach_at`` is a fraction (the trainer callbacks set it from the trainer's maximum steps).
     - ``switch_fraction``: switch at this fraction of the run, ``round(switch_fraction * total_steps)``,
       instead of at ``switch_step`` (which it replaces when set).
+    - ``sigma_lr_scale``: a multiplier of Sigma's learning rate after the switch, for every layer (a
+      float) or per layer (``{fnmatch pattern: scale}``, the first matching pattern wins, 1 for the
+      rest); each optimizer update of Sigma is scaled by it, whatever the optimizer.
 
     Every field is checked at construction (:class:`~lowrank_core.ParameterError` /
     :class:`~lowrank_core.ParameterTypeError`, naming the field); NumPy scalars are accepted.
@@ -107,6 +111,7 @@ class OIALRConfig:
     budget: RankBudget | None = None
     total_steps: int | None = None
     switch_fraction: float | None = None
+    sigma_lr_scale: float | Mapping[str, float] = 1.0
 
     def __post_init__(self) -> None:
         if (
@@ -147,6 +152,29 @@ class OIALRConfig:
                 f"`selection` must be a lowrank_core.oialr.LayerSelection, got {describe(self.selection)}"
             )
         self.moment_kinds = _check_moment_kinds(self.moment_kinds)
+        scale: Any = self.sigma_lr_scale
+        if isinstance(scale, Mapping):
+            if not all(isinstance(k, str) for k in scale):
+                raise ParameterTypeError(
+                    f"`sigma_lr_scale` must be a float or map layer-name patterns to floats, got "
+                    f"{describe(scale)}"
+                )
+            self.sigma_lr_scale = {
+                k: check_float(f"sigma_lr_scale[{k!r}]", v, min=0.0, min_open=True)
+                for k, v in scale.items()
+            }
+        else:
+            self.sigma_lr_scale = check_float("sigma_lr_scale", scale, min=0.0, min_open=True)
+
+    def sigma_scale(self, layer: str) -> float:
+        """The multiplier of Sigma's learning rate for ``layer`` (``sigma_lr_scale``'s rule)."""
+        scale = self.sigma_lr_scale
+        if not isinstance(scale, Mapping):
+            return float(scale)
+        for pattern, value in scale.items():
+            if fnmatch.fnmatchcase(layer, pattern):
+                return float(value)
+        return 1.0
 
     def switch_at(self) -> int | None:
         """The step at which every pending layer switches: ``switch_step``, or ``switch_fraction`` of

@@ -308,3 +308,17 @@ def test_errors() -> None:
     assert ctrl.switched == {}
     with pytest.raises(lc.ShapeError):
         jo.dense(_X, jo.FactoredKernel(jnp.eye(2), jnp.eye(2), jnp.eye(2), (2, 2, 1), "flax"))
+
+
+def test_sigma_lr_scale_scales_the_updates_of_the_named_kernels() -> None:
+    p = _params()
+    ctrl = jo.OIALR(p, jo.OIALRConfig(switch_step=1, sigma_lr_scale={"*'l1'*": 0.5}))
+    tx = optax.adam(1e-2)
+    trainable, opt_state = ctrl.switch(p, tx.init(p))
+    assert ctrl.sigma_scales() == {"['l1']['kernel']": 0.5}
+    grads = jax.tree_util.tree_map(jnp.ones_like, trainable)
+    updates, _ = tx.update(grads, opt_state, trainable)
+    scaled = jo.scale_sigma_updates(updates, ctrl.sigma_scales())
+    np.testing.assert_array_equal(scaled["l1"]["kernel"], 0.5 * updates["l1"]["kernel"])
+    np.testing.assert_array_equal(scaled["l0"]["kernel"], updates["l0"]["kernel"])
+    assert jo.scale_sigma_updates(updates, {}) is updates

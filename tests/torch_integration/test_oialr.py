@@ -458,3 +458,36 @@ def test_a_nan_weight_at_the_switch_or_a_stability_check_names_the_layer(when):
         ctrl.step()
     _assert_same(before, _snapshot(model, opt, ctrl))
     assert not ctrl.switched and not ctrl.warmup
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_sigma_lr_scale_scales_every_update_of_sigma(opt_name):
+    """With sigma_lr_scale=s each optimizer update of Sigma is s times the unscaled one (the same
+    update: Adam's moments see the same gradients), only for the layers it names."""
+    runs = {}
+    for scale in (1.0, {"2": 0.25}):
+        torch.manual_seed(0)
+        model = _mlp()
+        make = {
+            "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+            "adamw": lambda p: torch.optim.AdamW(p, lr=0.01),
+        }[opt_name]
+        opt = make(model.parameters())
+        ctrl = OIALR(model, opt, OIALRConfig(switch_step=2, update_every=100, sigma_lr_scale=scale))
+        x = torch.randn(16, 20, dtype=torch.float64)
+        y = torch.randint(0, 5, (16,))
+        deltas = []
+        for _ in range(4):
+            before = {n: layer.sigma.detach().clone() for n, layer in ctrl.layers.items()}
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            deltas.append({n: ctrl.layers[n].sigma.detach() - b for n, b in before.items()})
+            ctrl.step()
+        runs[str(scale)] = deltas
+    plain, scaled = runs["1.0"], runs[str({"2": 0.25})]
+    assert plain[0] == {} and set(plain[2]) == {"0", "2", "4"}
+    # step 3 is the first after the switch with identical state in both runs
+    torch.testing.assert_close(scaled[2]["2"], 0.25 * plain[2]["2"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scaled[2]["0"], plain[2]["0"], rtol=0, atol=0)
