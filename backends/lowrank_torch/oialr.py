@@ -327,7 +327,7 @@ class OIALR(core_oialr.ScheduleView):
     # ------------------------------------------------------------------ Sigma's learning rate
     def _scaled(self) -> list[tuple[Tensor, float]]:
         """``(sigma, scale)`` of every low-rank part whose Sigma trains at a scaled learning rate."""
-        out = []
+        out: list[tuple[Tensor, float]] = []
         for name, parts in self.parts.items():
             scale = self.config.sigma_scale(name)
             if scale != 1.0:
