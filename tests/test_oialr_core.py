@@ -281,3 +281,38 @@ def test_states_of_version_0_1_0_are_read():
         checked = s.check_state(state, _parts, lambda n: [(4, 4)])
         assert list(checked.warmup) == ["a"] and checked.warmup["a"][0] is q
         assert checked.step_count == 4 and checked.history == common["history"]
+
+
+def test_rotation_trigger_is_relative_to_the_first_rate_and_per_step():
+    """rotation_threshold compares arccos(stability) / stability_every with the layer's first value:
+    the same turning pattern gives the same decisions whatever the check interval."""
+    decisions = []
+    for every in (2, 8):
+        c = oialr.OIALRConfig(switch_step=None, rotation_threshold=0.5, stability_every=every)
+        s = oialr.OIALRSchedule(c, ["a", "b"])
+        seen = []
+        for rate_a, rate_b in [(0.02, 0.02), (0.015, 0.005), (0.009, 0.004)]:  # radians per step
+            values = {"a": math.cos(rate_a * every), "b": math.cos(rate_b * every)}
+            seen.append(s.ready(values))
+        assert s.reference_rates == pytest.approx({"a": 0.02, "b": 0.02})
+        decisions.append(seen)
+    assert decisions[0] == decisions[1] == [[], ["b"], ["a", "b"]]
+    # either trigger switches; the raw threshold alone still works
+    c = oialr.OIALRConfig(switch_step=None, stability_threshold=0.999, rotation_threshold=0.1)
+    s = oialr.OIALRSchedule(c, ["a"])
+    assert s.ready({"a": 0.9995}) == ["a"]
+    with pytest.raises(lc.ParameterError, match="rotation_threshold"):
+        oialr.OIALRConfig(rotation_threshold=1.5)
+
+
+def test_reference_rates_are_saved_and_checked():
+    c = oialr.OIALRConfig(switch_step=None, rotation_threshold=0.5)
+    s = oialr.OIALRSchedule(c, ["a"])
+    s.ready({"a": 0.99})
+    state = s.state_dict({}, {})
+    fresh = oialr.OIALRSchedule(c, ["a"])
+    fresh.apply_state(fresh.check_state(state, _parts, lambda n: [(4, 4)]))
+    assert fresh.reference_rates == s.reference_rates
+    state["reference_rates"] = {"zz": 0.1}
+    with pytest.raises(lc.CheckpointError, match="rotation rate"):
+        fresh.check_state(state, _parts, lambda n: [(4, 4)])

@@ -92,6 +92,11 @@ class OIALRConfig:
       ``reach_at`` is a fraction (the trainer callbacks set it from the trainer's maximum steps).
     - ``switch_fraction``: switch at this fraction of the run, ``round(switch_fraction * total_steps)``,
       instead of at ``switch_step`` (which it replaces when set).
+    - ``rotation_threshold``: switch a layer once its bases turn at most this fraction of the rate at
+      which they turned at its first measurement (the rotation per step, ``arccos(stability) /
+      stability_every``, relative to its first value): a trigger that does not depend on the check
+      interval or on the learning rate's scale, as the raw ``stability_threshold`` does
+      (``benchmarks/stability_trigger.py`` measures both). Either trigger switches a layer.
     - ``sigma_lr_scale``: a multiplier of Sigma's learning rate after the switch, for every layer (a
       float) or per layer (``{fnmatch pattern: scale}``, the first matching pattern wins, 1 for the
       rest); each optimizer update of Sigma is scaled by it, whatever the optimizer.
@@ -112,16 +117,19 @@ class OIALRConfig:
     total_steps: int | None = None
     switch_fraction: float | None = None
     sigma_lr_scale: float | Mapping[str, float] = 1.0
+    rotation_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if (
-            self.switch_step is None
-            and self.stability_threshold is None
-            and self.switch_fraction is None
-        ):
+        triggers = (self.switch_step, self.switch_fraction, self.stability_threshold)
+        if all(x is None for x in triggers) and self.rotation_threshold is None:
             raise ParameterError(
-                "OIALRConfig needs `switch_step` (or `switch_fraction`), `stability_threshold`, or both"
+                "OIALRConfig needs `switch_step` (or `switch_fraction`), a stability trigger "
+                "(`stability_threshold` or `rotation_threshold`), or both"
             )
+        self.rotation_threshold = check_float(
+            "rotation_threshold", self.rotation_threshold, min=0.0, max=1.0, min_open=True,
+            optional=True,
+        )  # fmt: skip
         self.switch_step = check_int("switch_step", self.switch_step, min=0, optional=True)
         self.total_steps = check_int("total_steps", self.total_steps, min=1, optional=True)
         self.switch_fraction = check_float(
@@ -232,6 +240,7 @@ class CheckedState:
     warmup: dict[str, list[Any]]
     history: list[dict[str, Any]]
     extra: dict[str, Any]
+    reference_rates: dict[str, float] = field(default_factory=dict)
 
 
 class OIALRSchedule:
@@ -257,6 +266,8 @@ class OIALRSchedule:
         self.switched: dict[str, int] = {}
         self.updates = 0
         self.history: list[dict[str, Any]] = []
+        #: each pending layer's first rotation rate (radians per step), for ``rotation_threshold``
+        self.reference_rates: dict[str, float] = {}
 
     # ------------------------------------------------------------------ queries
     @property
@@ -269,7 +280,8 @@ class OIALRSchedule:
         t = self.step_count + 1
         c = self.config
         pending = bool(self.pending)
-        stability = pending and c.stability_threshold is not None and t % c.stability_every == 0
+        triggered = c.stability_threshold is not None or c.rotation_threshold is not None
+        stability = pending and triggered and t % c.stability_every == 0
         switch_all = pending and self.switch_step is not None and t >= self.switch_step
         update: tuple[str, ...] | None = None
         if self.switched and t % c.update_every == 0:
@@ -312,11 +324,23 @@ class OIALRSchedule:
         )
 
     def ready(self, values: Mapping[str, float]) -> list[str]:
-        """The layers among ``values`` (``{layer: stability}``) that reached the threshold."""
-        threshold = self.config.stability_threshold
-        if threshold is None:
-            return []
-        return [n for n in self.eligible if n in values and values[n] >= threshold]
+        """The layers among ``values`` (``{layer: stability}``, one check's) that reached a trigger:
+        ``stability_threshold``, or the ``rotation_threshold`` relative to the layer's first rotation
+        rate (recorded here at its first value)."""
+        c = self.config
+        out = []
+        for n in self.eligible:
+            if n not in values:
+                continue
+            v = values[n]
+            hit = c.stability_threshold is not None and v >= c.stability_threshold
+            if c.rotation_threshold is not None:
+                rate = math.acos(min(1.0, max(-1.0, v))) / c.stability_every
+                first = self.reference_rates.setdefault(n, rate)
+                hit = hit or rate <= c.rotation_threshold * first
+            if hit:
+                out.append(n)
+        return out
 
     def to_switch(self, plan: StepPlan, ready: Sequence[str]) -> list[str]:
         """The layers a step switches, in eligible order: every pending one when ``switch_step`` is
@@ -352,15 +376,23 @@ class OIALRSchedule:
         """Recorded events (all, or those of one ``kind``: stability, switch, rank, share)."""
         return [e for e in self.history if kind is None or e["event"] == kind]
 
-    def snapshot(self) -> tuple[int, dict[str, int], int, list[dict[str, Any]]]:
+    def snapshot(self) -> tuple[Any, ...]:
         """The mutable state, to :meth:`restore` after a step that failed halfway."""
-        return self.step_count, dict(self.switched), self.updates, list(self.history)
+        return (
+            self.step_count,
+            dict(self.switched),
+            self.updates,
+            list(self.history),
+            dict(self.reference_rates),
+        )
 
-    def restore(self, saved: tuple[int, dict[str, int], int, list[dict[str, Any]]]) -> None:
-        self.step_count, switched, self.updates, history = saved
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        self.step_count, switched, self.updates, history, rates = saved
         self.switched.clear()
         self.switched.update(switched)
         self.history[:] = history
+        self.reference_rates.clear()
+        self.reference_rates.update(rates)
 
     # ------------------------------------------------------------------ saved state
     def state_dict(
@@ -384,6 +416,7 @@ class OIALRSchedule:
             "ranks": dict(ranks),
             "eligible": list(self.eligible),
             "warmup": {n: list(ms) for n, ms in warmup.items()},
+            "reference_rates": dict(self.reference_rates),
             "history": [dict(e) for e in self.history],
             **extra,
         }
@@ -481,6 +514,21 @@ class OIALRSchedule:
             for m, w in zip(mats, want, strict=True):
                 _check_factor(name, m, tuple(w))
             checked_warmup[name] = list(mats)
+        rates = state.get("reference_rates", {})
+        if not isinstance(rates, dict):
+            raise CheckpointError(
+                f"the OIALR state's 'reference_rates' must be a dict, got {describe(rates)}"
+            )
+        checked_rates: dict[str, float] = {}
+        for name, value in rates.items():
+            if name not in order:
+                raise CheckpointError(
+                    f"the checkpoint has a rotation rate of {name!r}, which is not eligible"
+                )
+            try:
+                checked_rates[name] = check_float(f"reference_rates[{name!r}]", value, min=0.0)
+            except LowRankError as exc:
+                raise CheckpointError(f"the OIALR state is invalid: {exc}") from None
         switch_order = tuple(sorted(steps.items(), key=lambda item: (item[1], order[item[0]])))
         return CheckedState(
             step_count=step_count,
@@ -490,6 +538,7 @@ class OIALRSchedule:
             warmup=checked_warmup,
             history=[dict(e) for e in history],
             extra={k: state[k] for k in extra_keys},
+            reference_rates=checked_rates,
         )
 
     def apply_state(self, checked: CheckedState) -> None:
@@ -498,6 +547,7 @@ class OIALRSchedule:
         self.updates = checked.updates
         self.switched = dict(checked.switch_order)
         self.history = [dict(e) for e in checked.history]
+        self.reference_rates = dict(checked.reference_rates)
 
 
 class ScheduleView:
