@@ -39,7 +39,8 @@ Modules (re-exported here; import from ``lowrank_core.dldr``): :mod:`~lowrank_co
 shared float64 chunked numerics and checks), :mod:`~lowrank_core.dldr.gram` (Gram matrices, eigenpairs),
 :mod:`~lowrank_core.dldr.subspace` (:class:`Subspace`), :mod:`~lowrank_core.dldr.pca` (the fits),
 :mod:`~lowrank_core.dldr.store` (:class:`SnapshotStore`) with its file I/O in
-:mod:`~lowrank_core.dldr.store_file`, and :mod:`~lowrank_core.dldr.bfgs` (the P-BFGS math).
+:mod:`~lowrank_core.dldr.store_file`, :mod:`~lowrank_core.dldr.bfgs` (the P-BFGS math) and
+:mod:`~lowrank_core.dldr.pbfgs` (the P-BFGS step policy of every framework).
 """
 
 from __future__ import annotations
@@ -57,17 +58,22 @@ from .chunked import PCAMethod as PCAMethod
 from .chunked import ShardReduce as ShardReduce
 from .chunked import Slabs as Slabs
 from .gram import centred_gram, gram_matrix
+from .pbfgs import BFGSDirection, BFGSState, bfgs_step_direction, bfgs_step_finish
 from .pca import fit_subspace, subspace_from_gram
 from .store import SnapshotStore
 from .subspace import Subspace
 
 __all__ = [
+    "BFGSDirection",
+    "BFGSState",
     "LineSearchResult",
     "SnapshotStore",
     "Subspace",
     "armijo_backtracking",
     "armijo_condition",
     "bfgs_direction",
+    "bfgs_step_direction",
+    "bfgs_step_finish",
     "bfgs_update",
     "centred_gram",
     "curvature_ok",
