@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lowrank_core.cmd as cmd
+from lowrank_core.cmd.linkage import _host_linkage, _linkage_scan
 from lowrank_core.errors import (
     ArrayTypeError,
     DTypeError,
@@ -166,8 +167,8 @@ def test_linkage_equals_the_plain_scan_in_every_library(backend, dtype, k, seed,
         d = np.round(d * 3) / 3  # many exactly equal distances
     da = backend.asarray(d, dtype)
     before = snapshot(backend, da)
-    merges, heights = cmd._linkage_scan(backend.to_numpy(da))  # the plain O(K^3) definition
-    host_merges, host_heights = cmd._host_linkage(da)  # the O(K^2) one the library uses
+    merges, heights = _linkage_scan(backend.to_numpy(da))  # the plain O(K^3) definition
+    host_merges, host_heights = _host_linkage(da)  # the O(K^2) one the library uses
     assert_unchanged(backend, before, da)
     np.testing.assert_array_equal(merges, host_merges)
     np.testing.assert_array_equal(heights, host_heights)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lowrank_core import cmd
+from lowrank_core.cmd import readahead
 
 
 def _trajectory(n: int = 3000, t: int = 12, modes: int = 4) -> np.ndarray:
@@ -43,12 +44,12 @@ def test_fit_on_a_memmap_equals_the_fit_in_memory(tmp_path, chunk):
 
 def test_advise_rows_ignores_what_it_cannot_advise(tmp_path):
     x = _trajectory(50, 4)
-    cmd._advise_rows(x, np.arange(5))  # an ndarray: nothing to do
+    readahead._advise_rows(x, np.arange(5))  # an ndarray: nothing to do
     path = tmp_path / "t.npy"
     np.save(path, x)
     mm = np.load(path, mmap_mode="r")
-    cmd._advise_rows(mm[:, 1:], np.arange(5))  # a non-contiguous view: skipped
-    cmd._advise_rows(mm, np.arange(50))  # the whole file
+    readahead._advise_rows(mm[:, 1:], np.arange(5))  # a non-contiguous view: skipped
+    readahead._advise_rows(mm, np.arange(50))  # the whole file
     path.unlink()  # a vanished file: the open fails quietly
-    cmd._advise_rows(mm, np.arange(3))
+    readahead._advise_rows(mm, np.arange(3))
     del mm

@@ -15,7 +15,8 @@
   applied on the device), ``p = -H g`` (:func:`lowrank_core.dldr.bfgs_direction`), step lengths
   ``alpha0 * shrink^m`` tried on the same batch inside a ``jax.lax.while_loop`` until
   ``L(w + alpha P^T p) <= L(w) + c1 alpha g.p``; a non-descent direction or a failed search resets ``H``
-  to the identity (as in :class:`lowrank_torch.dldr.SubspaceBFGS`).
+  to the identity (as in :class:`lowrank_torch.dldr.SubspaceBFGS`: both run the step policy of
+  :mod:`lowrank_core.dldr.pbfgs`, whose :class:`~lowrank_core.dldr.BFGSState` is the state here).
 
 The subspace's arrays are closed over by the jitted functions (constants of the compiled step).
 """
@@ -31,6 +32,7 @@ from jax.flatten_util import ravel_pytree
 
 import lowrank_core as lc
 from lowrank_core import dldr as core
+from lowrank_core.dldr import BFGSState
 
 __all__ = [
     "BFGSState",
@@ -131,21 +133,6 @@ def subspace_sgd(
     return optax.GradientTransformation(init, update)
 
 
-class BFGSState(NamedTuple):
-    """State of :class:`SubspaceBFGS`: coordinates ``c``, inverse Hessian ``H``, the previous gradient
-    and step (``has_prev``: whether they pair up), and counters."""
-
-    c: jax.Array
-    H: jax.Array
-    g_prev: jax.Array
-    s_prev: jax.Array
-    has_prev: jax.Array
-    updates: jax.Array
-    skipped: jax.Array
-    failed_searches: jax.Array
-    trials: jax.Array
-
-
 def _armijo(
     f_new: jax.Array, f0: jax.Array, alpha: jax.Array, slope: jax.Array, c1: float
 ) -> jax.Array:
@@ -197,12 +184,8 @@ class SubspaceBFGS:
         """The state at the origin: ``c = P (w0 - origin)`` (zero by default), ``H = I``."""
         flat, _ = flatten(self.unflatten(self.origin))
         c = self.subspace.project(flat, origin=self.origin, check_finite=False)
-        d, dt = self.d, c.dtype
-        zero = jnp.zeros((), jnp.int32)
-        return BFGSState(
-            c, jnp.eye(d, dtype=dt), jnp.zeros(d, dt), jnp.zeros(d, dt), jnp.zeros((), bool),
-            zero, zero, zero, zero,
-        )  # fmt: skip
+        state: BFGSState = BFGSState.initial(c)
+        return state
 
     def params(self, state: BFGSState) -> Any:
         """The parameter pytree ``origin + P^T c`` of a state."""
@@ -210,7 +193,7 @@ class SubspaceBFGS:
         return self.unflatten(w)
 
     def _value(self, c: jax.Array, batch: tuple[Any, ...]) -> jax.Array:
-        return self.loss_fn(self.params(BFGSState(c, *([None] * 8))), *batch)  # type: ignore[arg-type]
+        return self.loss_fn(self.params(BFGSState(c, *([None] * 8))), *batch)
 
     def _step(self, state: BFGSState, *batch: Any) -> tuple[BFGSState, jax.Array]:
         """One P-BFGS step on ``batch``; returns the new state and the loss before the step."""
@@ -218,19 +201,9 @@ class SubspaceBFGS:
         f0, gw = jax.value_and_grad(lambda p: self.loss_fn(p, *batch))(self.params(state))
         g_flat, _ = flatten(gw)
         g = sub.project_direction(g_flat.astype(sub.basis.dtype), check_finite=False)
-        eye = jnp.eye(self.d, dtype=g.dtype)
-        H_upd, ok = core.bfgs_update(
-            state.H, state.s_prev, g - state.g_prev, eps=self.curvature_eps, check_finite=False
-        )
-        H = jnp.where(state.has_prev, H_upd, state.H)
-        updates = state.updates + jnp.logical_and(state.has_prev, ok)
-        skipped = state.skipped + jnp.logical_and(state.has_prev, jnp.logical_not(ok))
-        p = core.bfgs_direction(H, g, check_finite=False)
-        slope = jnp.dot(g, p)
-        descent = slope < 0
-        H = jnp.where(descent, H, eye)  # not a descent direction: restart from the identity
-        p = jnp.where(descent, p, -g)
-        slope = jnp.dot(g, p)
+        # the step policy is the core's (lowrank_core.dldr.pbfgs), traced; here: the line search
+        direction = core.bfgs_step_direction(state, g, eps=self.curvature_eps, check_finite=False)
+        p, slope = direction.p, direction.slope
         f0 = f0.astype(g.dtype)
 
         def cond(carry: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
@@ -245,25 +218,13 @@ class SubspaceBFGS:
             accepted = _armijo(value, f0, alpha, slope, self.c1)
             return m + 1, jnp.where(accepted, alpha, alpha * self.shrink), accepted
 
-        searchable = slope < 0  # False only for a zero gradient
         start = (
             jnp.zeros((), jnp.int32),
             jnp.asarray(self.alpha0, g.dtype),
-            jnp.logical_not(searchable),
+            jnp.logical_not(direction.searchable),  # a zero gradient: no search
         )
         trials, alpha, accepted = jax.lax.while_loop(cond, body, start)
-        accepted = jnp.logical_and(accepted, searchable)
-        s = jnp.where(accepted, alpha, 0.0) * p
-        failed = jnp.logical_and(searchable, jnp.logical_not(accepted))
-        new = BFGSState(
-            c=state.c + s,
-            H=jnp.where(failed, eye, H),
-            g_prev=g,
-            s_prev=s,
-            has_prev=accepted,
-            updates=updates,
-            skipped=skipped,
-            failed_searches=state.failed_searches + failed,
-            trials=state.trials + trials,
+        new = core.bfgs_step_finish(
+            state, direction, g, alpha=alpha, accepted=accepted, trials=trials
         )
         return new, f0

@@ -1,7 +1,8 @@
 """DLDR for PyTorch: record snapshots of a model, train in the subspace with P-SGD or P-BFGS.
 
 Every piece of math (the snapshot store and its Gram matrix, PCA, projection and lifting, the BFGS
-update, the Armijo line search) is :mod:`lowrank_core.dldr`, called on torch tensors. This module
+update, the Armijo line search, the P-BFGS step policy of :mod:`lowrank_core.dldr.pbfgs`) is
+:mod:`lowrank_core.dldr`, called on torch tensors. This module
 adds what touches ``nn.Module`` and ``torch.optim``:
 
 * :class:`SnapshotRecorder`: flattens the trainable parameters (BatchNorm buffers only on request)
@@ -33,11 +34,12 @@ from torch import Tensor, nn
 
 from lowrank_core._validate import check_bool, check_float, check_int, describe
 from lowrank_core.dldr import (
+    BFGSState,
     SnapshotStore,
     Subspace,
     armijo_backtracking,
-    bfgs_direction,
-    bfgs_update,
+    bfgs_step_direction,
+    bfgs_step_finish,
 )
 from lowrank_core.errors import (
     DeviceMismatchError,
@@ -465,6 +467,14 @@ class SubspaceBFGS(torch.optim.Optimizer):
             return float(v) / dist.get_world_size()
         return float(loss)
 
+    @staticmethod
+    def _commit(st: dict[str, Any], new: BFGSState) -> None:
+        """Write a core P-BFGS state into this optimizer's state (no pair: ``s_prev`` is None)."""
+        st["c"], st["H"], st["g_prev"] = new.c, new.H, new.g_prev
+        st["s_prev"] = new.s_prev if new.has_prev else None
+        st["updates"], st["skipped"] = int(new.updates), int(new.skipped)
+        st["failed_searches"], st["trials"] = int(new.failed_searches), int(new.trials)
+
     @torch.no_grad()
     def step(  # type: ignore[override]
         self,
@@ -501,22 +511,27 @@ class SubspaceBFGS(torch.optim.Optimizer):
             raise NonFiniteError(
                 f"the loss ({f0}) or its gradient in the subspace contains NaN or Inf; no step taken"
             )
-        H = st["H"]
-        if st["g_prev"] is not None and st["s_prev"] is not None:
-            H, updated = bfgs_update(H, st["s_prev"], g - st["g_prev"], eps=self.curvature_eps)
-            st["updates" if updated else "skipped"] += 1
-        p = bfgs_direction(H, g)
-        slope = float(g @ p)
-        if not slope < 0:  # not a descent direction (or zero gradient): restart from the identity
-            H = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
-            p = -g
-            slope = float(g @ p)
-        st["g_prev"] = g
-        st["H"] = H
-        if not slope < 0:
-            st["s_prev"] = None
+        # the step policy is the core's (lowrank_core.dldr.pbfgs); here: the state in
+        # self.state, the line search over closures
+        zeros = torch.zeros_like(g)
+        prev = BFGSState(
+            c=st["c"],
+            H=st["H"],
+            g_prev=zeros if st["g_prev"] is None else st["g_prev"],
+            s_prev=zeros if st["s_prev"] is None else st["s_prev"],
+            has_prev=st["g_prev"] is not None and st["s_prev"] is not None,
+            updates=st["updates"],
+            skipped=st["skipped"],
+            failed_searches=st["failed_searches"],
+            trials=st["trials"],
+        )
+        direction = bfgs_step_direction(prev, g, eps=self.curvature_eps)
+        if not direction.searchable:  # a zero gradient: nothing to search along
+            self._commit(
+                st, bfgs_step_finish(prev, direction, g, alpha=0.0, accepted=False, trials=0)
+            )
             return loss0
-        c = st["c"]
+        c, p = st["c"], direction.p
 
         with preserve_batchnorm(self.model) as restore:
 
@@ -533,20 +548,17 @@ class SubspaceBFGS(torch.optim.Optimizer):
             res = armijo_backtracking(
                 trial,
                 f0,
-                slope,
+                float(direction.slope),
                 alpha0=group["lr"],
                 shrink=group["shrink"],
                 c1=group["c1"],
                 max_trials=group["max_trials"],
             )
-        st["trials"] += res.trials
-        if res.accepted:
-            s = res.alpha * p
-            st["c"] = c + s
-            st["s_prev"] = s
-        else:
-            st["failed_searches"] += 1
-            st["s_prev"] = None
-            st["H"] = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+        self._commit(
+            st,
+            bfgs_step_finish(
+                prev, direction, g, alpha=res.alpha, accepted=res.accepted, trials=res.trials
+            ),
+        )
         self.param.set(st["c"])
         return loss0
