@@ -24,17 +24,9 @@ from .moments import (
     rotate_cheaper,
     truncate_moment,
 )
-from .schedule import (
-    STATE_FORMAT,
-    STATE_VERSION,
-    CheckedState,
-    OIALRConfig,
-    OIALRSchedule,
-    ScheduleView,
-    StepPlan,
-    upgrade_state,
-)
+from .schedule import OIALRConfig, OIALRSchedule, ScheduleView, StepPlan
 from .selection import UNSET, Candidate, LayerSelection
+from .state import STATE_FORMAT, STATE_VERSION, CheckedState, check_state, upgrade_state
 
 __all__ = [
     "FIRST",
@@ -56,6 +48,7 @@ __all__ = [
     "StepPlan",
     "allocate_ranks",
     "budget_cost",
+    "check_state",
     "layer_cost",
     "moment_kind",
     "rotate_cheaper",
