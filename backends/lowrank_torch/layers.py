@@ -551,9 +551,10 @@ _ConvFn = Any
 
 
 def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * nd
-    t = tuple(int(v) for v in value)
+    """An int (NumPy integer scalars included) repeated ``nd`` times, or a sequence of ``nd`` ints."""
+    if not isinstance(value, (tuple, list)):
+        return (int(check_int(name, value)),) * nd
+    t = tuple(int(check_int(f"{name}[{i}]", v)) for i, v in enumerate(value))
     if len(t) != nd:
         raise ParameterError(f"`{name}` must be an int or a sequence of {nd} ints, got {value!r}")
     return t
