@@ -65,7 +65,7 @@ import torch
 from torch import Tensor, nn
 
 import lowrank_core as lc
-from lowrank_core._array import check_rank
+from lowrank_core._array import check_device, check_rank
 from lowrank_core._validate import check_int, describe
 
 __all__ = [
@@ -120,6 +120,7 @@ def _check_rotation(sigma: Tensor, **maps: object) -> None:
                 f"`{name}` must have `sigma`'s shape {tuple(sigma.shape)} (a rotation of its "
                 f"coordinates), got {tuple(x.shape)}"
             )
+        check_device(x, name)
         if not bool(torch.isfinite(x).all()):
             raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
 
@@ -146,6 +147,7 @@ def _check_bases(dense: Tensor, sigma: Tensor, U: object, V: object, groups: obj
                 f"`{name}` must have shape {expect} for a dense weight {tuple(dense.shape)} "
                 f"(groups={g}) and `sigma` {tuple(sigma.shape)}, got {tuple(x.shape)}"
             )
+        check_device(x, name)
         if not bool(torch.isfinite(x).all()):
             raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
 

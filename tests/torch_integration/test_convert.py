@@ -706,3 +706,52 @@ def test_meta_models_are_refused_before_anything_changes(call):
         call(model)
     assert list(model) == layers
     assert not any(isinstance(m, LowRankLayer) for m in model.modules())
+
+
+def _meta_tensor_calls():
+    import lowrank_torch as lt
+    from lowrank_torch.cmd import CMDTracker
+    from lowrank_torch.dldr import SnapshotRecorder
+
+    def meta(*shape):
+        return torch.zeros(*shape, dtype=F64, device="meta")
+
+    return {
+        "LowRankLinear(U)": lambda: LowRankLinear(
+            meta(6, 2), torch.eye(2, dtype=F64), torch.ones(5, 2, dtype=F64)
+        ),
+        "LowRankLinear(bias)": lambda: LowRankLinear(
+            torch.ones(6, 2, dtype=F64),
+            torch.eye(2, dtype=F64),
+            torch.ones(5, 2, dtype=F64),
+            bias=meta(6),
+        ),
+        "init_low_rank_layer_": lambda: lt.init_low_rank_layer_(
+            LowRankLinear.from_dense(nn.Linear(5, 6).to(F64), 2), meta(6, 5)
+        ),
+        "CMDTracker": lambda: CMDTracker(_meta_mlp()),
+        "SnapshotRecorder": lambda: SnapshotRecorder(_meta_mlp()),
+        "rotate_sigma_state": lambda: lt.rotate_sigma_state(
+            torch.optim.SGD([sigma := nn.Parameter(torch.eye(3, dtype=F64))], lr=0.1),
+            sigma,
+            meta(3, 3),
+            torch.eye(3, dtype=F64),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LowRankLinear(U)",
+        "LowRankLinear(bias)",
+        "init_low_rank_layer_",
+        "CMDTracker",
+        "SnapshotRecorder",
+        "rotate_sigma_state",
+    ],
+)
+def test_meta_tensors_of_the_integration_are_refused(name):
+    """Tensors and models on the meta device get the core's DeviceError, naming the device."""
+    with pytest.raises(lc.DeviceError, match="meta"):
+        _meta_tensor_calls()[name]()
