@@ -211,11 +211,11 @@ class CMDTracker:
         if not named:
             raise ParameterError("the model has no trainable floating-point parameters")
         params = [p for _, p in named]
-        for name, p in named:
-            check_device(p, f"model parameter {name}")
         device = params[0].device
         if any(p.device != device for p in params):
             raise DeviceMismatchError("CMD needs every trainable parameter on one device")
+        for name, p in named:
+            check_device(p, f"model parameter {name}")
         self.config = config or CMDConfig()
         self._named = named
         self.params = params
