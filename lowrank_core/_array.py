@@ -5,6 +5,7 @@ Nothing here is public API; it keeps the checks (and their messages) identical e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,6 +157,17 @@ def diag_embed(xp: Namespace, d: Array) -> Array:
     eye = xp.eye(r, dtype=xp.bool, device=array_api_compat.device(d))
     # where, not d * eye: an infinite d must not put inf * 0 = NaN off the diagonal
     return xp.where(eye, d[..., None], xp.zeros_like(d[..., None]))
+
+
+def power_of_two_near(xp: Namespace, top: Array) -> Array:
+    """``2^floor(log2 top)`` element-wise (1 where ``top`` is 0), clipped so that the power and its
+    reciprocal are both normal numbers of the dtype: dividing by it is exact, and stays exact where a
+    library divides by multiplying with the reciprocal and flushes subnormals to zero (XLA on CPU)."""
+    limit = math.floor(-math.log2(float(xp.finfo(top.dtype).smallest_normal)))
+    one = xp.ones_like(top)
+    positive = top > 0
+    power = xp.clip(xp.floor(xp.log2(xp.where(positive, top, one))), -float(limit), float(limit))
+    return xp.where(positive, 2.0**power, one)
 
 
 def batch_shape(x: Array) -> tuple[int, ...]:

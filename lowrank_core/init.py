@@ -45,6 +45,7 @@ from ._array import (
     compute_dtype,
     diag_embed,
     namespace,
+    power_of_two_near,
     result_dtype,
     upcast,
 )
@@ -213,8 +214,9 @@ def relu_function_error(
         ) from None
     dt = result_dtype(xp, a, b)
     ac, bc = upcast(xp, cast_to(xp, a, dt)), upcast(xp, cast_to(xp, b, dt))
-    # The error is homogeneous of degree 2: evaluate it on (a, b) / c with c = max(|a|, |b|).
-    c = xp.maximum(_max_abs(xp, ac), _max_abs(xp, bc))
+    # The error is homogeneous of degree 2: evaluate it on (a, b) / c with c the power of two near
+    # max(|a|, |b|) (exact scaling; its reciprocal is a normal number, see power_of_two_near)
+    c = power_of_two_near(xp, xp.maximum(_max_abs(xp, ac), _max_abs(xp, bc)))
     ac, bc = ac / c, bc / c
     err = xp.sum(_relu_error_rows(xp, ac, bc), axis=-1)
     if relative:

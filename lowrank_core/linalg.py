@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ._array import Array, Namespace, cast_to, check_matrix, namespace, upcast
+from ._array import Array, Namespace, cast_to, check_matrix, namespace, power_of_two_near, upcast
 from .backend import get_backend
 from .errors import NonFiniteError, ParameterError
 
@@ -94,10 +94,8 @@ def _range_scale(xp: Namespace, a: Array) -> Array | None:
         return None
     top = xp.max(xp.max(xp.abs(a), axis=-1, keepdims=True), axis=-2, keepdims=True)
     bound = 2.0 ** math.floor(math.log2(float(xp.finfo(a.dtype).max)) / 4)
-    one = xp.ones_like(top)
     extreme = (top > bound) | ((top < 1.0 / bound) & (top > 0))
-    power = xp.floor(xp.log2(xp.where(extreme, top, one)))
-    return xp.where(extreme, 2.0**power, one)
+    return xp.where(extreme, power_of_two_near(xp, top), xp.ones_like(top))
 
 
 def _canonical_signs(xp: Namespace, U: Array, V: Array) -> tuple[Array, Array]:
