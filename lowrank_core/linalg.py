@@ -122,14 +122,17 @@ def svd(a: Array, *, check_finite: bool = True) -> SVDResult:
     matching row of ``Vh`` is flipped with it. Raises ``NonFiniteError`` on NaN/Inf unless
     ``check_finite=False``. Computed on ``a`` divided by a power of two when its entries are extreme
     (exact whenever the singular values are representable); a finite ``a`` whose largest singular
-    value exceeds the dtype's range raises ``NonFiniteError`` (it cannot be represented).
+    value exceeds the dtype's range raises ``NonFiniteError`` (it cannot be represented; with
+    ``check_finite=False`` it is returned as Inf).
     """
     xp = namespace(a=a)
     check_matrix(xp, a, "a", finite=check_finite)
     U, S, V = _svd(xp, a)
     Vh = xp.matrix_transpose(V)
     top = float(xp.finfo(a.dtype).max)
-    if not bool(xp.all(top >= S)):  # also catches a float32 S beyond float16
+    # a checked (finite) input whose S is beyond the dtype (a float32 S beyond float16 included);
+    # with check_finite=False nothing is read back and NaN / Inf pass through
+    if check_finite and not bool(xp.all(top >= S)):
         raise NonFiniteError(
             f"the singular values of the finite `a` overflow {a.dtype}: the largest exceeds the "
             "dtype's range (scale `a` down, or compute in a wider dtype)"
