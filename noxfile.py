@@ -6,7 +6,7 @@
     nox -s gpu                # torch CUDA + CuPy, with the current interpreter (no installs)
     nox -s demo               # the main job: MNIST-1D, dense vs OIALR, result table
     nox -s bench -- --quick   # benchmarks/run.py
-    nox -s fuzz               # bad-input sweep + property suite with random seeds (not in CI)
+    nox -s fuzz               # input sweep (4 backends) + property suite with random seeds (not in CI)
     nox -s docs               # the documentation site, strict (figures, backend matrix, API)
     nox -s package            # sdist + wheel, twine check, installed-wheel quick starts
 
@@ -200,14 +200,18 @@ FUZZ_PROPERTY_TESTS = (
 
 @nox.session(venv_backend="none")
 def fuzz(session: nox.Session) -> None:
-    """Bad-input sweep (fuzz/sweep.py), then the property suite with random Hypothesis seeds.
+    """Input sweep (fuzz/sweep.py), then the property suite with random Hypothesis seeds.
 
-    Runs with the current interpreter (it needs numpy, torch, pytest and hypothesis; nothing is
-    installed), the source trees on PYTHONPATH. The sweep fails unless every bad input gets a
-    LowRankError, every valid variant succeeds and no input is changed. The property suite runs on
-    NumPy under the ``fuzz`` Hypothesis profile (more examples, not derandomized) with a fresh seed,
-    printed so that a failure can be replayed with ``--hypothesis-seed``. ``-- --sweep-only`` skips
-    the property suite; other arguments after ``--`` go to pytest.
+    Runs with the current interpreter (it needs numpy, array_api_strict, torch, jax, pytest and
+    hypothesis; nothing is installed), the source trees on PYTHONPATH. The sweep covers every backend
+    of the test matrix (CPU_BACKENDS), torch tensors and models on the meta device (and CUDA when
+    present), array_api_strict's second device, and valid variants compared with lowrank_reference
+    in float64; it prints a table per function and per backend and fails on any generic exception,
+    wrong value, silent acceptance of a bad input, rejected valid input, crash or mutated input.
+    The property suite runs on NumPy under the ``fuzz`` Hypothesis profile (more examples, not
+    derandomized) with a fresh seed, printed so that a failure can be replayed with
+    ``--hypothesis-seed``. ``-- --sweep-only`` skips the property suite; other arguments after
+    ``--`` go to pytest.
     """
     pythonpath = [str(ROOT), str(ROOT / "backends"), str(ROOT / "reference")]
     if os.environ.get("PYTHONPATH"):
@@ -216,14 +220,20 @@ def fuzz(session: nox.Session) -> None:
     args = list(session.posargs)
     sweep_only = "--sweep-only" in args
     args = [a for a in args if a != "--sweep-only"]
-    session.log("bad-input sweep: python -m fuzz.sweep")
+    session.log(f"input sweep over {', '.join(CPU_BACKENDS)}: python -m fuzz.sweep")
     sweep = subprocess.run(
-        [sys.executable, "-m", "fuzz.sweep"], cwd=ROOT, env={**os.environ, **env}, check=False
+        [sys.executable, "-m", "fuzz.sweep", "--lib", ",".join(CPU_BACKENDS)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        check=False,
     )
     if not sweep_only:
         _fuzz_properties(session, env, args)
     if sweep.returncode != 0:
-        session.error("the bad-input sweep found inputs without a clear LowRankError (table above)")
+        session.error(
+            "the input sweep found generic exceptions, wrong values, silent acceptances, rejected "
+            "valid inputs, crashes or mutated inputs (tables above)"
+        )
 
 
 def _fuzz_properties(session: nox.Session, env: dict[str, str], args: list[str]) -> None:

@@ -48,7 +48,9 @@ def _mlp_run(lr: float, steps: int) -> tuple[nn.Module, Any, list[nn.Module]]:
     x = torch.tensor(data["x"], dtype=torch.float32)
     y = torch.tensor(data["y"])
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    model = nn.Sequential(
+        nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(1)
 
@@ -98,13 +100,17 @@ def trajectory(model_name: str, lr: float, every: int, steps: int) -> list[tuple
         with torch.no_grad():
             polars = [lc.orthogonal_factor(m.weight.detach().double()) for m in layers]
         if prev is not None:
-            vals = [float(lc.polar_stability(p, q).mean()) for p, q in zip(prev, polars, strict=True)]
+            vals = [
+                float(lc.polar_stability(p, q).mean()) for p, q in zip(prev, polars, strict=True)
+            ]
             out.append((t, float(np.mean(vals))))
         prev = polars
     return out
 
 
-def summarize(points: list[tuple[int, float]], every: int, steps: int) -> list[tuple[float, float, float]]:
+def summarize(
+    points: list[tuple[int, float]], every: int, steps: int
+) -> list[tuple[float, float, float]]:
     """(raw, rate per step, relative rate) at 25 / 50 / 75 / 100% of the run."""
     rates = [math.acos(min(1.0, max(-1.0, v))) / every for _, v in points]
     first = rates[0] if rates and rates[0] > 0 else float("nan")

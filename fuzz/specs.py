@@ -1,7 +1,8 @@
 """What the sweep calls: one spec per public callable, with its valid call and argument kinds.
 
-Owners (for the findings file): lowrank_core/cmd.py -> a1, lowrank_core/dldr.py -> a2,
-backends/lowrank_torch/* -> c, every other lowrank_core file -> b.
+Each spec's owner is the module it covers (the findings file groups by it): ``lowrank_core`` (the
+linear algebra, factors, rank rules, stability, weights, init and backend modules),
+``lowrank_core.cmd``, ``lowrank_core.dldr`` and ``lowrank_torch``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fuzz.framework import Arg, Case, Junk, Spec, expand, to_lib
+from fuzz.framework import Arg, Case, Junk, Spec, expand, host, to_lib
 
 # --------------------------------------------------------------------------------------------------
 # valid data (fixed seeds)
@@ -36,10 +37,10 @@ TRAJ = (
 TRAJ = np.ascontiguousarray((TRAJ + 0.01 * _rng.standard_normal(TRAJ.shape)).T)  # (N=24, T=8)
 SNAP = np.cumsum(_rng.standard_normal((8, 30)), axis=0)  # DLDR snapshots (t, D)
 
-B = "lowrank_core (helper b)"
-A1 = "lowrank_core/cmd.py (a1)"
-A2 = "lowrank_core/dldr.py (a2)"
-C = "backends/lowrank_torch (c)"
+CORE = "lowrank_core"
+CMD = "lowrank_core.cmd"
+DLDR = "lowrank_core.dldr"
+TORCH = "lowrank_torch"
 
 FLAG = {"kind": "bool"}
 
@@ -79,26 +80,27 @@ def method(build: Callable[[str], Any], name: str) -> Callable[[str], Callable[.
     def target(lib: str) -> Callable[..., Any]:
         return getattr(build(lib), name)  # type: ignore[no-any-return]
 
+    target.bound_object = True  # type: ignore[attr-defined]
     return target
 
 
 # --------------------------------------------------------------------------------------------------
-# lowrank_core (helper b's files)
+# lowrank_core: linear algebra, factors, rank rules, stability, weights, init, backends
 # --------------------------------------------------------------------------------------------------
 def core_specs() -> list[Spec]:
     mat = functools.partial(arr, ndims=(2, 3, 4))
     specs = [
-        Spec("svd", B, fn("lowrank_core.svd"), [mat("a", M), check_finite()]),
-        Spec("qr", B, fn("lowrank_core.qr"), [mat("a", M), check_finite()]),
+        Spec("svd", CORE, fn("lowrank_core.svd"), [mat("a", M), check_finite()]),
+        Spec("qr", CORE, fn("lowrank_core.qr"), [mat("a", M), check_finite()]),
         Spec(
             "orthogonal_factor",
-            B,
+            CORE,
             fn("lowrank_core.orthogonal_factor"),
             [mat("a", M), check_finite()],
         ),
         Spec(
             "polar",
-            B,
+            CORE,
             fn("lowrank_core.polar"),
             [
                 mat("a", M),
@@ -108,7 +110,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "factorize",
-            B,
+            CORE,
             fn("lowrank_core.factorize"),
             [
                 mat("a", M),
@@ -125,25 +127,25 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "reconstruct",
-            B,
+            CORE,
             fn("lowrank_core.reconstruct"),
             [mat("U", U), mat("Sigma", S), mat("V", V), check_finite()],
         ),
         Spec(
             "rediagonalize",
-            B,
+            CORE,
             fn("lowrank_core.rediagonalize"),
             [mat("U", U), mat("Sigma", S), mat("V", V), check_finite()],
         ),
         Spec(
             "rotate_sigma",
-            B,
+            CORE,
             fn("lowrank_core.rotate_sigma"),
             [mat("x", S), mat("left", np.eye(5)), mat("right", np.eye(5)), check_finite()],
         ),
         Spec(
             "truncate",
-            B,
+            CORE,
             fn("lowrank_core.truncate"),
             [
                 mat("U", U),
@@ -155,7 +157,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "update_rank",
-            B,
+            CORE,
             fn("lowrank_core.update_rank"),
             [
                 mat("U", U),
@@ -185,7 +187,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "effective_rank",
-            B,
+            CORE,
             fn("lowrank_core.effective_rank"),
             [
                 arr(
@@ -200,7 +202,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "stable_rank",
-            B,
+            CORE,
             fn("lowrank_core.stable_rank"),
             [
                 arr(
@@ -215,31 +217,31 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "basis_stability",
-            B,
+            CORE,
             fn("lowrank_core.basis_stability"),
             [mat("previous", M), mat("current", M + 0.1), check_finite()],
         ),
         Spec(
             "polar_stability",
-            B,
+            CORE,
             fn("lowrank_core.polar_stability"),
             [mat("previous_polar", B1), mat("current_polar", B1), check_finite()],
         ),
         Spec(
             "principal_angle_cosines",
-            B,
+            CORE,
             fn("lowrank_core.principal_angle_cosines"),
             [mat("a", B1), mat("b", B2), check_finite()],
         ),
         Spec(
             "projector_distance",
-            B,
+            CORE,
             fn("lowrank_core.projector_distance"),
             [mat("a", B1), mat("b", B2), check_finite()],
         ),
         Spec(
             "matrix_shape",
-            B,
+            CORE,
             fn("lowrank_core.matrix_shape"),
             [
                 pos("weight_shape", "shape", (6, 2, 3), valid_alt=[("list", [6, 2, 3])]),
@@ -249,7 +251,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "weight_to_matrix",
-            B,
+            CORE,
             fn("lowrank_core.weight_to_matrix"),
             [
                 arr("weight", W3, ndims=(2, 3, 4, 5), stack=False),
@@ -259,7 +261,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "matrix_to_weight",
-            B,
+            CORE,
             fn("lowrank_core.matrix_to_weight"),
             [
                 arr("matrix", W3.reshape(6, 6), ndims=(2, 3), stack=False),
@@ -269,7 +271,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "get_backend",
-            B,
+            CORE,
             fn("lowrank_core.get_backend"),
             [
                 pos(
@@ -289,7 +291,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "register_backend",
-            B,
+            CORE,
             fn("lowrank_core.register_backend"),
             [
                 pos(
@@ -304,7 +306,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "StandardBackend",
-            B,
+            CORE,
             fn("lowrank_core.StandardBackend"),
             [
                 pos(
@@ -318,7 +320,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "StandardBackend.random_normal",
-            B,
+            CORE,
             method(
                 lambda lib: __import__("lowrank_core").get_backend(to_lib(M, lib)), "random_normal"
             ),
@@ -346,12 +348,14 @@ def core_specs() -> list[Spec]:
         ("StableRank", []),
     ]
     for name, params in rules:
-        specs.append(Spec(name, B, fn(f"lowrank_core.{name}"), [*params, *bounds], libs=("numpy",)))
+        specs.append(
+            Spec(name, CORE, fn(f"lowrank_core.{name}"), [*params, *bounds], libs=("numpy",))
+        )
         rule = getattr(lc, name)(**({"rank": 2} if name == "FixedRank" else {}))
         specs.append(
             Spec(
                 f"{name}.__call__",
-                B,
+                CORE,
                 lambda lib, rule=rule: rule,
                 [
                     arr(
@@ -371,19 +375,19 @@ def core_specs() -> list[Spec]:
     specs += [
         Spec(
             "spectral_init",
-            B,
+            CORE,
             fn("lowrank_core.init.spectral_init"),
             [mat("a", M), pos("rank", "rank", 2, **rank5), check_finite()],
         ),
         Spec(
             "spectral_factors",
-            B,
+            CORE,
             fn("lowrank_core.init.spectral_factors"),
             [mat("a", M), pos("rank", "rank", 2, **rank5), check_finite()],
         ),
         Spec(
             "nonlinear_init",
-            B,
+            CORE,
             fn("lowrank_core.init.nonlinear_init"),
             [
                 mat("a", M),
@@ -404,7 +408,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "nonlinear_factors",
-            B,
+            CORE,
             fn("lowrank_core.init.nonlinear_factors"),
             [
                 mat("a", M),
@@ -415,7 +419,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "random_init",
-            B,
+            CORE,
             fn("lowrank_core.init.random_init"),
             [
                 arr("like", M, finite=False, noncontig=False),
@@ -427,7 +431,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "random_factors",
-            B,
+            CORE,
             fn("lowrank_core.init.random_factors"),
             [
                 arr("like", M, finite=False, noncontig=False),
@@ -439,13 +443,13 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "relu_function_error",
-            B,
+            CORE,
             fn("lowrank_core.init.relu_function_error"),
             [mat("a", M), mat("b", M * 0.5), kw("relative", "bool", False), check_finite()],
         ),
         Spec(
             "init_weight_factors",
-            B,
+            CORE,
             fn("lowrank_core.init.init_weight_factors"),
             [
                 arr("weight", W3, ndims=(2, 3, 4, 5), stack=False),
@@ -461,19 +465,19 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "balanced_to_factors",
-            B,
+            CORE,
             fn("lowrank_core.init.balanced_to_factors"),
             [mat("left", LEFT), mat("right", RIGHT), check_finite()],
         ),
         Spec(
             "factors_to_balanced",
-            B,
+            CORE,
             fn("lowrank_core.init.factors_to_balanced"),
             [mat("U", U), mat("Sigma", S), mat("V", V), check_finite()],
         ),
         Spec(
             "frobenius_decay",
-            B,
+            CORE,
             fn("lowrank_core.init.frobenius_decay"),
             [
                 mat("left", LEFT),
@@ -484,7 +488,7 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "frobenius_decay_grad",
-            B,
+            CORE,
             fn("lowrank_core.init.frobenius_decay_grad"),
             [
                 mat("left", LEFT),
@@ -495,13 +499,18 @@ def core_specs() -> list[Spec]:
         ),
         Spec(
             "default_init_std",
-            B,
+            CORE,
             fn("lowrank_core.init.default_init_std"),
             [pos("fan_in", "int", 5, min=1)],
             libs=("numpy",),
         ),
     ]
+    _with_reference(specs)
     for sp in specs:
+        if sp.name in ("random_init", "random_factors"):
+            sp.checked = False  # each library draws from its own generator: no common value
+        if sp.name in ("nonlinear_init", "nonlinear_factors"):
+            sp.tol = 256.0  # a refinement iteration on top of the SVD: a few more roundings
         if sp.name in (
             "basis_stability",
             "polar_stability",
@@ -511,6 +520,59 @@ def core_specs() -> list[Spec]:
         ):
             sp.scale_all = True
     return specs
+
+
+def _svd_canon(result: Any) -> list[Any]:
+    """Sign-free parts of an SVD ``(U, S, Vh)``: ``S`` and ``U diag(S) Vh``."""
+    U, S, Vh = (host(x) for x in result)
+    return [S, (U * S[..., None, :]) @ Vh]
+
+
+def _factors_canon(result: Any) -> list[Any]:
+    """Sign-free parts of ``(U, Sigma, V)``: ``Sigma`` and ``U Sigma V^T``."""
+    U, Sigma, V = (host(x) for x in result)
+    return [Sigma, U @ Sigma @ np.swapaxes(V, -1, -2)]
+
+
+def _ref(name: str) -> Callable[[list[Any], dict[str, Any]], Any]:
+    """The oracle ``lowrank_reference.<name>`` (one matrix), without the core's ``check_finite``."""
+
+    def oracle(args: list[Any], kwargs: dict[str, Any]) -> Any:
+        import importlib
+
+        mod, _, attr = f"lowrank_reference.{name}".rpartition(".")
+        kw = {k: v for k, v in kwargs.items() if k != "check_finite"}
+        return getattr(importlib.import_module(mod), attr)(*args, **kw)
+
+    return oracle
+
+
+# name -> (reference oracle, canonical form, degree of each output under joint scaling of the float
+# inputs, float16/bfloat16 taken, batched stacks taken)
+REFERENCE: dict[str, tuple[Any, Any, tuple[int, ...] | None, bool, bool]] = {
+    "svd": (_ref("svd"), _svd_canon, (1, 1), True, True),
+    "qr": (_ref("qr"), None, (0, 1), True, True),
+    "polar": (_ref("polar"), None, (0, 1), True, True),
+    "orthogonal_factor": (_ref("orthogonal_factor"), None, (0,), True, True),
+    "factorize": (_ref("factorize"), _factors_canon, (1, 1), True, True),
+    "reconstruct": (_ref("reconstruct"), None, None, True, True),
+    "rotate_sigma": (_ref("rotate_sigma"), None, None, True, True),
+    "effective_rank": (_ref("effective_rank"), None, (0,), True, False),
+    "stable_rank": (_ref("stable_rank"), None, (0,), True, False),
+    "basis_stability": (_ref("basis_stability"), None, (0,), True, True),
+    "principal_angle_cosines": (_ref("principal_angle_cosines"), None, (0,), True, True),
+    "projector_distance": (_ref("projector_distance"), None, (0,), True, True),
+    "relu_function_error": (_ref("init.relu_function_error"), None, (2,), True, True),
+    "frobenius_decay": (_ref("init.frobenius_decay"), None, (4,), False, True),
+}
+
+
+def _with_reference(specs: list[Spec]) -> None:
+    for sp in specs:
+        if sp.name in REFERENCE:
+            sp.oracle, sp.canon, sp.degree, sp.half, sp.batch = REFERENCE[sp.name]
+            if sp.half:
+                sp.tol = 16.0  # half precision: eps is large, 16 eps is already loose
 
 
 def _update_rank_returning(
@@ -525,7 +587,7 @@ def _update_rank_returning(
 
 
 # --------------------------------------------------------------------------------------------------
-# lowrank_core.cmd (helper a1)
+# lowrank_core.cmd
 # --------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def _cmd_fit(lib: str) -> Any:
@@ -556,13 +618,13 @@ def cmd_specs() -> list[Spec]:
     specs = [
         Spec(
             "fit_cmd",
-            A1,
+            CMD,
             fn("lowrank_core.fit_cmd"),
             [traj("trajectory", TRAJ), pos("max_modes", "int", 3, min=1, optional=True), *common],
         ),
         Spec(
             "choose_num_modes",
-            A1,
+            CMD,
             fn("lowrank_core.choose_num_modes"),
             [
                 traj("sample", sample),
@@ -574,13 +636,13 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "cmd.abs_correlation",
-            A1,
+            CMD,
             fn("lowrank_core.cmd.abs_correlation"),
             [traj("x", sample), check_finite()],
         ),
         Spec(
             "cmd.find_modes",
-            A1,
+            CMD,
             fn("lowrank_core.cmd.find_modes"),
             [
                 traj("sample", sample),
@@ -591,7 +653,7 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "cmd.cluster",
-            A1,
+            CMD,
             fn("lowrank_core.cmd.cluster"),
             [
                 traj("distance", 1.0 - np.eye(5) * 1.0 + 0.0 * np.ones((5, 5)), noncontig=False),
@@ -601,7 +663,7 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "cmd.assign_modes",
-            A1,
+            CMD,
             fn("lowrank_core.cmd.assign_modes"),
             [
                 traj("trajectory", TRAJ),
@@ -612,7 +674,7 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "cmd.fit_coefficients",
-            A1,
+            CMD,
             fn("lowrank_core.cmd.fit_coefficients"),
             [
                 traj("trajectory", TRAJ),
@@ -626,7 +688,7 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "cmd.reconstruct_trajectory",
-            A1,
+            CMD,
             fn("lowrank_core.cmd.reconstruct_trajectory"),
             [
                 traj("profiles", np.asarray(fit.profiles)),
@@ -641,7 +703,7 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "cmd.relative_error",
-            A1,
+            CMD,
             fn("lowrank_core.cmd.relative_error"),
             [
                 traj("trajectory", TRAJ),
@@ -653,7 +715,7 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "cmd.sample_indices",
-            A1,
+            CMD,
             fn("lowrank_core.cmd.sample_indices"),
             [
                 # a zero-size segment (a tensor with no parameters) is documented as valid
@@ -669,10 +731,10 @@ def cmd_specs() -> list[Spec]:
             ],
             libs=("numpy",),
         ),
-        Spec("CMDFit.reconstruct", A1, method(_cmd_fit, "reconstruct"), []),
+        Spec("CMDFit.reconstruct", CMD, method(_cmd_fit, "reconstruct"), []),
         Spec(
             "OnlineCMD.from_trajectory",
-            A1,
+            CMD,
             fn("lowrank_core.OnlineCMD/from_trajectory"),
             [
                 traj("trajectory", TRAJ),
@@ -683,7 +745,7 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "OnlineCMD.update",
-            A1,
+            CMD,
             method(_online, "update"),
             [
                 arr("weights", np.ascontiguousarray(TRAJ[:, -1]), ndims=(1,), stack=False),
@@ -693,13 +755,13 @@ def cmd_specs() -> list[Spec]:
         ),
         Spec(
             "OnlineCMD.weights",
-            A1,
+            CMD,
             method(_online, "weights"),
             [pos("epoch", "int", -1, min=None, upper=7)],
         ),
         Spec(
             "OnlineCMD.from_state_dict",
-            A1,
+            CMD,
             fn("lowrank_core.OnlineCMD/from_state_dict"),
             [
                 Arg(
@@ -719,7 +781,7 @@ def cmd_specs() -> list[Spec]:
     N = TRAJ.shape[0]
     refs = np.asarray(fit.references)
     specs += [
-        Spec("cmd.select_embedding", A1, fn("lowrank_core.cmd.select_embedding"),
+        Spec("cmd.select_embedding", CMD, fn("lowrank_core.cmd.select_embedding"),
              [arr("a", np.asarray(fit.a), ndims=(1,), stack=False),
               arr("b", np.asarray(fit.b), ndims=(1,), stack=False),
               arr("a_prev", np.asarray(fit.a) * 0.9, ndims=(1,), stack=False),
@@ -729,7 +791,7 @@ def cmd_specs() -> list[Spec]:
               pos("references", "object", refs, bad=[("None", None), ("float", refs + 0.5),
                                                      ("out-of-range", refs + 1000)]),
               pos("fraction", "float", 0.1, min=0.0, max=1.0)]),
-        Spec("cmd.fit_cmd_shard", A1, fn("lowrank_core.cmd.fit_cmd_shard"),
+        Spec("cmd.fit_cmd_shard", CMD, fn("lowrank_core.cmd.fit_cmd_shard"),
              [arr("shard", TRAJ, ndims=(2,), stack=False),
               arr("sample", np.ascontiguousarray(TRAJ[np.asarray(fit.sample)]), ndims=(2,), stack=False),
               # sample_index holds global row numbers: a shard cannot know the global N, so an
@@ -780,7 +842,7 @@ def _state_with(
 
 
 # --------------------------------------------------------------------------------------------------
-# lowrank_core.dldr (helper a2)
+# lowrank_core.dldr
 # --------------------------------------------------------------------------------------------------
 def _subspace(lib: str) -> Any:
     import lowrank_core as lc
@@ -804,7 +866,7 @@ def dldr_specs() -> list[Spec]:
     specs = [
         Spec(
             "fit_subspace",
-            A2,
+            DLDR,
             fn("lowrank_core.fit_subspace"),
             [
                 # scale=False: at 1e160 (float64) or 3e19 (float32) the Subspace's own explained
@@ -822,7 +884,7 @@ def dldr_specs() -> list[Spec]:
         ),
         Spec(
             "dldr.gram_matrix",
-            A2,
+            DLDR,
             fn("lowrank_core.dldr.gram_matrix"),
             # the result X X^T itself overflows at 1e160 / float32 3e19: refused (checked in `extra`)
             [arr("snapshots", SNAP, ndims=(2,), stack=False, scale=False), check_finite()],
@@ -830,27 +892,27 @@ def dldr_specs() -> list[Spec]:
         ),
         Spec(
             "dldr.centred_gram",
-            A2,
+            DLDR,
             fn("lowrank_core.dldr.centred_gram"),
             [arr("gram", SNAP @ SNAP.T, ndims=(2,), stack=False)],
         ),
-        Spec("Subspace.project", A2, method(_subspace, "project"), [vec12("w", SNAP[-1])]),
+        Spec("Subspace.project", DLDR, method(_subspace, "project"), [vec12("w", SNAP[-1])]),
         Spec(
             "Subspace.project_direction",
-            A2,
+            DLDR,
             method(_subspace, "project_direction"),
             [vec12("v", SNAP[-1])],
         ),
-        Spec("Subspace.lift", A2, method(_subspace, "lift"), [vec12("c", np.ones(3))]),
+        Spec("Subspace.lift", DLDR, method(_subspace, "lift"), [vec12("c", np.ones(3))]),
         Spec(
             "Subspace.lift_direction",
-            A2,
+            DLDR,
             method(_subspace, "lift_direction"),
             [vec12("c", np.ones(3))],
         ),
         Spec(
             "SnapshotStore",
-            A2,
+            DLDR,
             fn("lowrank_core.SnapshotStore"),
             [
                 kw(
@@ -867,7 +929,7 @@ def dldr_specs() -> list[Spec]:
         ),
         Spec(
             "SnapshotStore.add",
-            A2,
+            DLDR,
             method(lambda lib: _store(lib), "add"),
             # the store's Gram entries (scale^2) overflow at 1e160: refused, checked in `extra`
             [vec("w", SNAP[0], scale=False)],
@@ -876,7 +938,7 @@ def dldr_specs() -> list[Spec]:
         ),
         Spec(
             "SnapshotStore.fit",
-            A2,
+            DLDR,
             method(_store, "fit"),
             [
                 pos("d", "rank", 3, upper=7),
@@ -889,13 +951,13 @@ def dldr_specs() -> list[Spec]:
         ),
         Spec(
             "SnapshotStore.vector",
-            A2,
+            DLDR,
             method(_store, "vector"),
             [pos("i", "int", 0, min=None, upper=7)],
         ),
         Spec(
             "dldr.subspace_from_gram",
-            A2,
+            DLDR,
             fn("lowrank_core.dldr.subspace_from_gram"),
             [
                 # mix=False: the Gram is a host NumPy array by design (the store and the sharded
@@ -910,13 +972,13 @@ def dldr_specs() -> list[Spec]:
         ),
         Spec(
             "dldr.curvature_ok",
-            A2,
+            DLDR,
             fn("lowrank_core.dldr.curvature_ok"),
             [vec("s", np.ones(3)), vec("y", np.ones(3)), kw("eps", "float", 1e-8, min=0.0)],
         ),
         Spec(
             "dldr.bfgs_update",
-            A2,
+            DLDR,
             fn("lowrank_core.dldr.bfgs_update"),
             [
                 arr("H", H, ndims=(2,), stack=False),
@@ -927,13 +989,13 @@ def dldr_specs() -> list[Spec]:
         ),
         Spec(
             "dldr.bfgs_direction",
-            A2,
+            DLDR,
             fn("lowrank_core.dldr.bfgs_direction"),
             [arr("H", H, ndims=(2,), stack=False), vec("g", np.ones(3))],
         ),
         Spec(
             "dldr.armijo_condition",
-            A2,
+            DLDR,
             fn("lowrank_core.dldr.armijo_condition"),
             [
                 pos("f_new", "float", 0.5, not_bad=("nan", "inf", "-inf")),
@@ -946,7 +1008,7 @@ def dldr_specs() -> list[Spec]:
         ),
         Spec(
             "dldr.armijo_backtracking",
-            A2,
+            DLDR,
             fn("lowrank_core.dldr.armijo_backtracking"),
             [
                 pos("f", "callable", lambda a: 1.0 - a),
@@ -964,7 +1026,7 @@ def dldr_specs() -> list[Spec]:
 
 
 # --------------------------------------------------------------------------------------------------
-# lowrank_torch (helper c and others)
+# lowrank_torch
 # --------------------------------------------------------------------------------------------------
 def _torch() -> Any:
     import torch
@@ -987,6 +1049,12 @@ def _oialr(lib: str) -> Any:
     return lo.OIALR(model, opt, lo.OIALRConfig(switch_step=1, update_every=1, keep_last=False))
 
 
+def _on_meta(build: Callable[[], Any]) -> Any:
+    """``build()`` under ``torch.device("meta")``: parameters with shapes and no values."""
+    with _torch().device("meta"):
+        return build()
+
+
 def _lr_linear(lib: str) -> Any:
     import lowrank_torch as lt
 
@@ -998,12 +1066,17 @@ def _lr_linear(lib: str) -> Any:
 def torch_specs() -> list[Spec]:
     T = ("torch",)
     MODEL = [("None", None), ("int", 3), ("tensor", np.ones(3)), ("junk", Junk())]
-    mod = lambda name, build: Arg(name, "object", build, opts={"factory": True, "bad": MODEL})  # noqa: E731
+
+    def mod(name: str, build: Callable[[], Any]) -> Arg:
+        # and the same module built on the meta device (shapes, no values): a DeviceError
+        meta = ("meta-device", _on_meta(build))
+        return Arg(name, "object", build, opts={"factory": True, "bad": [*MODEL, meta]})
+
     tU, tS, tV = U[:, :3], S[:3, :3], V[:, :3]
     specs = [
         Spec(
             "LowRankLinear",
-            C,
+            TORCH,
             fn("lowrank_torch.LowRankLinear"),
             [
                 arr("U", tU, ndims=(2,), stack=False),
@@ -1016,7 +1089,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "LowRankLinear.set_factors",
-            C,
+            TORCH,
             method(_lr_linear, "set_factors"),
             [
                 arr("U", np.linalg.qr(M[:5, :3])[0], ndims=(2,), stack=False),
@@ -1028,7 +1101,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "LowRankLinear.from_dense",
-            C,
+            TORCH,
             fn("lowrank_torch.LowRankLinear/from_dense"),
             [
                 mod("dense", lambda: _torch().nn.Linear(6, 5)),
@@ -1038,7 +1111,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "LowRankWeight",
-            C,
+            TORCH,
             fn("lowrank_torch.LowRankWeight"),
             [
                 arr("U", tU, ndims=(2, 3), stack=False),
@@ -1050,7 +1123,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "to_low_rank",
-            C,
+            TORCH,
             fn("lowrank_torch.to_low_rank"),
             # a rank above a layer's min(m, n) is clipped to it, per layer (documented)
             [
@@ -1070,7 +1143,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "low_rank_model",
-            C,
+            TORCH,
             fn("lowrank_torch.low_rank_model"),
             [
                 mod("model", _mlp),
@@ -1088,18 +1161,22 @@ def torch_specs() -> list[Spec]:
             inplace=True,
         ),
         Spec(
-            "count_trainable", C, fn("lowrank_torch.count_trainable"), [mod("model", _mlp)], libs=T
+            "count_trainable",
+            TORCH,
+            fn("lowrank_torch.count_trainable"),
+            [mod("model", _mlp)],
+            libs=T,
         ),
         Spec(
             "trainable_share",
-            C,
+            TORCH,
             fn("lowrank_torch.trainable_share"),
             [mod("model", _mlp), pos("dense_count", "int", 90, min=1)],
             libs=T,
         ),
         Spec(
             "low_rank_attention_",
-            C,
+            TORCH,
             fn("lowrank_torch.low_rank_attention_"),
             [
                 mod("mha", lambda: _torch().nn.MultiheadAttention(8, 2)),
@@ -1110,14 +1187,14 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "frobenius_decay_penalty",
-            C,
+            TORCH,
             fn("lowrank_torch.frobenius_decay_penalty"),
             [mod("model", _mlp), pos("coefficient", "float", 1.0, min=0.0)],
             libs=T,
         ),
         Spec(
             "init.layer_rank",
-            C,
+            TORCH,
             fn("lowrank_torch.init.layer_rank"),
             [
                 pos("shape", "shape", (6, 5)),
@@ -1127,7 +1204,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "OIALRConfig",
-            C,
+            TORCH,
             fn("lowrank_torch.oialr.OIALRConfig"),
             [
                 kw("switch_step", "int", 10, min=0, optional=True),
@@ -1144,7 +1221,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "CMDConfig",
-            C,
+            TORCH,
             fn("lowrank_torch.cmd.CMDConfig"),
             [
                 kw("warmup_epochs", "int", 5, min=1),
@@ -1163,14 +1240,14 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "CMDTracker",
-            C,
+            TORCH,
             fn("lowrank_torch.cmd.CMDTracker"),
             [mod("model", _mlp), pos("config", "object", None, bad=[("int", 3), ("junk", Junk())])],
             libs=T,
         ),
         Spec(
             "SnapshotRecorder",
-            C,
+            TORCH,
             fn("lowrank_torch.dldr.SnapshotRecorder"),
             [
                 mod("model", _mlp),
@@ -1182,7 +1259,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "SubspaceSGD",
-            C,
+            TORCH,
             fn("lowrank_torch.dldr.SubspaceSGD"),
             [
                 Arg(
@@ -1206,7 +1283,7 @@ def torch_specs() -> list[Spec]:
         ),
         Spec(
             "SubspaceBFGS",
-            C,
+            TORCH,
             fn("lowrank_torch.dldr.SubspaceBFGS"),
             [
                 Arg(
@@ -1232,50 +1309,59 @@ def torch_specs() -> list[Spec]:
     ]
     conv = lambda: _torch().nn.Conv2d(3, 4, 3)  # noqa: E731
     specs += [
-        Spec("LowRankConv2d.from_dense", C, fn("lowrank_torch.LowRankConv2d/from_dense"),
+        Spec("LowRankConv2d.from_dense", TORCH, fn("lowrank_torch.LowRankConv2d/from_dense"),
              [mod("module", conv), pos("rank", "rank", 2, optional=True, upper=4),
               kw("forward_mode", "choice", "auto")], libs=T),
-        Spec("LowRankConv1d.from_dense", C, fn("lowrank_torch.LowRankConv1d/from_dense"),
+        Spec("LowRankConv1d.from_dense", TORCH, fn("lowrank_torch.LowRankConv1d/from_dense"),
              [mod("module", lambda: _torch().nn.Conv1d(3, 4, 3)),
               pos("rank", "rank", 2, optional=True, upper=4)], libs=T),
-        Spec("LowRankConv3d.from_dense", C, fn("lowrank_torch.LowRankConv3d/from_dense"),
+        Spec("LowRankConv3d.from_dense", TORCH, fn("lowrank_torch.LowRankConv3d/from_dense"),
              [mod("module", lambda: _torch().nn.Conv3d(2, 4, 2)),
               pos("rank", "rank", 2, optional=True, upper=4)], libs=T),
-        Spec("LowRankConvNd.from_dense", C, fn("lowrank_torch.LowRankConvNd/from_dense"),
+        Spec("LowRankConvNd.from_dense", TORCH, fn("lowrank_torch.LowRankConvNd/from_dense"),
              [mod("module", conv), pos("rank", "rank", 2, optional=True, upper=4)], libs=T),
-        Spec("LowRankLayer", C, fn("lowrank_torch.LowRankLayer"),
+        Spec("LowRankLayer", TORCH, fn("lowrank_torch.LowRankLayer"),
              [arr("U", tU, ndims=(2, 3), stack=False), arr("Sigma", tS, ndims=(2, 3), stack=False),
               arr("V", tV, ndims=(2, 3), stack=False),
               pos("bias", "object", None, bad=[("int", 3), ("str", "b")]),
               kw("weight_shape", "shape", (6, 5)), kw("groups", "int", 1, min=1),
               kw("forward_mode", "choice", "auto")], libs=T),
-        Spec("init_low_rank_layer_", C, fn("lowrank_torch.init_low_rank_layer_"),
+        Spec("init_low_rank_layer_", TORCH, fn("lowrank_torch.init_low_rank_layer_"),
              [Arg("layer", "object", lambda: _lr_linear("torch"), opts={"factory": True, "bad": MODEL}),
               arr("weight", np.ascontiguousarray(M.T[:5]), ndims=(2,), stack=False, scale=False), kw("init", "choice", "spectral"),
               kw("train_bases", "bool", True), kw("refine_steps", "int", 0, min=0),
               kw("seed", "seed", 0)], libs=T, inplace=True),
-        Spec("SubspaceParametrization", C, fn("lowrank_torch.dldr.SubspaceParametrization"),
+        Spec("SubspaceParametrization", TORCH, fn("lowrank_torch.dldr.SubspaceParametrization"),
              [Arg("params", "object", lambda: list(_mlp().parameters()),
                   opts={"factory": True, "bad": [("None", None), ("int", 3)]}),
               Arg("subspace", "object", lambda: _model_subspace(),
                   opts={"factory": True, "bad": [("None", None), ("junk", Junk())]})], libs=T),
     ]  # fmt: skip
     specs += [
-        Spec("eligible_names", C, fn("lowrank_torch.eligible_names"),
+        Spec("eligible_names", TORCH, fn("lowrank_torch.eligible_names"),
              [mod("model", _mlp), kw("keep_first", "bool", False), kw("keep_last", "bool", True),
               kw("min_aspect", "float", 0.1, min=0.0), kw("allow_rank_one", "bool", False)], libs=T),
-        Spec("LowRankTransformersConv1D", C, fn("lowrank_torch.LowRankTransformersConv1D"),
+        Spec("LowRankTransformersConv1D", TORCH, fn("lowrank_torch.LowRankTransformersConv1D"),
              [arr("U", V[:, :3], ndims=(2,), stack=False), arr("Sigma", tS, ndims=(2,), stack=False),
               arr("V", tU, ndims=(2,), stack=False), kw("forward_mode", "choice", "auto")], libs=T),
     ]  # fmt: skip
     specs += bound_torch_specs()
+    shapes_only = "reads only the parameters' shapes and flags, which a meta model has"
+    documented = {
+        "count_trainable": shapes_only,
+        "trainable_share": shapes_only,
+        "eligible_names": shapes_only,
+        "frobenius_decay_penalty": "a torch expression: on meta it is a meta tensor, as any torch op",
+    }
     for sp in specs:
+        if sp.name in documented:
+            sp.accepted["model=meta-device"] = documented[sp.name]
         if sp.name == "LowRankConvNd.from_dense":  # an abstract base: no valid call
             sp.skip_valid = True  # type: ignore[attr-defined]
     specs.append(
         Spec(
             "TorchBackend.random_normal",
-            C,
+            TORCH,
             method(
                 lambda lib: __import__("lowrank_core").get_backend(to_lib(M, lib)), "random_normal"
             ),
@@ -1286,7 +1372,7 @@ def torch_specs() -> list[Spec]:
     specs.append(
         Spec(
             "OIALR.step",
-            C,
+            TORCH,
             method(_oialr, "step"),
             [],
             libs=T,
@@ -1346,7 +1432,7 @@ def _selftest_specs() -> list[Spec]:
     ]
 
 
-def all_specs(only: str | None = None) -> list[Spec]:
+def all_specs(only: str | None = None, libs: tuple[str, ...] | None = None) -> list[Spec]:
     import os
 
     if os.environ.get("FUZZ_SELFTEST"):
@@ -1354,12 +1440,15 @@ def all_specs(only: str | None = None) -> list[Spec]:
     specs = core_specs() + cmd_specs() + dldr_specs() + torch_specs()
     if only:
         specs = [s for s in specs if only in s.name or only in s.owner]
+    if libs:
+        for sp in specs:
+            sp.sweep_libs = tuple(lib for lib in sp.libs if lib in libs)
     return specs
 
 
-def all_cases(only: str | None = None) -> list[Case]:
+def all_cases(only: str | None = None, libs: tuple[str, ...] | None = None) -> list[Case]:
     cases: list[Case] = []
-    for spec in all_specs(only):
+    for spec in all_specs(only, libs):
         for c in expand(spec):
             if c.valid and getattr(spec, "skip_valid", False):
                 continue  # the valid call needs objects the spec does not build
@@ -1530,36 +1619,36 @@ def bound_torch_specs() -> list[Spec]:
     eye3 = np.eye(3)
     U3, V3 = np.ascontiguousarray(U[:, :3]), np.ascontiguousarray(V[:, :3])
     return [
-        Spec("rotate_sigma_state", C, _bound("lowrank_torch.rotate_sigma_state", _ctx_rotate),
+        Spec("rotate_sigma_state", TORCH, _bound("lowrank_torch.optim_state.rotate_sigma_state", _ctx_rotate),
              [arr("left", eye3, ndims=(2,), stack=False), arr("right", eye3, ndims=(2,), stack=False)],
              libs=T, inplace=True,
-             extra=_object_variants("lowrank_torch.rotate_sigma_state", _ctx_rotate,
+             extra=_object_variants("lowrank_torch.optim_state.rotate_sigma_state", _ctx_rotate,
                                     lambda: ([to_lib(eye3, "torch"), to_lib(eye3, "torch")], {}))),
-        Spec("truncate_sigma_state", C, _bound("lowrank_torch.truncate_sigma_state", _ctx_truncate),
+        Spec("truncate_sigma_state", TORCH, _bound("lowrank_torch.optim_state.truncate_sigma_state", _ctx_truncate),
              [pos("rank", "rank", 2, upper=3)], libs=T, inplace=True,
-             extra=_object_variants("lowrank_torch.truncate_sigma_state", _ctx_truncate,
+             extra=_object_variants("lowrank_torch.optim_state.truncate_sigma_state", _ctx_truncate,
                                     lambda: ([2], {}))),
-        Spec("dense_to_sigma_state", C, _bound("lowrank_torch.dense_to_sigma_state", _ctx_dense),
+        Spec("dense_to_sigma_state", TORCH, _bound("lowrank_torch.optim_state.dense_to_sigma_state", _ctx_dense),
              [arr("U", U3, ndims=(2,), stack=False), arr("V", V3, ndims=(2,), stack=False),
               kw("groups", "int", 1, min=1)], libs=T, inplace=True,
-             extra=_object_variants("lowrank_torch.dense_to_sigma_state", _ctx_dense,
+             extra=_object_variants("lowrank_torch.optim_state.dense_to_sigma_state", _ctx_dense,
                                     lambda: ([to_lib(U3, "torch"), to_lib(V3, "torch")], {}))),
-        Spec("swap_parameter", C, _bound("lowrank_torch.swap_parameter", _ctx_swap), [], libs=T,
+        Spec("swap_parameter", TORCH, _bound("lowrank_torch.optim_state.swap_parameter", _ctx_swap), [], libs=T,
              inplace=True,
-             extra=_object_variants("lowrank_torch.swap_parameter", _ctx_swap, lambda: ([], {}))),
-        Spec("OIALR", C, _bound("lowrank_torch.oialr.OIALR", _ctx_oialr), [
+             extra=_object_variants("lowrank_torch.optim_state.swap_parameter", _ctx_swap, lambda: ([], {}))),
+        Spec("OIALR", TORCH, _bound("lowrank_torch.oialr.OIALR", _ctx_oialr), [
                  pos("config", "object", None, bad=[("int", 3), ("junk", Junk()), ("dict", {})])],
              libs=T, extra=_object_variants("lowrank_torch.oialr.OIALR", _ctx_oialr, lambda: ([], {}))),
-        Spec("dldr.flatten", C, _bound("lowrank_torch.dldr.flatten", _ctx_flatten), [], libs=T,
+        Spec("dldr.flatten", TORCH, _bound("lowrank_torch.dldr.flatten", _ctx_flatten), [], libs=T,
              extra=_object_variants("lowrank_torch.dldr.flatten", _ctx_flatten, lambda: ([], {}),
                                     extra_bad={"tensors": [("empty", []), ("arrays", [np.ones(3)])]})),
-        Spec("checkpoint.save_checkpoint", C,
+        Spec("checkpoint.save_checkpoint", TORCH,
              _bound("lowrank_torch.checkpoint.save_checkpoint", _ctx_save, keyword=("model",)), [],
              libs=T,
              extra=_object_variants("lowrank_torch.checkpoint.save_checkpoint", _ctx_save,
                                     lambda: ([], {}), keyword=("model",),
                                     extra_bad={"path": [("dir", _CKPT_DIR)]})),
-        Spec("checkpoint.load_checkpoint", C,
+        Spec("checkpoint.load_checkpoint", TORCH,
              _bound("lowrank_torch.checkpoint.load_checkpoint", _ctx_load, keyword=("model",)), [],
              libs=T,
              extra=_object_variants("lowrank_torch.checkpoint.load_checkpoint", _ctx_load,

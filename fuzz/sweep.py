@@ -1,21 +1,26 @@
-"""The bad-input sweep: ``python -m fuzz.sweep`` (or ``nox -s fuzz``).
+"""The input sweep: ``python -m fuzz.sweep`` (or ``nox -s fuzz``).
 
 Every public callable of ``lowrank_core`` (with ``cmd``, ``dldr``, ``init``) and ``lowrank_torch``
-is called with bad inputs derived from its argument kinds (see ``fuzz/specs.py``). Each outcome is
+is called, on every library of the test matrix (NumPy, array_api_strict, PyTorch, JAX), with bad
+inputs and with valid variants derived from its argument kinds (see ``fuzz/framework.py`` and
+``fuzz/specs.py``). Each outcome is one of
 
-- ``clear``: a ``LowRankError`` subclass was raised (the goal);
-- ``generic``: any other exception;
-- ``silent``: the call returned (an invalid input was accepted, NaN results included);
+- ``clear``: a bad input got a ``LowRankError`` subclass (the goal);
+- ``generic``: any other exception, for a bad or a valid input;
+- ``wrong``: a valid variant returned a value that differs from the float64 oracle
+  (``lowrank_reference``, else the core on float64 NumPy) by more than the dtype-aware tolerance,
+  or NaN / Inf where the oracle has none;
+- ``accepted``: a bad-looking input that the spec documents as valid returned a value;
+- ``silent``: any other bad input returned (it was accepted without a word);
+- ``rejected``: a valid variant raised a ``LowRankError``;
 - ``crash``: the worker process died (SIGSEGV, SIGBUS, ...) or hung past the time limit;
+- ``ok``: a valid variant returned the right value;
 
-and every input array (and module/optimizer state) is compared before and after the call:
-``mutated`` counts calls that changed an input. Valid variants (the plain call, non-contiguous
-views, NumPy scalars, inputs scaled by 1e160 and 1e-160) must succeed: ``rejected`` counts those
-that raised, ``nan-output`` those that returned NaN.
-
-Calls run in a worker subprocess that reports one line per case; when it dies, the case it was
-running is recorded as a crash and a new worker continues after it. Exit status 0 only when every
-bad input got a clear error, no valid variant failed, and nothing was mutated.
+and every input (arrays of each library, module and optimizer state) is compared before and after the
+call: ``mutated`` counts calls that changed an input. Calls run in a worker subprocess that reports one
+line per case; when it dies, the case it was running is recorded as a crash and a new worker continues
+after it. The table is printed per function and per backend. Exit status 0 only when there is no
+generic exception, wrong value, silent acceptance, rejected valid input, crash or mutation.
 """
 
 from __future__ import annotations
@@ -48,11 +53,17 @@ def _snapshot(obj: Any, out: list[tuple[Any, Any]], seen: set[int], depth: int =
         out.append((obj, np.array(obj, copy=True)))
         return
     mod = type(obj).__module__.split(".")[0]
+    if mod == "array_api_strict" and hasattr(obj, "__array_namespace__"):
+        from fuzz.framework import host
+
+        out.append((obj, host(obj)))
+        return
     if mod == "torch":
         import torch
 
         if isinstance(obj, torch.Tensor):
-            out.append((obj, obj.detach().clone()))
+            if not obj.is_meta:
+                out.append((obj, obj.detach().clone()))
             return
         if isinstance(obj, torch.nn.Module):
             for t in list(obj.state_dict().values()):
@@ -80,7 +91,16 @@ def _snapshot(obj: Any, out: list[tuple[Any, Any]], seen: set[int], depth: int =
 def _changed(pairs: list[tuple[Any, Any]]) -> bool:
     import numpy as np
 
+    from fuzz.framework import host
+
     for live, saved in pairs:
+        if isinstance(saved, np.ndarray) and not isinstance(live, np.ndarray):  # array_api_strict
+            now = host(live)
+            if now is None or now.shape != saved.shape or now.dtype != saved.dtype:
+                return True
+            if not np.array_equal(now, saved, equal_nan=now.dtype.kind in "fc"):
+                return True
+            continue
         if isinstance(live, np.ndarray):
             if live.shape != saved.shape or live.dtype != saved.dtype:
                 return True
@@ -122,7 +142,7 @@ def _has_nan(result: Any) -> bool:
     return False
 
 
-def run_worker(start: int, stop: int, only: str | None) -> None:
+def run_worker(start: int, stop: int, only: str | None, libs: tuple[str, ...] | None) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
@@ -130,7 +150,7 @@ def run_worker(start: int, stop: int, only: str | None) -> None:
     from fuzz.specs import all_cases
     from lowrank_core.errors import LowRankError
 
-    cases = all_cases(only)
+    cases = all_cases(only, libs)
     out = sys.stdout
     for index in range(start, min(stop, len(cases))):
         c = cases[index]
@@ -148,9 +168,16 @@ def run_worker(start: int, stop: int, only: str | None) -> None:
         _snapshot((args, kwargs, getattr(fn, "__self__", None)), pairs, set())
         try:
             result = fn(*args, **kwargs)
-            record["outcome"] = "silent"
+            record["outcome"] = "returned"
             record["nan"] = _has_nan(result)
             record["msg"] = repr(result)[:120]
+            if c.valid and c.check is not None:
+                try:
+                    wrong = c.check(result)
+                except Exception as exc:  # the comparison itself failed: report it as wrong
+                    wrong = f"cannot compare: {type(exc).__name__}: {exc}"
+                if wrong:
+                    record["wrong"] = wrong[:200]
         except LowRankError as exc:
             record.update(outcome="clear", exc=type(exc).__name__, msg=str(exc)[:200])
         except Exception as exc:
@@ -171,10 +198,14 @@ def run_worker(start: int, stop: int, only: str | None) -> None:
 # --------------------------------------------------------------------------------------------------
 # parent
 # --------------------------------------------------------------------------------------------------
-def _spawn(start: int, stop: int, only: str | None) -> subprocess.Popen[str]:
+def _spawn(
+    start: int, stop: int, only: str | None, libs: tuple[str, ...] | None
+) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "fuzz.sweep", "--worker", str(start), str(stop)]
     if only:
         cmd += ["--only", only]
+    if libs:
+        cmd += ["--lib", ",".join(libs)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
     env["PYTHONPATH"] = os.pathsep.join(
         [ROOT, os.path.join(ROOT, "backends"), os.path.join(ROOT, "reference")]
@@ -185,15 +216,15 @@ def _spawn(start: int, stop: int, only: str | None) -> subprocess.Popen[str]:
     )
 
 
-def run_all(only: str | None) -> list[dict[str, Any]]:
+def run_all(only: str | None, libs: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
     sys.path[:0] = [ROOT, os.path.join(ROOT, "backends"), os.path.join(ROOT, "reference")]
     from fuzz.specs import all_cases
 
-    cases = all_cases(only)
+    cases = all_cases(only, libs)
     results: dict[int, dict[str, Any]] = {}
     nxt = 0
     while nxt < len(cases):
-        proc = _spawn(nxt, len(cases), only)
+        proc = _spawn(nxt, len(cases), only, libs)
         assert proc.stdout is not None
         current: int | None = None
         deadline = time.monotonic() + CASE_TIMEOUT_S
@@ -237,6 +268,7 @@ def run_all(only: str | None) -> list[dict[str, Any]]:
                 "label": c.label,
                 "lib": c.lib,
                 "valid": c.valid,
+                "accepted_why": c.accepted,
                 **r,
                 "mutated": bool(r.get("mutated")) and not (c.valid and c.inplace),
             }
@@ -244,63 +276,80 @@ def run_all(only: str | None) -> list[dict[str, Any]]:
     return rows
 
 
+COLUMNS = ("clear", "generic", "wrong", "accepted", "silent", "rejected", "crash", "mutated", "ok")
+FAILING = ("generic", "wrong", "silent", "rejected", "crash", "mutated")
+
+
 def verdict(row: dict[str, Any]) -> str:
-    """The category of a row: for bad inputs clear/generic/silent/crash; for valid ones ok/rejected."""
+    """The category of a row (see the module docstring); ``mutated`` is counted beside it."""
     o = row["outcome"]
+    if o in ("crash", "generic"):
+        return str(o)
     if row["valid"]:
-        if o == "silent":
-            return "nan-output" if row.get("nan") else "ok"
-        return "crash" if o == "crash" else "rejected"
-    return "silent" if o == "build-error" else o
+        if o == "returned":
+            return "wrong" if row.get("wrong") else "ok"
+        return "rejected"  # a LowRankError (or the case could not be built)
+    if o == "returned":
+        return "accepted" if row.get("accepted_why") else "silent"
+    return "silent" if o == "build-error" else str(o)
+
+
+def _table(
+    title: str, keys: list[str], counts: dict[str, Counter[str]], extra: dict[str, str], out: Any
+) -> Counter[str]:
+    width = max([len(k) for k in keys] + [len(title), 5]) + 2
+    xw = max([len(v) for v in extra.values()] + [0]) + 2 if extra else 0
+    head = f"{title:<{width}}" + (f"{'owner':<{xw}}" if extra else "")
+    print(head + "".join(f"{c:>10}" for c in COLUMNS), file=out)
+    total: Counter[str] = Counter()
+    for k in keys:
+        cnt = counts[k]
+        total.update(cnt)
+        owner = f"{extra.get(k, ''):<{xw}}" if extra else ""
+        print(f"{k:<{width}}{owner}" + "".join(f"{cnt[c]:>10}" for c in COLUMNS), file=out)
+    pad = f"{'':<{xw}}" if extra else ""
+    print(f"{'TOTAL':<{width}}{pad}" + "".join(f"{total[c]:>10}" for c in COLUMNS), file=out)
+    return total
 
 
 def report(rows: list[dict[str, Any]], out: Any = sys.stdout) -> int:
     per: dict[str, Counter[str]] = defaultdict(Counter)
+    per_lib: dict[str, Counter[str]] = defaultdict(Counter)
     owners: dict[str, str] = {}
     for r in rows:
         v = verdict(r)
-        per[r["spec"]][v] += 1
-        per[r["spec"]]["mutated"] += bool(r.get("mutated"))
+        for key, table in ((r["spec"], per), (r["lib"], per_lib)):
+            table[key][v] += 1
+            table[key]["mutated"] += bool(r.get("mutated"))
         owners[r["spec"]] = r["owner"]
-    cols = ["clear", "generic", "silent", "crash", "mutated", "ok", "rejected", "nan-output"]
-    width = max(len(s) for s in per) + 2
-    print(f"{'function':<{width}}{'owner':<34}" + "".join(f"{c:>11}" for c in cols), file=out)
-    total: Counter[str] = Counter()
-    for name in sorted(per, key=lambda n: (owners[n], n)):
-        cnt = per[name]
-        total.update(cnt)
-        print(
-            f"{name:<{width}}{owners[name]:<34}" + "".join(f"{cnt[c]:>11}" for c in cols), file=out
-        )
-    print(f"{'TOTAL':<{width}}{'':<34}" + "".join(f"{total[c]:>11}" for c in cols), file=out)
-    bad = sum(total[c] for c in ("clear", "generic", "silent", "crash"))
-    share = 100.0 * total["clear"] / bad if bad else 100.0
+    names = sorted(per, key=lambda n: (owners[n], n))
+    total = _table("function", names, per, owners, out)
+    print("", file=out)
+    libs = [lib for lib in ("numpy", "array_api_strict", "torch", "jax") if lib in per_lib]
+    _table("backend", libs + sorted(set(per_lib) - set(libs)), per_lib, {}, out)
+    bad = sum(total[c] for c in ("clear", "generic", "accepted", "silent", "crash"))
     print(
-        f"\nbad inputs: {bad}, clear library errors: {total['clear']} ({share:.1f}%), generic "
-        f"{total['generic']}, silent {total['silent']}, crash {total['crash']}; mutated inputs "
-        f"{total['mutated']}; valid variants: {total['ok']} ok, {total['rejected']} rejected, "
-        f"{total['nan-output']} with NaN output",
+        f"\n{len(rows)} cases; failing categories: "
+        + ", ".join(f"{c} {total[c]}" for c in FAILING)
+        + f"; clear errors {total['clear']}, documented acceptances {total['accepted']}, "
+        f"right values {total['ok']} ({bad} bad-input cases)",
         file=out,
     )
-    failed = sum(
-        total[c] for c in ("generic", "silent", "crash", "mutated", "rejected", "nan-output")
-    )
-    return 0 if failed == 0 else 1
+    return 0 if sum(total[c] for c in FAILING) == 0 else 1
 
 
 def failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in rows
-        if verdict(r) in ("generic", "silent", "crash", "rejected", "nan-output")
-        or r.get("mutated")
-    ]
+    return [r for r in rows if verdict(r) in FAILING or r.get("mutated")]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", nargs=2, type=int, metavar=("START", "STOP"), help=argparse.SUPPRESS)
     p.add_argument("--only", help="only specs whose name contains this string")
+    p.add_argument(
+        "--lib",
+        help="comma list of libraries to sweep (numpy, array_api_strict, torch, jax; default all)",
+    )
     p.add_argument("--json", help="write every row to this JSON file")
     p.add_argument("--failures", action="store_true", help="list every failing case")
     p.add_argument(
@@ -311,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.selftest:
         os.environ["FUZZ_SELFTEST"] = "1"
+    libs = tuple(x.strip() for x in a.lib.split(",") if x.strip()) if a.lib else None
     if a.worker:
-        run_worker(a.worker[0], a.worker[1], a.only)
+        run_worker(a.worker[0], a.worker[1], a.only, libs)
         return 0
     t0 = time.monotonic()
-    rows = run_all(a.only)
+    rows = run_all(a.only, libs)
     rc = report(rows)
     if a.failures:
         print("\nfailing cases:")
@@ -323,14 +373,15 @@ def main(argv: list[str] | None = None) -> int:
             extra = " MUTATED" if r.get("mutated") else ""
             print(
                 f"  [{r['owner']}] {r['spec']}({r['label']}) [{r['lib']}]: {verdict(r)}{extra} "
-                f"{r.get('exc', '')} {r.get('where', '')} {r.get('msg', '')[:140]!r}"
+                f"{r.get('exc', '')} {r.get('where', '')} "
+                f"{(r.get('wrong') or r.get('msg', ''))[:160]!r}"
             )
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(rows, fh, indent=1)
     from fuzz.specs import NOT_FUZZED_KINDS, uncovered_names
 
-    gaps = [] if a.selftest else uncovered_names()
+    gaps = [] if a.selftest or a.only else uncovered_names()
     more = f"; no spec yet: {', '.join(gaps)}" if gaps else ""
     print(f"\nnot fuzzed: {NOT_FUZZED_KINDS}{more}")
     print(f"\n{len(rows)} cases in {time.monotonic() - t0:.0f} s")

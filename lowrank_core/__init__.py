@@ -17,6 +17,7 @@ from .dldr import SnapshotStore, Subspace, fit_subspace
 from .errors import (
     ArrayTypeError,
     CheckpointError,
+    DeviceError,
     DeviceMismatchError,
     DTypeError,
     LowRankError,
@@ -75,6 +76,7 @@ __all__ = [
     "CMDFit",
     "CheckpointError",
     "DTypeError",
+    "DeviceError",
     "DeviceMismatchError",
     "EffectiveRank",
     "Energy",

@@ -5,6 +5,7 @@ Nothing here is public API; it keeps the checks (and their messages) identical e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import array_api_compat
 from ._validate import check_bool, check_int
 from .errors import (
     ArrayTypeError,
+    DeviceError,
     DeviceMismatchError,
     DTypeError,
     NonFiniteError,
@@ -29,17 +31,34 @@ def _library_name(x: object) -> str:
     return type(x).__module__.split(".")[0]
 
 
+def check_device(x: Array, name: str) -> None:
+    """Raise ``DeviceError`` when ``x`` lives on a device that cannot compute.
+
+    PyTorch's ``meta`` device (``tensor.is_meta``) holds shapes and dtypes but no values: nothing can
+    be read from it, so every computation would fail deep inside PyTorch. No other library has such a
+    device; arrays without ``is_meta`` (NumPy, JAX, CuPy, traced values) pass untouched.
+    """
+    if getattr(x, "is_meta", False) is True:
+        raise DeviceError(
+            f"`{name}` is on the device 'meta' (shapes without values), where nothing can be "
+            "computed; materialize it on a real device first (for a model built under "
+            "torch.device('meta'): model.to_empty(device=...) and initialize or load its weights)"
+        )
+
+
 def namespace(**arrays: Array) -> Namespace:
     """Return the array namespace shared by ``arrays`` (given by argument name).
 
-    Raises ``ArrayTypeError`` for non-arrays or a mix of libraries and ``DeviceMismatchError`` for a
-    mix of devices. The names are only used in the messages.
+    Raises ``ArrayTypeError`` for non-arrays or a mix of libraries, ``DeviceError`` for an array on a
+    device that cannot compute (PyTorch's ``meta``) and ``DeviceMismatchError`` for a mix of devices.
+    The names are only used in the messages.
     """
     for name, x in arrays.items():
         if not array_api_compat.is_array_api_obj(x) or isinstance(x, (bool, int, float, complex)):
             raise ArrayTypeError(
                 f"`{name}` must be an array (NumPy, PyTorch, CuPy, ...), got {type(x).__name__}"
             )
+        check_device(x, name)
     values = list(arrays.values())
     try:
         xp = array_api_compat.array_namespace(*values)
@@ -138,6 +157,17 @@ def diag_embed(xp: Namespace, d: Array) -> Array:
     eye = xp.eye(r, dtype=xp.bool, device=array_api_compat.device(d))
     # where, not d * eye: an infinite d must not put inf * 0 = NaN off the diagonal
     return xp.where(eye, d[..., None], xp.zeros_like(d[..., None]))
+
+
+def power_of_two_near(xp: Namespace, top: Array) -> Array:
+    """``2^floor(log2 top)`` element-wise (1 where ``top`` is 0), clipped so that the power and its
+    reciprocal are both normal numbers of the dtype: dividing by it is exact, and stays exact where a
+    library divides by multiplying with the reciprocal and flushes subnormals to zero (XLA on CPU)."""
+    limit = math.floor(-math.log2(float(xp.finfo(top.dtype).smallest_normal)))
+    one = xp.ones_like(top)
+    positive = top > 0
+    power = xp.clip(xp.floor(xp.log2(xp.where(positive, top, one))), -float(limit), float(limit))
+    return xp.where(positive, 2.0**power, one)
 
 
 def batch_shape(x: Array) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ __all__ = [
     "ArrayTypeError",
     "CheckpointError",
     "DTypeError",
+    "DeviceError",
     "DeviceMismatchError",
     "LowRankError",
     "NonFiniteError",
@@ -43,7 +44,12 @@ class NonFiniteError(LowRankError, ValueError):
     """An input contains NaN or infinity."""
 
 
-class DeviceMismatchError(LowRankError, ValueError):
+class DeviceError(LowRankError, ValueError):
+    """An array lives on a device that cannot compute: PyTorch's ``meta`` device holds shapes and dtypes
+    but no values (what ``torch.device("meta")`` model construction gives). Materialize it first."""
+
+
+class DeviceMismatchError(DeviceError):
     """Arrays that must be combined live on different devices."""
 
 

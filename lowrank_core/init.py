@@ -45,6 +45,7 @@ from ._array import (
     compute_dtype,
     diag_embed,
     namespace,
+    power_of_two_near,
     result_dtype,
     upcast,
 )
@@ -161,12 +162,24 @@ def _finish_factors(xp: Namespace, U: Array, s: Array, V: Array, dtype: Any) -> 
 # closed-form function error
 # --------------------------------------------------------------------------------------------------
 def _relu_error_rows(xp: Namespace, w: Array, m: Array) -> Array:
-    """Per-row ``E (ReLU(w_i.x) - ReLU(m_i.x))^2``, shape ``(..., rows)``."""
+    """Per-row ``E (ReLU(w_i.x) - ReLU(m_i.x))^2``, shape ``(..., rows)``, free of cancellation.
+
+    ``|w|^2/2 + |m|^2/2 - |w||m| J/pi`` is rewritten as ``(|w| - |m|)^2/2 + |w||m| (pi - J)/pi`` with
+    ``pi - J(theta) = (pi - theta)(1 - cos theta) + (theta - sin theta)``, and the angle is taken from
+    the unit rows' distance ``|u - v| = 2 sin(theta/2)`` (``1 - cos theta = |u - v|^2 / 2``): every term
+    is non-negative and small differences are not lost, so ``w == m`` gives exactly 0 (the subtracted
+    form leaves a residue of ``eps |w|^2``, which is what the result is at ``w == m``, and overflows
+    when ``|w|^2`` does).
+    """
     nw = _row_norms(xp, w)
     nm = _row_norms(xp, m)
-    _, J = _arc_cosine(xp, _safe_div(xp, xp.sum(w * m, axis=-1), nw * nm))
-    err = 0.5 * nw * nw + 0.5 * nm * nm - nw * nm * J / math.pi
-    return xp.clip(err, 0.0, None)
+    u = _safe_div(xp, w, nw[..., None])
+    v = _safe_div(xp, m, nm[..., None])
+    dist = _row_norms(xp, u - v)  # 2 sin(theta / 2), in [0, 2]
+    theta = 2.0 * xp.asin(xp.clip(dist / 2.0, 0.0, 1.0))
+    deficit = (math.pi - theta) * (dist * dist / 2.0) + xp.clip(theta - xp.sin(theta), 0.0, None)
+    gap = nw - nm
+    return 0.5 * gap * gap + nw * nm * (deficit / math.pi)
 
 
 def relu_function_error(
@@ -179,6 +192,9 @@ def relu_function_error(
     cos(theta)``, each row contributes ``||a_i||^2 / 2 + ||b_i||^2 / 2 - ||a_i|| ||b_i|| J(theta_i) / pi``
     (a zero row has ``theta`` = pi/2, which does not matter since it multiplies 0).
     ``relative=True`` divides by ``E ||ReLU(a x)||^2 = ||a||_F^2 / 2`` (inf or NaN when ``a`` is zero).
+    Scale-invariant: computed on ``(a, b) / max(|a|, |b|)`` in a form without cancellation, so
+    ``relu_function_error(c a, c b) = c^2 relu_function_error(a, b)`` (exactly 0 for ``a == b``) at
+    every scale whose result is representable.
     """
     xp = namespace(a=a, b=b)
     check_finite = check_bool("check_finite", check_finite)
@@ -198,8 +214,9 @@ def relu_function_error(
         ) from None
     dt = result_dtype(xp, a, b)
     ac, bc = upcast(xp, cast_to(xp, a, dt)), upcast(xp, cast_to(xp, b, dt))
-    # The error is homogeneous of degree 2: evaluate it on (a, b) / c with c = max(|a|, |b|).
-    c = xp.maximum(_max_abs(xp, ac), _max_abs(xp, bc))
+    # The error is homogeneous of degree 2: evaluate it on (a, b) / c with c the power of two near
+    # max(|a|, |b|) (exact scaling; its reciprocal is a normal number, see power_of_two_near)
+    c = power_of_two_near(xp, xp.maximum(_max_abs(xp, ac), _max_abs(xp, bc)))
     ac, bc = ac / c, bc / c
     err = xp.sum(_relu_error_rows(xp, ac, bc), axis=-1)
     if relative:

@@ -12,11 +12,12 @@ float16 and bfloat16 inputs are computed in float32 and the results cast back to
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
-from ._array import Array, Namespace, cast_to, check_matrix, namespace, upcast
+from ._array import Array, Namespace, cast_to, check_matrix, namespace, power_of_two_near, upcast
 from .backend import get_backend
-from .errors import ParameterError
+from .errors import NonFiniteError, ParameterError
 
 __all__ = ["PolarResult", "QRResult", "SVDResult", "orthogonal_factor", "polar", "qr", "svd"]
 
@@ -60,12 +61,41 @@ def _raw_svd(xp: Namespace, a: Array) -> tuple[Array, Array, Array]:
     same factors, but LAPACK-based drivers are much faster on the tall layout (measured on torch CPU
     float32, 384 x 1536: 2.1x; NumPy: 1.2x), and the transpose is a free view (a row-major wide matrix
     is a column-major tall one, the layout LAPACK wants).
+
+    The driver sees ``a / 2^k`` when ``max|a|`` lies so far from 1 that squares of its entries could
+    over- or underflow (``2^k`` near ``max|a|``, per matrix; dividing by a power of two is exact), and
+    ``S`` is scaled back: the singular values are exact whenever they are representable, whatever the
+    driver does internally (some form ``a^T a``). Inputs of ordinary size are divided by 1 (the same
+    bits as without the scaling).
     """
+    scale = _range_scale(xp, a)
+    if scale is not None:
+        a = a / scale
     if a.shape[-2] < a.shape[-1]:
         Ut, S, Vht = get_backend(a).svd(xp.matrix_transpose(a))
-        return xp.matrix_transpose(Vht), S, Ut
-    U, S, Vh = get_backend(a).svd(a)
-    return U, S, xp.matrix_transpose(Vh)
+        U, V = xp.matrix_transpose(Vht), Ut
+    else:
+        U, S, Vh = get_backend(a).svd(a)
+        V = xp.matrix_transpose(Vh)
+    if scale is not None:
+        # S * scale, Inf where that exceeds the range (masked first: no overflow warning)
+        s = scale[..., 0]
+        limit = float(xp.finfo(S.dtype).max) / s
+        over = limit < S
+        S = xp.where(over, xp.full_like(S, math.inf), xp.where(over, xp.zeros_like(S), S) * s)
+    return U, S, V
+
+
+def _range_scale(xp: Namespace, a: Array) -> Array | None:
+    """Per matrix of the stack, ``2^floor(log2 max|a|)`` where ``max|a|`` is outside ``[2^-e, 2^e]``
+    (``e`` a quarter of the dtype's largest exponent: 2^31 for float32, 2^255 for float64) and 1 elsewhere, shape
+    ``(..., 1, 1)``; ``None`` (nothing to do) for an empty stack."""
+    if any(int(d) == 0 for d in a.shape):
+        return None
+    top = xp.max(xp.max(xp.abs(a), axis=-1, keepdims=True), axis=-2, keepdims=True)
+    bound = 2.0 ** math.floor(math.log2(float(xp.finfo(a.dtype).max)) / 4)
+    extreme = (top > bound) | ((top < 1.0 / bound) & (top > 0))
+    return xp.where(extreme, power_of_two_near(xp, top), xp.ones_like(top))
 
 
 def _canonical_signs(xp: Namespace, U: Array, V: Array) -> tuple[Array, Array]:
@@ -90,12 +120,23 @@ def svd(a: Array, *, check_finite: bool = True) -> SVDResult:
     layout of the array API standard's ``linalg.svd(a, full_matrices=False)``; the signs are fixed:
     in each column of ``U`` the entry of largest magnitude (the first on ties) is positive, and the
     matching row of ``Vh`` is flipped with it. Raises ``NonFiniteError`` on NaN/Inf unless
-    ``check_finite=False``.
+    ``check_finite=False``. Computed on ``a`` divided by a power of two when its entries are extreme
+    (exact whenever the singular values are representable); a finite ``a`` whose largest singular
+    value exceeds the dtype's range raises ``NonFiniteError`` (it cannot be represented; with
+    ``check_finite=False`` it is returned as Inf).
     """
     xp = namespace(a=a)
     check_matrix(xp, a, "a", finite=check_finite)
     U, S, V = _svd(xp, a)
     Vh = xp.matrix_transpose(V)
+    top = float(xp.finfo(a.dtype).max)
+    # a checked (finite) input whose S is beyond the dtype (a float32 S beyond float16 included);
+    # with check_finite=False nothing is read back and NaN / Inf pass through
+    if check_finite and not bool(xp.all(top >= S)):
+        raise NonFiniteError(
+            f"the singular values of the finite `a` overflow {a.dtype}: the largest exceeds the "
+            "dtype's range (scale `a` down, or compute in a wider dtype)"
+        )
     return SVDResult(cast_to(xp, U, a.dtype), cast_to(xp, S, a.dtype), cast_to(xp, Vh, a.dtype))
 
 
@@ -148,5 +189,5 @@ def polar(a: Array, side: str = "right", *, check_finite: bool = True) -> PolarR
     u = U @ xp.matrix_transpose(V)
     basis = V if side == "right" else U
     p = (basis * S[..., None, :]) @ xp.matrix_transpose(basis)
-    p = (p + xp.matrix_transpose(p)) / 2
+    p = p / 2 + xp.matrix_transpose(p) / 2  # (p + p^T) / 2 would overflow near the dtype's top
     return PolarResult(cast_to(xp, u, a.dtype), cast_to(xp, p, a.dtype))

@@ -901,3 +901,25 @@ def test_fit_coefficients_needs_an_assignment(backend):
     x = backend.asarray(np.random.default_rng(11).standard_normal((6, 5)))
     with pytest.raises(ArrayTypeError, match="assignment"):
         cmd.fit_coefficients(x, x[:2, :], None)
+
+
+@pytest.mark.parametrize("factor", [1e200, 1e-200, 3.0, 1e30])
+def test_reference_ties_do_not_depend_on_the_scale(backend, dtype, factor):
+    """Rows of a mode that are exact affine images of each other all have |corr| = 1 with each other:
+    their reference scores tie, and rounding (which changes with the scale) must not break the tie.
+    The documented rule: scores within the rounding bound of the best count as tied, and the first
+    tied member (lowest sample row) is the reference."""
+    if dtype == "float32" and abs(math.log10(factor)) > 30:
+        factor = 10.0 ** math.copysign(30, math.log10(factor))
+    rng = np.random.default_rng(2)
+    prof = np.cumsum(rng.standard_normal((3, 8)), axis=1)
+    pick = rng.integers(0, 3, 12)
+    sample = prof[pick] * rng.uniform(0.5, 2, (12, 1)) + rng.standard_normal((12, 1))
+    base = cmd.find_modes(backend.asarray(sample, dtype), 3, metric="correlation")
+    scaled = cmd.find_modes(backend.asarray(sample * factor, dtype), 3, metric="correlation")
+    labels = backend.to_numpy(base.labels)
+    np.testing.assert_array_equal(backend.to_numpy(scaled.labels), labels)
+    np.testing.assert_array_equal(scaled.references, base.references)
+    # the first member of each mode (every member ties)
+    firsts = [int(np.flatnonzero(labels == m)[0]) for m in range(int(labels.max()) + 1)]
+    np.testing.assert_array_equal(base.references, firsts)

@@ -920,3 +920,27 @@ def test_extreme_scales_fit_or_refuse_clearly(backend):
     with pytest.raises(NonFiniteError, match="overflow in"):
         store.add(huge[1, :])
     assert len(store) == 1
+
+
+@pytest.mark.parametrize("factor", [1e-200, 1e-150, 1.0, 1e150])
+@pytest.mark.parametrize("scaled", ["s", "y"])
+def test_bfgs_update_at_extreme_scales_of_the_step(backend, factor, scaled):
+    """A valid pair with a tiny step s: rho = 1/(s.y) is huge, rho^2 overflowed while s s^T underflowed
+    (Inf * 0 = NaN in every entry); a tiny y makes t t^T (t = s / s.y) overflow although the result
+    s s^T / s.y is representable. The update equals the reference's at every scale where it is
+    representable."""
+    H = np.eye(3)
+    s = np.array([1.0, 0.5, -0.25]) * (factor if scaled == "s" else 1.0)
+    y = np.array([2.0, 1.0, 0.5]) * (factor if scaled == "y" else 1.0)
+    Hn, updated = dl.bfgs_update(backend.asarray(H), backend.asarray(s), backend.asarray(y))
+    assert updated is True
+    got = backend.to_numpy(Hn)
+    assert np.all(np.isfinite(got))
+    # the reference in units where s is O(1): H+ is affine in the scale of s (H+ = H + O(s/s.y))
+    with np.errstate(all="ignore"):
+        want, _ = ref.bfgs_update(H, s, y)
+    if np.all(np.isfinite(want)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.max(np.abs(want)))
+    # secant equation, up to the rounding of the product H+ y (eps |H+| |y|, not relative to s)
+    bound = 1e-13 * np.max(np.abs(got)) * np.max(np.abs(y))
+    np.testing.assert_allclose(got @ y, s, rtol=1e-10, atol=bound)

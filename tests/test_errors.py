@@ -250,3 +250,49 @@ def test_principal_angles_row_mismatch(backend):
         lc.principal_angle_cosines(a, b)
     with pytest.raises(lc.ShapeError, match=r"(?i)(shape|rows|dim)"):
         lc.projector_distance(a, b)
+
+
+def _meta_calls():
+    """Public calls of the core, each given one tensor on PyTorch's ``meta`` device (no values)."""
+    torch = pytest.importorskip("torch")
+    import lowrank_core.dldr as dl
+
+    rng = np.random.default_rng(0)
+    snaps = np.cumsum(rng.standard_normal((6, 10)), axis=0)
+    gram = snaps @ snaps.T
+
+    def meta(a):
+        return torch.from_numpy(np.array(a)).to("meta")
+
+    def rows():
+        return iter([(0, snaps)])
+
+    store = lc.SnapshotStore()
+    store.add(snaps[0])
+    return {
+        "svd": lambda: lc.svd(meta(rng.standard_normal((4, 3)))),
+        "factorize": lambda: lc.factorize(meta(rng.standard_normal((4, 3))), 2),
+        "effective_rank": lambda: lc.effective_rank(meta([3.0, 2.0, 1.0])),
+        "fit_subspace": lambda: lc.fit_subspace(meta(snaps), 2),
+        "fit_cmd": lambda: lc.fit_cmd(meta(snaps.T), 2),
+        "subspace_from_gram(gram)": lambda: dl.subspace_from_gram(
+            meta(gram), 2, rows, centre=snaps.mean(axis=0)
+        ),
+        "subspace_from_gram(centre)": lambda: dl.subspace_from_gram(
+            gram, 2, rows, centre=meta(snaps.mean(axis=0))
+        ),
+        "SnapshotStore.add": lambda: store.add(meta(snaps[1])),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["svd", "factorize", "effective_rank", "fit_subspace", "fit_cmd", "subspace_from_gram(gram)",
+     "subspace_from_gram(centre)", "SnapshotStore.add"],
+)  # fmt: skip
+def test_meta_device_is_refused_naming_the_device(name):
+    """A tensor on torch's ``meta`` device (shapes, no values) cannot be computed with: a clear error
+    naming the device, not PyTorch's NotImplementedError / RuntimeError from deep inside."""
+    calls = _meta_calls()
+    with pytest.raises(errors.DeviceError, match=r"meta"):
+        calls[name]()

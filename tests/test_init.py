@@ -609,3 +609,33 @@ def test_balanced_to_factors_at_extreme_scales(backend, dtype, scale):
     normal = finite & (np.abs(expected) >= info.tiny)  # not under/overflowing in this dtype
     np.testing.assert_allclose(s1[normal], expected[normal], rtol=tol)
     assert np.isinf(s1[~finite]).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("exponent", [0, 150, -150, 160, 300])
+def test_closed_form_is_scale_invariant(backend, dtype, exponent):
+    """``relu_function_error(c a, c b) = c^2 relu_function_error(a, b)``: in particular ``(a, a)`` is
+    exactly 0 at every scale (the old form ``|a|^2/2 + |b|^2/2 - |a||b| J/pi`` left a rounding residue
+    of eps |a|^2, which became Inf or 1.8e308 when |a|^2 itself exceeds the range)."""
+    info = np.finfo(dtype)
+    scale = 10.0 ** (exponent * (info.maxexp / 1024))  # the same place in float32's smaller range
+    rows = np.array([[0.0, 1.0, 1.0], [3.0, -1.0, 0.5]])
+    a = backend.asarray(rows * scale, dtype)
+    assert float(backend.to_numpy(li.relu_function_error(a, a)).astype(np.float64)) == 0.0
+    assert float(backend.to_numpy(li.relu_function_error(a, a, relative=True))) == 0.0
+    # a true, non-zero error scales by c^2 (relative: not at all)
+    other = np.array([[0.0, 1.0, 0.9], [3.0, -1.0, -0.5]])
+    b = backend.asarray(other * scale, dtype)
+    unit = ref.relu_function_error(rows, other)
+    rel = float(backend.to_numpy(li.relu_function_error(a, b, relative=True)))
+    assert_close(rel, unit / (np.sum(rows**2) / 2), atol=0, rtol=100 * eps(dtype))
+    c = float(np.asarray(scale, dtype))  # the scale as the dtype holds it
+    if math.log10(unit) + 2 * math.log10(c) < math.log10(float(info.max)) - 1:  # representable
+        got = float(backend.to_numpy(li.relu_function_error(a, b)).astype(np.float64))
+        assert_close(got / c / c, unit, atol=0, rtol=100 * eps(dtype))
+
+
+def test_closed_form_issue_example(backend):
+    """The reported input: a single row [0, 6.36e161, 6.36e161] against itself."""
+    a = backend.asarray(np.array([[0.0, 6.36e161, 6.36e161]]))
+    assert float(backend.to_numpy(li.relu_function_error(a, a))) == 0.0

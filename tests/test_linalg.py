@@ -385,3 +385,63 @@ def test_polar_stability_is_scale_free(backend):
         )
         b0, b1 = float(backend.to_numpy(base)), float(backend.to_numpy(big))
         assert b1 == pytest.approx(b0, rel=1e-5), (dtype, scale)
+
+
+class _GramSVDBackend(lc.StandardBackend):
+    """An SVD driver that forms ``a^T a`` (as some GPU and iterative drivers do): it overflows for
+    entries whose squares exceed the dtype's range, whatever the singular values are."""
+
+    def svd(self, a):
+        xp = self.xp
+        w, V = xp.linalg.eigh(xp.matrix_transpose(a) @ a)
+        w, V = xp.flip(w, axis=-1), xp.flip(V, axis=-1)
+        S = xp.sqrt(xp.clip(w, 0.0, None))
+        U = (a @ V) / xp.where(S > 0, S, xp.ones_like(S))[..., None, :]
+        return U, S, xp.matrix_transpose(V)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_svd_scales_before_the_driver(dtype):
+    """The largest singular value of [[c, c, c]] is sqrt(3) c: representable for c = 0.577 max, though
+    c^2 is not. The decomposition must not depend on the driver's handling of overflow."""
+    import array_api_compat
+
+    big = float(np.finfo(dtype).max) * 0.577
+    a = np.full((1, 3), big, dtype=dtype)
+    lc.register_backend("numpy", _GramSVDBackend(array_api_compat.array_namespace(a)))
+    try:
+        _, S, Vh = lc.svd(a)
+        u = lc.orthogonal_factor(a)
+    finally:
+        lc.register_backend("numpy", None)
+    expected = np.sqrt(3.0) * np.float64(a[0, 0])
+    assert np.isfinite(S).all()
+    np.testing.assert_allclose(np.float64(S[0]), expected, rtol=8 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(Vh, np.full((1, 3), 1 / np.sqrt(3.0)), rtol=8 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(u, np.full((1, 3), 1 / np.sqrt(3.0)), rtol=8 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_svd_refuses_a_singular_value_beyond_the_dtype(backend, dtype):
+    """[[c, c, c], [c, c, c]] has sigma = sqrt(6) c: for c = 0.577 max it exceeds the dtype's range. The
+    result cannot be represented: a clear error, not an Inf singular value beside garbage vectors."""
+    big = float(np.finfo(dtype).max) * 0.577
+    a = backend.asarray(np.full((2, 3), big), dtype)
+    before = snapshot(backend, a)
+    with pytest.raises(lc.NonFiniteError, match=r"(?i)overflow"):
+        lc.svd(a)
+    assert_unchanged(backend, before, a)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_polar_p_at_the_top_of_the_range(backend, dtype):
+    """For a column [c, c, c]^T, ``p`` is the 1x1 matrix [sqrt(3) c]: representable, so finite (the
+    symmetrization (p + p^T) / 2 must not overflow on the way)."""
+    big = float(np.finfo(dtype).max) * 0.577
+    a = backend.asarray(np.full((3, 1), big), dtype)
+    u, p = lc.polar(a)
+    p64 = backend.to_numpy(p).astype(np.float64)
+    np.testing.assert_allclose(p64, [[np.sqrt(3.0) * big]], rtol=16 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(
+        backend.to_numpy(u).astype(np.float64), np.full((3, 1), 1 / np.sqrt(3.0)), rtol=1e-6
+    )

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from lowrank_core._validate import check_int
 from lowrank_core.dldr import Subspace
 from lowrank_core.errors import LowRankError, ParameterError, ParameterTypeError
 
@@ -350,9 +351,7 @@ class DLDRConfig:
 
     def __post_init__(self) -> None:
         for name in ("record_steps", "every", "dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ParameterError(f"`{name}` must be a positive int, got {value!r}")
+            setattr(self, name, check_int(name, getattr(self, name), min=1))
         snapshots = 1 + self.record_steps // self.every
         if self.dim > snapshots - 1:
             raise ParameterError(

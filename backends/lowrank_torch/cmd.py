@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_core import cmd as core
+from lowrank_core._array import check_device
 from lowrank_core._validate import (
     check_bool,
     check_choice,
@@ -213,6 +214,8 @@ class CMDTracker:
         device = params[0].device
         if any(p.device != device for p in params):
             raise DeviceMismatchError("CMD needs every trainable parameter on one device")
+        for name, p in named:
+            check_device(p, f"model parameter {name}")
         self.config = config or CMDConfig()
         self._named = named
         self.params = params

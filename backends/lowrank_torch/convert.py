@@ -123,13 +123,23 @@ def check_include(include: Iterable[Any]) -> tuple[type[Any], ...]:
 
 
 def _check_rank(rank: Any) -> int | None:
-    if rank is None:
-        return None
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise lc.RankError(f"`rank` must be None or a positive int, got {rank!r}")
-    if rank < 1:
-        raise lc.RankError(f"`rank` must be >= 1, got {rank}")
-    return rank
+    """``None`` or an integer >= 1 (NumPy integer scalars included), as a Python ``int``."""
+    checked: int | None = check_int(
+        "rank", rank, min=1, optional=True, error=lc.RankError, type_error=lc.RankError
+    )
+    return checked
+
+
+def _check_computable(chosen: list[tuple[str, nn.Module]]) -> None:
+    """``DeviceError`` naming the first chosen layer with a parameter on the ``meta`` device."""
+    for name, module in chosen:
+        for p in _layer_params(module):
+            if p.is_meta:
+                raise lc.DeviceError(
+                    f"layer {name or type(module).__name__!r} has its parameters on the device "
+                    "'meta' (shapes without values): they cannot be factorized; materialize the "
+                    "model first (model.to_empty(device=...), then initialize or load its weights)"
+                )
 
 
 def _layer_rank(rank: int | None, module: nn.Module) -> int | None:
@@ -424,6 +434,7 @@ def to_low_rank(
             raise ConversionError(_no_eligible_message(model, scan))
         _warn_if_none(model, chosen, scan)
 
+    _check_computable(chosen)
     # Build every new layer first, so that an error leaves the model untouched (attention excepted:
     # it is converted in place, after all other layers were built).
     built: list[tuple[str, nn.Module, LowRankLayer | None]] = []

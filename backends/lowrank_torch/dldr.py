@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lowrank_core._array import check_device
 from lowrank_core._validate import check_bool, check_float, check_int, describe
 from lowrank_core.dldr import (
     BFGSState,
@@ -159,6 +160,8 @@ class SnapshotRecorder:
             )
         self.every = check_int("every", every, min=1)
         self.include_buffers = check_bool("include_buffers", include_buffers)
+        for name, p in model.named_parameters():
+            check_device(p, f"model parameter {name}")
         self.model = model
         self.store = SnapshotStore() if store is None else store
         self.params = [p for p in model.parameters() if p.requires_grad]

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from lowrank_core._array import check_device
 from lowrank_core._validate import (
     check_bool,
     check_choice,
@@ -139,6 +140,7 @@ def init_low_rank_layer_(
         )
     if not weight.is_floating_point():
         raise DTypeError(f"`weight` must be a floating tensor, got {weight.dtype}")
+    check_device(weight, "weight")
     if init != "random" and not bool(torch.isfinite(weight).all()):
         raise NonFiniteError("`weight` contains NaN or Inf")
     w = weight.detach().to(device=layer.sigma.device, dtype=layer.sigma.dtype)

@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import lowrank_core as lc
+from lowrank_core._array import check_device
 from lowrank_core._validate import check_int, check_shape
 from lowrank_core.errors import ParameterError, ParameterTypeError
 
@@ -138,6 +139,7 @@ class LowRankLayer(nn.Module):
                 raise lc.ShapeError(f"`bias` must have shape ({out},), got {tuple(b.shape)}")
             if not b.is_floating_point():
                 raise lc.DTypeError(f"`bias` must be a floating tensor, got {b.dtype}")
+            check_device(b, "bias")
             if not bool(torch.isfinite(b).all()):
                 raise lc.NonFiniteError("`bias` contains NaN or Inf")
             self.bias = nn.Parameter(self._copy(b, dtype, device))
@@ -160,6 +162,7 @@ class LowRankLayer(nn.Module):
                 )
             if not x.is_floating_point():
                 raise lc.DTypeError(f"`{name}` must be a floating tensor, got {x.dtype}")
+            check_device(x, name)
             if not bool(torch.isfinite(x).all()):
                 raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
         r = int(Sigma.shape[-1])
@@ -550,9 +553,10 @@ _ConvFn = Any
 
 
 def _tuple(value: int | Sequence[int], nd: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * nd
-    t = tuple(int(v) for v in value)
+    """An int (NumPy integer scalars included) repeated ``nd`` times, or a sequence of ``nd`` ints."""
+    if not isinstance(value, (tuple, list)):
+        return (int(check_int(name, value)),) * nd
+    t = tuple(int(check_int(f"{name}[{i}]", v)) for i, v in enumerate(value))
     if len(t) != nd:
         raise ParameterError(f"`{name}` must be an int or a sequence of {nd} ints, got {value!r}")
     return t

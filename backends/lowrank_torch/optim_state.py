@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 import lowrank_core as lc
-from lowrank_core._array import check_rank
+from lowrank_core._array import check_device, check_rank
 from lowrank_core._validate import check_int, describe
 from lowrank_core.oialr import moments
 
@@ -109,6 +109,7 @@ def _check_rotation(sigma: Tensor, **maps: object) -> None:
                 f"`{name}` must have `sigma`'s shape {tuple(sigma.shape)} (a rotation of its "
                 f"coordinates), got {tuple(x.shape)}"
             )
+        check_device(x, name)
         if not bool(torch.isfinite(x).all()):
             raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
 
@@ -135,6 +136,7 @@ def _check_bases(dense: Tensor, sigma: Tensor, U: object, V: object, groups: obj
                 f"`{name}` must have shape {expect} for a dense weight {tuple(dense.shape)} "
                 f"(groups={g}) and `sigma` {tuple(sigma.shape)}, got {tuple(x.shape)}"
             )
+        check_device(x, name)
         if not bool(torch.isfinite(x).all()):
             raise lc.NonFiniteError(f"`{name}` contains NaN or Inf")
 

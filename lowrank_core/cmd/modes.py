@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import array_api_compat
 import numpy as np
 
 from .._array import Array, Namespace, check_rank, namespace
@@ -43,16 +44,29 @@ class Modes:
         return int(self.references.shape[0])
 
 
-def _references(c: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per cluster: the member with the largest summed |corr| to the other members (first on ties)."""
+def _references(c: np.ndarray, labels: np.ndarray, tie: float = 0.0) -> np.ndarray:
+    """Per cluster: the member with the largest summed |corr| to the other members.
+
+    Ties: every member whose score is within ``tie * (members - 1)`` of the best (``tie`` bounds the
+    rounding of one |corr| entry) counts as tied, and the first of them (lowest sample row) is chosen.
+    Scores that are equal in exact arithmetic (rows that are affine images of each other) differ by
+    rounding, which changes with the data's scale: the tolerance keeps the choice scale-independent.
+    """
     n_modes = int(labels.max()) + 1
     refs = []
     for m in range(n_modes):
         members = np.flatnonzero(labels == m)
         sub = c[np.ix_(members, members)]
         score = sub.sum(axis=1) - np.diag(sub)
-        refs.append(int(members[int(np.argmax(score))]))
+        near = score >= score.max() - tie * max(1, members.size - 1)
+        refs.append(int(members[int(np.argmax(near))]))
     return np.asarray(refs, dtype=np.int64)
+
+
+def _tie_tolerance(rows: _Rows) -> float:
+    """The rounding bound of one |corr| entry of rows of length T: ``2 (T + 4) eps`` (compute dtype)."""
+    x = rows.shifted
+    return 2.0 * (int(x.shape[1]) + 4) * _eps(array_api_compat.array_namespace(x), x.dtype)
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,7 @@ class _Clustering:
             return labels, np.zeros(1, dtype=np.int64)
         sub = _cut(self.merges, self.heights, int(self.keep.size), min(m, int(self.keep.size)))
         labels[self.keep] = sub
-        return labels, self.keep[_references(self.c_host, sub)]
+        return labels, self.keep[_references(self.c_host, sub, _tie_tolerance(self.rows))]
 
 
 def _cluster_sample(xp: Namespace, x: Array, metric: str) -> _Clustering:
@@ -106,7 +120,8 @@ def find_modes(
     Euclidean distance between rows of ``|corr|``; ``'correlation'``: distance ``1 - |corr|`` (complete
     linkage then guarantees that every pair inside a cluster has ``|corr| >= 1 - height``). The reference
     of a cluster is its member with the largest summed ``|corr|`` to the other members (equivalently the
-    largest mean ``|corr|`` to its own cluster).
+    largest mean ``|corr|`` to its own cluster); scores within the rounding bound ``2 (T + 4) eps`` per
+    member of the best tie, and the first tied member (lowest sample row) is the reference, at any scale.
     """
     xp = namespace(sample=sample)
     _check_trajectory(xp, sample, "sample")

@@ -87,14 +87,16 @@ def bfgs_update(
         norms = xp.sqrt(xp.sum(s * s)) * xp.sqrt(xp.sum(y * y))
         ok = xp.logical_and(sy > eps * norms, sy > 0.0)
         sy = xp.where(ok, sy, xp.ones_like(sy))
-    rho = 1.0 / sy
+    # with t = s / (s.y) and c = y.Hy + s.y: H+ = H - (t (Hy)^T + Hy t^T) + c t t^T, the same update
+    # without rho^2 (it overflows for a tiny s while s s^T underflows: Inf * 0 = NaN); c t t^T is
+    # formed as sign(c) u u^T with u = sqrt(|c|) t (exactly symmetric; t t^T alone may overflow)
+    t = s / sy
     Hy = H @ y
-    yHy = xp.sum(y * Hy)
-    outer_sHy = s[:, None] * Hy[None, :]
+    c = xp.sum(y * Hy) + sy
+    u = xp.sqrt(xp.abs(c)) * t
+    outer_tHy = t[:, None] * Hy[None, :]
     H_new = (
-        H
-        - rho * (outer_sHy + xp.matrix_transpose(outer_sHy))
-        + (rho * rho * yHy + rho) * (s[:, None] * s[None, :])
+        H - (outer_tHy + xp.matrix_transpose(outer_tHy)) + xp.sign(c) * (u[:, None] * u[None, :])
     )
     if ok is None:
         return H_new, True

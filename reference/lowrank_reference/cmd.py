@@ -11,7 +11,8 @@ parameter, one column per epoch. Functions follow the same definitions as ``lowr
   scalars each tensor has left);
 - clustering: ``scipy.cluster.hierarchy.linkage(method='complete')`` + ``fcluster(criterion='maxclust')``,
   clusters renumbered by decreasing size (ties: smallest member first);
-- reference of a cluster: the member with the largest summed |corr| to the other members (first on ties);
+- reference of a cluster: the member with the largest summed |corr| to the other members; sums within
+  ``2 (T + 4) eps`` per other member of the largest tie (rounding), the first tied member is chosen;
 - assignment: argmax over modes of |pearson| with the profile (first mode on ties; 0 for constant rows);
 - coefficients: ``np.linalg.lstsq`` on ``[profile, 1]`` per parameter (``a = 0``, ``b = mean`` for a
   constant row or profile).
@@ -138,19 +139,21 @@ def cmd_cluster(distance: ArrayLike, max_clusters: int) -> NDArray[np.int64]:
     return out
 
 
-def cmd_references(corr: ArrayLike, labels: ArrayLike) -> NDArray[np.int64]:
-    """Per cluster, the member with the largest sum of |corr| to the other members."""
+def cmd_references(corr: ArrayLike, labels: ArrayLike, tie: float = 0.0) -> NDArray[np.int64]:
+    """Per cluster, the member with the largest sum of |corr| to the other members.
+
+    A member whose sum is within ``tie * (members - 1)`` of the largest ties with it (``tie``: the
+    rounding bound of one |corr| entry); the first tied member is chosen.
+    """
     c = np.asarray(corr, dtype=np.float64)
     lab = np.asarray(labels)
     refs = []
     for m in range(int(lab.max()) + 1):
         members = [i for i in range(lab.size) if lab[i] == m]
-        best, best_score = members[0], -np.inf
-        for i in members:
-            score = sum(c[i, j] for j in members if j != i)
-            if score > best_score:
-                best, best_score = i, score
-        refs.append(best)
+        scores = [sum(c[i, j] for j in members if j != i) for i in members]
+        top = max(scores)
+        slack = tie * max(1, len(members) - 1)
+        refs.append(next(i for i, sc in zip(members, scores, strict=True) if sc >= top - slack))
     return np.asarray(refs, dtype=np.int64)
 
 
@@ -250,7 +253,7 @@ def cmd_fit(
     else:
         raise ValueError(f"metric: unknown {metric!r}")
     sub = cmd_cluster(d, max_modes)
-    refs = moving[cmd_references(c, sub)]
+    refs = moving[cmd_references(c, sub, 2.0 * (x.shape[1] + 4) * eps)]
     labels = np.full(idx.size, -1, dtype=np.int64)
     labels[~const] = sub
     profiles = x[refs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 
 import lowrank_core as lc
@@ -21,6 +22,7 @@ from lowrank_torch.convert import (  # noqa: E402
     to_low_rank,
     trainable_share,
 )
+from lowrank_torch.init import low_rank_model  # noqa: E402
 from lowrank_torch.layers import (  # noqa: E402
     LowRankConv1d,
     LowRankConv2d,
@@ -655,3 +657,101 @@ def test_oialr_keeps_every_use_of_shared_weights_trained():
     step()
     for n, p in model.named_parameters():
         assert not torch.equal(p, before[n]), n  # every parameter, shared ones included, moved
+
+
+# --------------------------------------------------------------------------------------------------
+# NumPy integer ranks; models on the meta device
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rank", [2, np.int64(2), np.int32(2)], ids=["int", "np.int64", "np.int32"])
+def test_rank_may_be_a_numpy_integer(rank):
+    """Every int argument takes NumPy integer scalars (as LowRankLinear.from_dense always did)."""
+    model = mlp()
+    to_low_rank(model, rank=rank)
+    ranks = {m.rank for m in model.modules() if isinstance(m, LowRankLayer)}
+    assert ranks == {2}
+
+
+def test_rank_zero_d_array_is_refused_like_everywhere():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(lc.RankError, match="0-d"):
+        to_low_rank(model, rank=np.array(2))
+    assert not any(isinstance(m, LowRankLayer) for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def _meta_mlp():
+    with torch.device("meta"):
+        return nn.Sequential(
+            nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+        )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: to_low_rank(m, rank=2),
+        lambda m: low_rank_model(m, 0.5),
+        lambda m: LowRankLinear.from_dense(m[2], rank=2),
+    ],
+    ids=["to_low_rank", "low_rank_model", "from_dense"],
+)
+def test_meta_models_are_refused_before_anything_changes(call):
+    """A model built on torch's meta device (shapes only) cannot be factorized: a clear error naming
+    the device, and the model is left as it was (no layer replaced)."""
+    model = _meta_mlp()
+    layers = list(model)
+    with pytest.raises(lc.DeviceError, match="meta"):
+        call(model)
+    assert list(model) == layers
+    assert not any(isinstance(m, LowRankLayer) for m in model.modules())
+
+
+def _meta_tensor_calls():
+    import lowrank_torch as lt
+    from lowrank_torch.cmd import CMDTracker
+    from lowrank_torch.dldr import SnapshotRecorder
+
+    def meta(*shape):
+        return torch.zeros(*shape, dtype=F64, device="meta")
+
+    return {
+        "LowRankLinear(U)": lambda: LowRankLinear(
+            meta(6, 2), torch.eye(2, dtype=F64), torch.ones(5, 2, dtype=F64)
+        ),
+        "LowRankLinear(bias)": lambda: LowRankLinear(
+            torch.ones(6, 2, dtype=F64),
+            torch.eye(2, dtype=F64),
+            torch.ones(5, 2, dtype=F64),
+            bias=meta(6),
+        ),
+        "init_low_rank_layer_": lambda: lt.init_low_rank_layer_(
+            LowRankLinear.from_dense(nn.Linear(5, 6).to(F64), 2), meta(6, 5)
+        ),
+        "CMDTracker": lambda: CMDTracker(_meta_mlp()),
+        "SnapshotRecorder": lambda: SnapshotRecorder(_meta_mlp()),
+        "rotate_sigma_state": lambda: lt.rotate_sigma_state(
+            torch.optim.SGD([sigma := nn.Parameter(torch.eye(3, dtype=F64))], lr=0.1),
+            sigma,
+            meta(3, 3),
+            torch.eye(3, dtype=F64),
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "LowRankLinear(U)",
+        "LowRankLinear(bias)",
+        "init_low_rank_layer_",
+        "CMDTracker",
+        "SnapshotRecorder",
+        "rotate_sigma_state",
+    ],
+)
+def test_meta_tensors_of_the_integration_are_refused(name):
+    """Tensors and models on the meta device get the core's DeviceError, naming the device."""
+    with pytest.raises(lc.DeviceError, match="meta"):
+        _meta_tensor_calls()[name]()
