@@ -7,7 +7,7 @@ See ``docs/spec.md`` (the documentation site's "Semantics" page) for the exact s
 
 from __future__ import annotations
 
-from . import cmd, dldr, errors, init, oialr
+from . import checkpoint, cmd, dldr, errors, init, oialr
 from .backend import StandardBackend, get_backend, register_backend
 
 # DLDR (lowrank_core.dldr), CMD (lowrank_core.cmd), low-rank initialization (lowrank_core.init): the
@@ -108,6 +108,7 @@ __all__ = [
     "TailNorm",
     "__version__",
     "basis_stability",
+    "checkpoint",
     "choose_num_modes",
     "cmd",
     "dldr",

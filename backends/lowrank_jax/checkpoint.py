@@ -3,12 +3,13 @@
 :func:`save_checkpoint` writes the parameter pytree (for OIALR: the trainable tree, a switched kernel
 being its ``Sigma``), the optax state, and the state of an :class:`~lowrank_jax.oialr.OIALR` controller,
 a :class:`~lowrank_jax.cmd.CMDTracker`, a DLDR :class:`~lowrank_core.Subspace` and a
-:class:`~lowrank_jax.dldr.SubspaceBFGS` state, plus an ``extra`` dict (epoch, metrics). The file is a
-NumPy ``.npz`` archive (no pickle: loading runs no code) holding every array and a JSON manifest of the
-rest; it is written atomically (a temporary file, then a rename: a crash while saving never destroys
-the previous checkpoint) and carries a SHA-256 digest of the manifest and of every array's dtype, shape
-and bytes, verified at load, so a file changed on disk is refused instead of loading wrong values (the
-digest guards against corruption, not against a deliberate forgery).
+:class:`~lowrank_jax.dldr.SubspaceBFGS` state, plus an ``extra`` dict (epoch, metrics). The file is the
+core's container (:mod:`lowrank_core.checkpoint`, this module is the tree glue): a NumPy ``.npz``
+archive (no pickle: loading runs no code) holding every array and a JSON manifest of the rest; it is
+written atomically (a temporary file, then a rename: a crash while saving never destroys the previous
+checkpoint) and carries a SHA-256 digest of the manifest and of every array's dtype, shape and bytes,
+verified at load, so a file changed on disk is refused instead of loading wrong values (the digest
+guards against corruption, not against a deliberate forgery).
 
 :func:`load_checkpoint` takes the *fresh* objects of the new run: the parameters as built by the model's
 ``init`` (the structure and the dense shapes), the optax transformation (``tx``, whose ``init`` gives the
@@ -35,11 +36,7 @@ Example (OIALR with optax)::
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +47,7 @@ import numpy as np
 
 import lowrank_core as lc
 from lowrank_core import CheckpointError
+from lowrank_core import checkpoint as container
 from lowrank_core._validate import describe
 
 from .cmd import CMDTracker
@@ -85,96 +83,37 @@ class LoadedCheckpoint:
 
 
 # --------------------------------------------------------------------------------------------------
-# encoding: JSON manifest + named arrays
+# tree glue over the core container (lowrank_core.checkpoint: the manifest, the digest, the file)
 # --------------------------------------------------------------------------------------------------
-class _Encoder:
-    def __init__(self) -> None:
-        self.arrays: dict[str, np.ndarray] = {}
-
-    def array(self, x: Any) -> dict[str, Any]:
-        a = np.asarray(jax.device_get(x))
-        name = f"a{len(self.arrays)}"
-        dtype = str(a.dtype)
-        if a.dtype.kind not in "biufc":  # bfloat16, float8, ...: stored as raw bytes
-            a = np.ascontiguousarray(a).view(np.uint8)
-        self.arrays[name] = np.ascontiguousarray(a)
-        return {"__array__": name, "dtype": dtype, "shape": list(np.shape(x))}
-
-    def value(self, x: Any, where: str) -> Any:
-        if isinstance(x, jax.Array | np.ndarray):
-            return self.array(x)
-        if isinstance(x, np.generic):
-            return x.item()
-        if x is None or isinstance(x, bool | int | float | str):
-            return x
-        if isinstance(x, dict):
-            out = {}
-            for k, v in x.items():
-                if not isinstance(k, str) or k.startswith("__"):
-                    raise lc.ParameterTypeError(
-                        f"{where}: dict keys must be strings not starting with '__', got {k!r}"
-                    )
-                out[k] = self.value(v, f"{where}[{k!r}]")
-            return out
-        if isinstance(x, tuple):
-            return {"__tuple__": [self.value(v, f"{where}[{i}]") for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return [self.value(v, f"{where}[{i}]") for i, v in enumerate(x)]
-        raise lc.ParameterTypeError(
-            f"{where} holds {describe(x)}; a checkpoint keeps arrays, numbers, strings, None, "
-            "lists, tuples and dicts with string keys"
-        )
-
-    def tree(self, tree: Any) -> dict[str, Any]:
-        leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        leaves = []
-        for path, leaf in leaves_with_paths:
-            where = jax.tree_util.keystr(path)
-            if not isinstance(leaf, jax.Array | np.ndarray | np.generic | int | float | bool):
-                raise lc.ParameterTypeError(
-                    f"the pytree leaf {where} is {describe(leaf)}; a checkpoint keeps array leaves"
-                )
-            leaves.append(self.array(leaf))
-        return {
-            "treedef": str(treedef),
-            "paths": [jax.tree_util.keystr(p) for p, _ in leaves_with_paths],
-            "leaves": leaves,
-        }
-
-
-def _decode(x: Any, arrays: dict[str, np.ndarray]) -> Any:
-    if isinstance(x, dict):
-        if "__array__" in x:
-            return _array(x, arrays)
-        if "__tuple__" in x:
-            return tuple(_decode(v, arrays) for v in x["__tuple__"])
-        return {k: _decode(v, arrays) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_decode(v, arrays) for v in x]
+def _to_host(x: Any) -> Any:
+    """JAX arrays as NumPy arrays for the container (everything else as it is)."""
+    if isinstance(x, jax.Array):
+        return np.asarray(jax.device_get(x))
     return x
 
 
-def _array(ref: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray:
-    try:
-        raw = arrays[ref["__array__"]]
-        dtype = jnp.dtype(ref["dtype"])
-        shape = tuple(int(s) for s in ref["shape"])
-        a = raw if raw.dtype == dtype else raw.view(dtype)
-        return a.reshape(shape)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(
-            f"the checkpoint's manifest does not match its arrays: {exc}"
-        ) from None
+def _tree(tree: Any) -> dict[str, Any]:
+    """A pytree as its structure, leaf paths and leaves (checked against a fresh tree at load)."""
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = []
+    for path, leaf in leaves_with_paths:
+        where = jax.tree_util.keystr(path)
+        if not isinstance(leaf, jax.Array | np.ndarray | np.generic | int | float | bool):
+            raise lc.ParameterTypeError(
+                f"the pytree leaf {where} is {describe(leaf)}; a checkpoint keeps array leaves"
+            )
+        leaves.append(np.asarray(jax.device_get(leaf)))
+    return {
+        "treedef": str(treedef),
+        "paths": [jax.tree_util.keystr(p) for p, _ in leaves_with_paths],
+        "leaves": leaves,
+    }
 
 
-def _digest(manifest: bytes, arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    h.update(b"M" + len(manifest).to_bytes(8, "little") + manifest)
-    for name in sorted(arrays):
-        a = arrays[name]
-        h.update(f"A{name};{a.dtype.str};{a.shape};".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+def _array(x: Any, what: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise CheckpointError(f"the checkpoint's {what} must be an array, got {describe(x)}")
+    return x
 
 
 def _check_controllers(oialr: object, cmd: object) -> None:
@@ -240,85 +179,32 @@ def save_checkpoint(
     if extra is not None and not isinstance(extra, dict):
         raise lc.ParameterTypeError(f"`extra` must be a dict or None, got {describe(extra)}")
     if oialr is not None:
-        oialr._check_tree(params)
+        oialr.check_tree(params)
 
-    enc = _Encoder()
-    manifest: dict[str, Any] = {"format": FORMAT, "params": enc.tree(params)}
+    content: dict[str, Any] = {"params": _tree(params)}
     if opt_state is not None:
-        manifest["opt_state"] = enc.tree(opt_state)
+        content["opt_state"] = _tree(opt_state)
     if oialr is not None:
-        manifest["oialr"] = enc.value(oialr.state_dict(), "the OIALR state")
+        content["oialr"] = oialr.state_dict()
     if cmd is not None:
-        manifest["cmd"] = enc.value(cmd.state_dict(), "the CMD state")
+        content["cmd"] = cmd.state_dict()
     if subspace is not None:
-        manifest["subspace"] = {
-            "centre": enc.array(subspace.centre),
-            "basis": enc.array(subspace.basis),
-            "explained_variance": enc.array(subspace.explained_variance),
-            "total_variance": float(subspace.total_variance),
-            "num_snapshots": int(subspace.num_snapshots),
-        }
+        content["subspace"] = subspace.state_dict()
     if bfgs is not None and bfgs_state is not None:
-        manifest["bfgs"] = {
-            "origin": enc.array(bfgs.origin),
+        content["bfgs"] = {
+            "origin": bfgs.origin,
             "options": {k: getattr(bfgs, k) for k in _BFGS_OPTIONS},
-            "state": {k: enc.array(v) for k, v in bfgs_state._asdict().items()},
+            "state": bfgs_state.state_dict(),
         }
     if extra is not None:
-        manifest["extra"] = enc.value(extra, "`extra`")
-    text = json.dumps(manifest, sort_keys=True, allow_nan=True).encode()
-    arrays = dict(enc.arrays)
-    arrays[_MANIFEST] = np.frombuffer(text, dtype=np.uint8)
-    arrays[_DIGEST] = np.frombuffer(
-        f"{DIGEST}:{_digest(text, enc.arrays)}".encode(), dtype=np.uint8
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+        content["extra"] = extra
+    return container.save(target, content, format=FORMAT, convert=_to_host)
 
 
 # --------------------------------------------------------------------------------------------------
 # reading and checking (nothing here changes the target objects)
 # --------------------------------------------------------------------------------------------------
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {str(path)!r}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable lowrank_jax checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
-    if _MANIFEST not in arrays or _DIGEST not in arrays:
-        raise CheckpointError(f"{path} is not a lowrank_jax checkpoint (no manifest or digest)")
-    text = arrays.pop(_MANIFEST).tobytes()
-    saved = arrays.pop(_DIGEST).tobytes().decode("ascii", "replace")
-    if saved != f"{DIGEST}:{_digest(text, arrays)}":
-        raise CheckpointError(
-            f"{path} is corrupt: its content does not match the digest written with it "
-            "(changed on disk after it was saved?)"
-        )
-    try:
-        manifest = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{path} has an unreadable manifest: {exc}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise CheckpointError(f"{path} has format {found!r}; this version reads {FORMAT!r}")
-    return manifest, arrays
-
-
-def _restore_tree(
-    saved: Any, template: Any, arrays: dict[str, np.ndarray], what: str
-) -> tuple[Any, list[np.ndarray]]:
+def _restore_tree(saved: Any, template: Any, what: str) -> tuple[Any, list[np.ndarray]]:
     """The saved leaves checked against ``template`` (structure, shapes, dtypes); nothing is placed yet."""
     if not isinstance(saved, dict) or not {"treedef", "paths", "leaves"} <= set(saved):
         raise CheckpointError(f"the checkpoint's {what} entry is damaged")
@@ -333,7 +219,9 @@ def _restore_tree(
             else " (the same leaves in another structure: another optimizer or container?)"
         )
         raise CheckpointError(f"the checkpoint's {what} has another tree structure{hint}")
-    leaves = [_array(ref, arrays) for ref in saved["leaves"]]
+    leaves = [_array(leaf, what) for leaf in saved["leaves"]]
+    if len(leaves) != len(t_leaves):
+        raise CheckpointError(f"the checkpoint's {what} entry is damaged (wrong number of leaves)")
     for (path, want), got in zip(t_leaves, leaves, strict=True):
         where = jax.tree_util.keystr(path)
         want_shape, want_dtype = tuple(np.shape(want)), jnp.result_type(want)
@@ -358,53 +246,24 @@ def _place(treedef: Any, leaves: list[np.ndarray], template: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, placed)
 
 
-def _subspace(saved: Any, arrays: dict[str, np.ndarray], dim: int) -> lc.Subspace:
-    try:
-        centre = _array(saved["centre"], arrays)
-        basis = _array(saved["basis"], arrays)
-        variance = _array(saved["explained_variance"], arrays)
-        total, count = float(saved["total_variance"]), int(saved["num_snapshots"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"the checkpoint's subspace entry is damaged: {exc}") from None
-    if basis.ndim != 2 or centre.shape != (basis.shape[1],) or variance.shape != (basis.shape[0],):
-        raise CheckpointError(
-            f"the checkpoint's subspace is inconsistent: basis {basis.shape}, centre {centre.shape}, "
-            f"variance {variance.shape}"
-        )
-    if int(basis.shape[1]) != dim:
-        raise CheckpointError(
-            f"the checkpoint's subspace lives in {int(basis.shape[1])} dimensions, these parameters "
-            f"have {dim} scalars"
-        )
+def _subspace(saved: Any, dim: int) -> lc.Subspace:
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"the checkpoint's subspace entry is damaged: {describe(saved)}")
+    sub = lc.Subspace.from_state_dict(saved, dim=dim)
     return lc.Subspace(
-        centre=jnp.asarray(centre),
-        basis=jnp.asarray(basis),
-        explained_variance=jnp.asarray(variance),
-        total_variance=total,
-        num_snapshots=count,
+        centre=jnp.asarray(sub.centre),
+        basis=jnp.asarray(sub.basis),
+        explained_variance=jnp.asarray(sub.explained_variance),
+        total_variance=sub.total_variance,
+        num_snapshots=sub.num_snapshots,
     )
 
 
-def _bfgs_state(saved: Any, arrays: dict[str, np.ndarray], d: int, dtype: Any) -> BFGSState:
-    try:
-        fields = {k: _array(saved["state"][k], arrays) for k in BFGSState._fields}
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"the checkpoint's P-BFGS state is damaged: {exc}") from None
-    shapes = {"c": (d,), "H": (d, d), "g_prev": (d,), "s_prev": (d,)}
-    for name, value in fields.items():
-        want = shapes.get(name, ())
-        if tuple(value.shape) != want:
-            raise CheckpointError(
-                f"the checkpoint's P-BFGS state entry {name!r} has shape {tuple(value.shape)}; "
-                f"the subspace needs {want}"
-            )
-    for name in shapes:
-        if fields[name].dtype != dtype:
-            raise CheckpointError(
-                f"the checkpoint's P-BFGS state entry {name!r} is {fields[name].dtype}, the subspace "
-                f"{dtype}"
-            )
-    return BFGSState(**{k: jnp.asarray(v) for k, v in fields.items()})
+def _bfgs_state(saved: Any, d: int, dtype: Any) -> BFGSState:
+    if not isinstance(saved, dict):
+        raise CheckpointError("the checkpoint's P-BFGS state is damaged")
+    state = BFGSState.from_state_dict(saved.get("state", {}), d=d, dtype=dtype)
+    return BFGSState(*(jnp.asarray(v) for v in state))
 
 
 def load_checkpoint(
@@ -436,7 +295,7 @@ def load_checkpoint(
         )
     if loss_fn is not None and not callable(loss_fn):
         raise lc.ParameterTypeError(f"`loss_fn` must be callable or None, got {describe(loss_fn)}")
-    manifest, arrays = _read(source)
+    _, manifest = container.load(source, formats=(FORMAT,))
 
     for key, given, what in (("oialr", oialr, "OIALR"), ("cmd", cmd, "CMD tracker")):
         if key in manifest and given is None:
@@ -450,36 +309,34 @@ def load_checkpoint(
     oialr_fields = None
     template = params
     if oialr is not None:
-        state = _decode(manifest["oialr"], arrays)
-        oialr._check_tree(params)
+        state = manifest["oialr"]
+        oialr.check_tree(params)
         oialr_fields = oialr.check_state(state)
         ranks = {n: b.rank for n, b in oialr_fields["frozen"].items()}
         template = oialr.state_template(params, ranks)
     cmd_fields = None
     if cmd is not None:
-        cmd_fields = cmd._check_state(_decode(manifest["cmd"], arrays))
+        cmd_fields = cmd.check_state(manifest["cmd"])
 
     # 2. the parameters and the optimizer state against their templates
-    treedef, leaves = _restore_tree(manifest["params"], template, arrays, "parameter tree")
+    treedef, leaves = _restore_tree(manifest["params"], template, "parameter tree")
     opt_template = opt_def = opt_leaves = None
     if tx is not None:
         if "opt_state" not in manifest:
             raise CheckpointError(f"{source} holds no optimizer state, but `tx=` was given")
         opt_template = tx.init(template)
-        opt_def, opt_leaves = _restore_tree(
-            manifest["opt_state"], opt_template, arrays, "optimizer state"
-        )
+        opt_def, opt_leaves = _restore_tree(manifest["opt_state"], opt_template, "optimizer state")
 
     # 3. DLDR
     subspace = bfgs_state = None
     bfgs_entry = manifest.get("bfgs")
     if "subspace" in manifest:
-        subspace = _subspace(manifest["subspace"], arrays, int(flatten(params)[0].shape[0]))
+        subspace = _subspace(manifest["subspace"], int(flatten(params)[0].shape[0]))
     if bfgs_entry is not None:
         if subspace is None:
             raise CheckpointError(f"{source} holds a P-BFGS state without its subspace")
-        bfgs_state = _bfgs_state(bfgs_entry, arrays, subspace.d, subspace.basis.dtype)
-        origin = _array(bfgs_entry["origin"], arrays)
+        bfgs_state = _bfgs_state(bfgs_entry, subspace.d, subspace.basis.dtype)
+        origin = _array(bfgs_entry.get("origin"), "P-BFGS origin")
         if origin.shape != (subspace.dim,):
             raise CheckpointError(
                 f"the checkpoint's P-BFGS origin has shape {origin.shape}, expected ({subspace.dim},)"
@@ -487,7 +344,7 @@ def load_checkpoint(
         options = bfgs_entry.get("options")
         if not isinstance(options, dict) or set(options) != set(_BFGS_OPTIONS):
             raise CheckpointError("the checkpoint's P-BFGS settings are damaged")
-    extra = _decode(manifest["extra"], arrays) if "extra" in manifest else None
+    extra = manifest.get("extra")
 
     # 4. everything fits: apply and place
     bfgs = None
@@ -498,7 +355,7 @@ def load_checkpoint(
     if oialr is not None and oialr_fields is not None:
         oialr.apply_state(oialr_fields)
     if cmd is not None and cmd_fields is not None:
-        cmd._apply_state(cmd_fields)
+        cmd.apply_state(cmd_fields)
     opt_state = None
     if opt_def is not None and opt_leaves is not None:
         opt_state = _place(opt_def, opt_leaves, opt_template)

@@ -115,9 +115,11 @@ class CMDTracker:
         """Restore :meth:`state_dict`. Everything is checked first: :class:`lowrank_core.CheckpointError`
         names what does not fit (other parameters, another warm-up length, a damaged CMD state) and the
         tracker is left as it was."""
-        self._apply_state(self._check_state(state))
+        self.apply_state(self.check_state(state))
 
-    def _check_state(self, state: Any) -> dict[str, Any]:
+    def check_state(self, state: Any) -> dict[str, Any]:
+        """The tracker's new fields from ``state`` (a :meth:`state_dict`), validated; changes nothing
+        (:class:`lowrank_core.CheckpointError` names what does not fit). Apply with :meth:`apply_state`."""
         err = lc.CheckpointError
         if not isinstance(state, dict) or state.get("format") != "lowrank_jax.CMDTracker/1":
             raise err("not a lowrank_jax CMDTracker state (missing or unknown 'format' entry)")
@@ -164,7 +166,8 @@ class CMDTracker:
                 )
         return {"warmup": [jnp.asarray(w) for w in warmup], "cmd": cmd}
 
-    def _apply_state(self, fields: dict[str, Any]) -> None:
+    def apply_state(self, fields: dict[str, Any]) -> None:
+        """Take the fields :meth:`check_state` returned (cannot fail)."""
         self._warmup = fields["warmup"]
         self.cmd = fields["cmd"]
         self._update = None

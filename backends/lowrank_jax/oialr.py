@@ -372,7 +372,8 @@ class OIALR(core_oialr.ScheduleView):
 
         return jax.tree_util.tree_map_with_path(visit, tree)
 
-    def _check_tree(self, trainable: Any) -> None:
+    def check_tree(self, trainable: Any) -> None:
+        """Raise :class:`lowrank_core.ShapeError` unless ``trainable`` has this controller's structure."""
         treedef = jax.tree_util.tree_structure(trainable)
         if treedef != self._treedef:  # type: ignore[operator]
             raise lc.ShapeError(
@@ -386,7 +387,7 @@ class OIALR(core_oialr.ScheduleView):
         ``(trainable, opt_state)``. Runs outside ``jit``; :attr:`structure_changed` tells whether a
         switch or a truncation changed leaf shapes. When a due check, switch or update fails, the
         controller is left as it was before the call (the trees passed in are never changed)."""
-        self._check_tree(trainable)
+        self.check_tree(trainable)
         sched = self.schedule
         plan = sched.plan()
         saved = (sched.snapshot(), dict(self.frozen), dict(self.warmup), dict(self.last_stability))
@@ -432,7 +433,7 @@ class OIALR(core_oialr.ScheduleView):
         self, trainable: Any, opt_state: Any, names: Sequence[str] | None = None
     ) -> tuple[Any, Any]:
         """Switch ``names`` (default: every pending kernel) now, at full rank."""
-        self._check_tree(trainable)
+        self.check_tree(trainable)
         todo = self.pending if names is None else list(names)
         for name in todo:
             if name not in self.eligible:
@@ -595,6 +596,7 @@ class OIALR(core_oialr.ScheduleView):
         return {"checked": checked, "frozen": frozen, "warmup": warmup}
 
     def apply_state(self, fields: dict[str, Any]) -> None:
+        """Take the fields :meth:`check_state` returned (cannot fail)."""
         self.schedule.apply_state(fields["checked"])
         self.frozen = fields["frozen"]
         self.warmup = fields["warmup"]

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lowrank_core._validate import check_int
 from lowrank_core.dldr import Subspace
-from lowrank_core.errors import LowRankError, ParameterError, ParameterTypeError
+from lowrank_core.errors import CheckpointError, LowRankError, ParameterError, ParameterTypeError
 
 from .amp import full_precision
 from .cmd import CMDConfig, CMDTracker
@@ -140,7 +140,7 @@ class StateCarrier:
             return
         saved = _decode(blob)
         if not isinstance(saved, dict) or saved.get("format") != "lowrank_torch.callbacks/1":
-            raise ParameterError(
+            raise CheckpointError(
                 f"the {STATE_KEY!r} entry of this state_dict is not a lowrank-core state"
             )
         for name, client in self.clients.items():
@@ -435,13 +435,8 @@ class DLDRDriver:
                 else None
             )
         else:
-            s = self.subspace.subspace
             out["subspace"] = {
-                "centre": s.centre,
-                "basis": s.basis,
-                "explained_variance": s.explained_variance,
-                "total_variance": float(s.total_variance),
-                "num_snapshots": int(s.num_snapshots),
+                **self.subspace.subspace.state_dict(),
                 "origin": self.subspace.origin,
             }
         return out
@@ -459,15 +454,10 @@ class DLDRDriver:
         self.recorder._calls = int(state["calls"])
         self.subspace = None
         if "subspace" in state:
-            s = state["subspace"]
-            sub = Subspace(
-                s["centre"],
-                s["basis"],
-                s["explained_variance"],
-                float(s["total_variance"]),
-                int(s["num_snapshots"]),
-            )
-            self.subspace = SubspaceParametrization(self.recorder.params, sub, s["origin"])
+            s = dict(state["subspace"])
+            origin = s.pop("origin")
+            sub = Subspace.from_state_dict(s)  # checked: CheckpointError for a damaged entry
+            self.subspace = SubspaceParametrization(self.recorder.params, sub, origin)
         elif state.get("snapshots") is not None:
             for row in state["snapshots"]:
                 self.recorder.store.add(row)

@@ -65,6 +65,7 @@ from lowrank_core._validate import (
     describe,
 )
 from lowrank_core.errors import (
+    CheckpointError,
     DeviceMismatchError,
     LowRankError,
     NonFiniteError,
@@ -448,9 +449,29 @@ class CMDTracker:
         """Restore :meth:`state_dict` (tensors are moved to this model's device).
 
         Everything is validated before anything is changed: a state that does not fit (another model,
-        missing or unexpected keys, tensors of the wrong kind, an invalid config or core state) raises a
-        :class:`~lowrank_core.errors.LowRankError` and leaves the tracker exactly as it was.
+        missing or unexpected keys, tensors of the wrong kind, an invalid config or core state) raises
+        :class:`~lowrank_core.errors.CheckpointError` naming it (as ``lowrank_jax``'s tracker and the
+        OIALR controllers do) and leaves the tracker exactly as it was.
         """
+        try:
+            fields = self._check_state(state)
+        except CheckpointError:
+            raise
+        except LowRankError as exc:
+            raise CheckpointError(f"the CMD state does not fit: {exc}") from exc
+        # everything checked: apply
+        self.config = fields["config"]
+        self.epochs_seen = fields["epochs_seen"]
+        self.steps_seen = fields["steps_seen"]
+        self._fit_epoch = fields["fit_epoch"]
+        self._warmup = fields["warmup"]
+        embedded, prev = fields["embedded"], fields["prev"]
+        self.embedded = None if embedded is None else embedded.to(self.device)
+        self._prev = None if prev is None else (prev[0].to(self.device), prev[1].to(self.device))
+        self.state = fields["state"]
+
+    def _check_state(self, state: Any) -> dict[str, Any]:
+        """The fields of a :meth:`state_dict`, every one checked (nothing is changed)."""
         if not isinstance(state, dict):
             raise ParameterTypeError(f"the CMD state must be a dict, got {describe(state)}")
         keys = {
@@ -531,15 +552,16 @@ class CMDTracker:
                     f"the core CMD state covers {new_state.num_params} parameters, this model has "
                     f"{self.num_params}"
                 )
-        # everything checked: apply
-        self.config = config
-        self.epochs_seen = epochs_seen
-        self.steps_seen = steps_seen
-        self._fit_epoch = fit_epoch
-        self._warmup = warmup
-        self.embedded = None if embedded is None else embedded.to(self.device)
-        self._prev = None if prev is None else (prev[0].to(self.device), prev[1].to(self.device))
-        self.state = new_state
+        return {
+            "config": config,
+            "epochs_seen": epochs_seen,
+            "steps_seen": steps_seen,
+            "fit_epoch": fit_epoch,
+            "warmup": warmup,
+            "embedded": embedded,
+            "prev": prev,
+            "state": new_state,
+        }
 
 
 def _to_device(state: core.OnlineCMD, device: torch.device) -> core.OnlineCMD:

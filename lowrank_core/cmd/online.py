@@ -12,7 +12,15 @@ import numpy as np
 from .._array import Array, check_floating, namespace
 from .._validate import check_bool, check_float, check_int, describe
 from ..backend import get_backend
-from ..errors import DTypeError, NonFiniteError, ParameterError, ParameterTypeError, ShapeError
+from ..errors import (
+    CheckpointError,
+    DTypeError,
+    LowRankError,
+    NonFiniteError,
+    ParameterError,
+    ParameterTypeError,
+    ShapeError,
+)
 from .fit import CMDFit, _check_fit, fit_cmd
 from .least_squares import _chunk_stats, _join, _Profiles, reconstruct_trajectory
 from .validation import (
@@ -371,6 +379,21 @@ class OnlineCMD:
         if extra:
             raise ParameterError(f"the CMD state has unexpected keys {extra}")
         return cls(**{k: state[k] for k in _STATE_KEYS})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace this state by a :meth:`state_dict` (validate, then apply).
+
+        The whole state is validated first, as by :meth:`from_state_dict`; a state that does not fit
+        raises :class:`~lowrank_core.errors.CheckpointError` naming the problem and this object is
+        left exactly as it was.
+        """
+        try:
+            new = type(self).from_state_dict(state)
+        except CheckpointError:
+            raise
+        except LowRankError as exc:
+            raise CheckpointError(f"the CMD state does not fit: {exc}") from exc
+        self.__dict__.update(new.__dict__)
 
 
 def _itemsize(x: Array) -> int:

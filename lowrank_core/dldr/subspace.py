@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .._array import Array, Namespace, check_finite, check_floating, namespace
-from .._validate import check_bool
-from ..errors import ShapeError
+from .._validate import check_bool, describe
+from ..errors import CheckpointError, ShapeError
+
+_STATE_KEYS = ("centre", "basis", "explained_variance", "total_variance", "num_snapshots")
 
 __all__ = ["Subspace", "check_finite_"]
 
@@ -46,6 +52,73 @@ class Subspace:
         """``explained_variance / total_variance``."""
         total = self.total_variance if self.total_variance > 0 else 1.0
         return self.explained_variance / total
+
+    def state_dict(self) -> dict[str, Any]:
+        """The fields by name (the arrays themselves, ``total_variance`` a float, ``num_snapshots`` an
+        int); :meth:`from_state_dict` rebuilds the subspace (a ``Subspace`` is immutable: loading makes
+        a new one)."""
+        return {
+            "centre": self.centre,
+            "basis": self.basis,
+            "explained_variance": self.explained_variance,
+            "total_variance": float(self.total_variance),
+            "num_snapshots": int(self.num_snapshots),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any], *, dim: int | None = None) -> Subspace:
+        """A subspace from :meth:`state_dict` (arrays of any one library), every entry checked first.
+
+        ``basis`` must be a real floating ``(d, D)`` array, ``centre`` ``(D,)`` and
+        ``explained_variance`` ``(d,)`` (``D == dim`` when given), ``total_variance`` a finite number
+        ``>= 0`` and ``num_snapshots`` an integer ``>= 1``. Raises
+        :class:`~lowrank_core.errors.CheckpointError` naming the first entry that does not fit; the
+        arrays are neither copied nor moved.
+        """
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"the subspace state must be a dict, got {describe(state)}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        extra = sorted(str(k) for k in state if k not in _STATE_KEYS)
+        if missing or extra:
+            raise CheckpointError(
+                f"the subspace state has the wrong entries: missing {missing}, unexpected {extra}"
+            )
+        centre, basis, variance = state["centre"], state["basis"], state["explained_variance"]
+        try:
+            xp = namespace(centre=centre, basis=basis, explained_variance=variance)
+            for name, x in (("centre", centre), ("basis", basis), ("explained_variance", variance)):
+                check_floating(xp, x, name)
+        except Exception as exc:
+            raise CheckpointError(f"the subspace state's arrays do not fit: {exc}") from None
+        if (
+            basis.ndim != 2
+            or tuple(centre.shape) != (basis.shape[1],)
+            or tuple(variance.shape) != (basis.shape[0],)
+        ):
+            raise CheckpointError(
+                f"the subspace state is inconsistent: basis {tuple(basis.shape)}, centre "
+                f"{tuple(centre.shape)}, explained variance {tuple(variance.shape)}"
+            )
+        if dim is not None and int(basis.shape[1]) != dim:
+            raise CheckpointError(
+                f"the subspace lives in {int(basis.shape[1])} dimensions, these parameters have "
+                f"{dim} scalars"
+            )
+        total, count = state["total_variance"], state["num_snapshots"]
+        if (
+            isinstance(total, bool)
+            or not isinstance(total, numbers.Real)
+            or not math.isfinite(total)
+            or total < 0
+        ):
+            raise CheckpointError(
+                f"the subspace state's 'total_variance' must be a finite number >= 0, got {total!r}"
+            )
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+            raise CheckpointError(
+                f"the subspace state's 'num_snapshots' must be an integer >= 1, got {count!r}"
+            )
+        return cls(centre, basis, variance, float(total), int(count))
 
     def _xp(self, name: str, x: Array) -> Namespace:
         return namespace(**{name: x, "basis": self.basis})

@@ -16,6 +16,7 @@ jnp = pytest.importorskip("jax.numpy")
 optax = pytest.importorskip("optax")
 
 import lowrank_core as lc  # noqa: E402
+from lowrank_core import checkpoint as container  # noqa: E402
 from lowrank_jax import checkpoint as ck  # noqa: E402
 from lowrank_jax import cmd as jc  # noqa: E402
 from lowrank_jax import dldr as jd  # noqa: E402
@@ -223,12 +224,14 @@ def _reseal(path: Path, edit: Any) -> None:
     """Rewrite the manifest with ``edit`` and a *valid* digest (a consistent but hostile file)."""
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
-    manifest = json.loads(arrays.pop(ck._MANIFEST).tobytes())
-    arrays.pop(ck._DIGEST)
+    manifest = json.loads(arrays.pop(container._MANIFEST).tobytes())
+    arrays.pop(container._DIGEST)
     edit(manifest)
     text = json.dumps(manifest, sort_keys=True).encode()
-    arrays[ck._DIGEST] = np.frombuffer(f"sha256:{ck._digest(text, arrays)}".encode(), np.uint8)
-    arrays[ck._MANIFEST] = np.frombuffer(text, np.uint8)
+    arrays[container._DIGEST] = np.frombuffer(
+        f"sha256:{container._digest(text, arrays)}".encode(), np.uint8
+    )
+    arrays[container._MANIFEST] = np.frombuffer(text, np.uint8)
     np.savez(path, **arrays)
 
 
