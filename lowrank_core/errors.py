@@ -13,6 +13,7 @@ __all__ = [
     "DTypeError",
     "DeviceError",
     "DeviceMismatchError",
+    "IntegrationError",
     "LowRankError",
     "NonFiniteError",
     "ParameterError",
@@ -84,3 +85,8 @@ class CheckpointError(LowRankError, ValueError):
 
     The same class for every framework (``lowrank_torch.checkpoint``, ``lowrank_jax.checkpoint``).
     """
+
+
+class IntegrationError(LowRankError, RuntimeError):
+    """A trainer integration (Lightning, the Hugging Face ``Trainer``) is used out of order (not started
+    yet, attached twice, resumed unseen) or on a setup it does not support (several processes)."""

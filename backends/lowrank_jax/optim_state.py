@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 
-import lowrank_core as lc
+from lowrank_core._array import check_rank
 from lowrank_core.oialr import moments
 
 __all__ = [
@@ -148,8 +148,7 @@ def truncate_sigma_state(
     opt_state: Any, param_path: Sequence[Any], old_rank: int, rank: int
 ) -> Any:
     """After truncating Sigma from ``old_rank`` to ``rank``: keep the leading ``[:rank, :rank]`` block."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= old_rank:
-        raise lc.RankError(f"`rank` must be an int in 1..{old_rank}, got {rank!r}")
+    rank = check_rank(rank, old_rank, what="the current rank")
     new, _ = map_param_state(
         opt_state,
         param_path,

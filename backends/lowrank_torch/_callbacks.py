@@ -21,19 +21,22 @@ from __future__ import annotations
 
 import io
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from lowrank_core._validate import check_int
 from lowrank_core.dldr import Subspace
-from lowrank_core.errors import CheckpointError, LowRankError, ParameterError, ParameterTypeError
+from lowrank_core.errors import (
+    CheckpointError,
+    IntegrationError,
+    ParameterError,
+    ParameterTypeError,
+)
 
 from .amp import full_precision
 from .cmd import CMDConfig, CMDTracker
-from .dldr import SnapshotRecorder, SubspaceParametrization
+from .dldr import DLDRConfig, SnapshotRecorder, SubspaceParametrization
 from .oialr import OIALR, OIALRConfig
 
 __all__ = [
@@ -48,11 +51,6 @@ __all__ = [
 
 #: name of the buffer (and ``state_dict`` key) that carries the callbacks' states
 STATE_KEY = "_lowrank_state"
-
-
-class IntegrationError(LowRankError, RuntimeError):
-    """A trainer integration is used out of order (not started yet, attached twice, resumed unseen)
-    or on a setup it does not support (several processes)."""
 
 
 class _Client(Protocol):
@@ -327,39 +325,6 @@ class CMDDriver:
 # ==================================================================================================
 # DLDR
 # ==================================================================================================
-@dataclass(frozen=True)
-class DLDRConfig:
-    """Settings of the DLDR callbacks.
-
-    - ``record_steps``: optimizer steps of ordinary training during which snapshots are recorded;
-    - ``every``: a snapshot every ``every`` steps (plus one at the start);
-    - ``dim``: dimension ``d`` of the subspace fitted at the end of the recording (at most the number
-      of snapshots minus one).
-
-    After the recording, training continues inside the affine subspace ``w_T + span(P^T)`` through the
-    trainer's own optimizer: each gradient is projected, ``g <- P^T P g``, before the optimizer step and
-    each step's result is projected back onto the subspace afterwards, so the iterates stay in the
-    subspace whatever the optimizer. With SGD and momentum the steps are P-SGD's
-    (:class:`lowrank_torch.dldr.SubspaceSGD`) except for the momentum carried over from the recording
-    phase, whose out-of-subspace part the projection of the weights removes; with another optimizer
-    (Adam, weight decay) it is that optimizer projected onto the subspace.
-    """
-
-    record_steps: int = 100
-    every: int = 1
-    dim: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("record_steps", "every", "dim"):
-            setattr(self, name, check_int(name, getattr(self, name), min=1))
-        snapshots = 1 + self.record_steps // self.every
-        if self.dim > snapshots - 1:
-            raise ParameterError(
-                f"`dim`={self.dim} needs at least {self.dim + 1} snapshots; record_steps="
-                f"{self.record_steps} and every={self.every} give {snapshots}"
-            )
-
-
 class DLDRDriver:
     """DLDR for a trainer: snapshots during ``record_steps`` steps, then projected (subspace) training."""
 

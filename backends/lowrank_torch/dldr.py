@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +53,7 @@ from lowrank_core.errors import (
 )
 
 __all__ = [
+    "DLDRConfig",
     "SnapshotRecorder",
     "SubspaceBFGS",
     "SubspaceParametrization",
@@ -132,6 +134,40 @@ def preserve_batchnorm(model: nn.Module | None) -> Iterator[Callable[[], None]]:
         yield restore
     finally:
         restore()
+
+
+@dataclass(frozen=True)
+class DLDRConfig:
+    """Settings of the DLDR trainer callbacks (``lowrank_torch.lightning.DLDRCallback``,
+    ``lowrank_torch.hf.DLDRTrainerCallback``).
+
+    - ``record_steps``: optimizer steps of ordinary training during which snapshots are recorded;
+    - ``every``: a snapshot every ``every`` steps (plus one at the start);
+    - ``dim``: dimension ``d`` of the subspace fitted at the end of the recording (at most the number
+      of snapshots minus one).
+
+    After the recording, training continues inside the affine subspace ``w_T + span(P^T)`` through the
+    trainer's own optimizer: each gradient is projected, ``g <- P^T P g``, before the optimizer step and
+    each step's result is projected back onto the subspace afterwards, so the iterates stay in the
+    subspace whatever the optimizer. With SGD and momentum the steps are P-SGD's
+    (:class:`lowrank_torch.dldr.SubspaceSGD`) except for the momentum carried over from the recording
+    phase, whose out-of-subspace part the projection of the weights removes; with another optimizer
+    (Adam, weight decay) it is that optimizer projected onto the subspace.
+    """
+
+    record_steps: int = 100
+    every: int = 1
+    dim: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("record_steps", "every", "dim"):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), min=1))
+        snapshots = 1 + self.record_steps // self.every
+        if self.dim > snapshots - 1:
+            raise ParameterError(
+                f"`dim`={self.dim} needs at least {self.dim + 1} snapshots; record_steps="
+                f"{self.record_steps} and every={self.every} give {snapshots}"
+            )
 
 
 class SnapshotRecorder:

@@ -34,8 +34,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._callbacks import CMDDriver, DLDRConfig, DLDRDriver, IntegrationError, OIALRDriver
+from lowrank_core.errors import IntegrationError
+
+from ._callbacks import CMDDriver, DLDRDriver, OIALRDriver
 from .cmd import CMDConfig
+from .dldr import DLDRConfig
 from .oialr import OIALR, OIALRConfig
 
 __all__ = [

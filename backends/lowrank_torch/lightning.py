@@ -33,18 +33,12 @@ from typing import Any
 
 import torch
 
-from lowrank_core.errors import ParameterError
+from lowrank_core.errors import IntegrationError, ParameterError
 
-from ._callbacks import (
-    CMDDriver,
-    DLDRConfig,
-    DLDRDriver,
-    IntegrationError,
-    OIALRDriver,
-    unwrap_optimizer,
-)
+from ._callbacks import CMDDriver, DLDRDriver, OIALRDriver, unwrap_optimizer
 from .amp import SkippedStepMonitor
 from .cmd import CMDConfig
+from .dldr import DLDRConfig
 from .oialr import OIALR, OIALRConfig
 
 

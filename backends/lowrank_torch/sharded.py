@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from lowrank_core import cmd as core_cmd
 from lowrank_core.dldr import SnapshotStore, Subspace, subspace_from_gram
 from lowrank_core.errors import (
+    CheckpointError,
     LowRankError,
     NonFiniteError,
     ParameterError,
@@ -570,14 +571,31 @@ class ShardedCMDTracker:
             not isinstance(state, dict)
             or state.get("format") != "lowrank_torch.ShardedCMDTracker/1"
         ):
-            raise ParameterError("not a sharded CMD state (missing or unknown 'format' entry)")
+            raise CheckpointError("not a sharded CMD state (missing or unknown 'format' entry)")
+        missing = [
+            k
+            for k in (
+                "index",
+                "config",
+                "core",
+                "sample_index",
+                "reference_positions",
+                "epochs_seen",
+            )
+            if k not in state
+        ]
+        if missing:
+            raise CheckpointError(f"the sharded CMD state lacks the entries {missing}")
         index = np.asarray(torch.as_tensor(state["index"]).cpu(), dtype=np.int64)
         if not np.array_equal(index, self.layout.index):
             raise ShardingError(
                 "the CMD state was saved for another sharding: this rank held "
                 f"{index.shape[0]} entries then, {self.layout.num_local} now (or other ones)"
             )
-        config = CMDConfig(**state["config"])
+        try:
+            config = CMDConfig(**state["config"])
+        except (LowRankError, TypeError) as exc:
+            raise CheckpointError(f"the sharded CMD state's config is invalid: {exc}") from None
         core_state = state["core"]
         restored = None
         if core_state is not None:

@@ -322,3 +322,16 @@ def test_sigma_lr_scale_scales_the_updates_of_the_named_kernels() -> None:
     np.testing.assert_array_equal(scaled["l1"]["kernel"], 0.5 * updates["l1"]["kernel"])
     np.testing.assert_array_equal(scaled["l0"]["kernel"], updates["l0"]["kernel"])
     assert jo.scale_sigma_updates(updates, {}) is updates
+
+
+def test_truncate_sigma_state_takes_numpy_integers() -> None:
+    from lowrank_jax import optim_state as jstate
+
+    p = {"w": jnp.ones((4, 4))}
+    state = optax.adam(1e-2).init(p)
+    path = (jax.tree_util.DictKey("w"),)
+    cut = jstate.truncate_sigma_state(state, path, 4, np.int64(2))
+    assert cut[0].mu["w"].shape == (2, 2)
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(lc.RankError):
+            jstate.truncate_sigma_state(state, path, 4, bad)

@@ -215,6 +215,7 @@ def worker(rank: int, world: int, init_file: str, out: str) -> None:
         partial(ShardedCMDTracker, layout, CMDConfig(warmup_epochs=3, embed=True)),
         partial(ShardedSubspaceSGD, layout, sub_ref),  # the unsharded subspace
         partial(ShardedCMDTracker(layout, cfg).load_state_dict, other_sharding),
+        partial(ShardedCMDTracker(layout, cfg).load_state_dict, {"format": "another"}),
     ):
         try:
             make()

@@ -465,3 +465,15 @@ def test_pbfgs_trials_with_evaluate_run_one_backward_per_step():
     # the same trajectory: trials evaluate the same loss either way
     assert losses_eval == pytest.approx(losses_closure, rel=1e-6)
     torch.testing.assert_close(w_eval, w_closure, rtol=1e-6, atol=1e-7)
+
+
+def test_dldr_config_takes_numpy_integers_and_refuses_bad_counts():
+    import lowrank_core as lc
+    from lowrank_torch.dldr import DLDRConfig
+
+    assert DLDRConfig() == DLDRConfig(record_steps=100, every=1, dim=10)
+    cfg = DLDRConfig(record_steps=np.int64(10), every=np.int32(2), dim=3)
+    assert (cfg.record_steps, cfg.every, cfg.dim) == (10, 2, 3) and type(cfg.record_steps) is int
+    for bad in ({"dim": 0}, {"every": True}, {"record_steps": 2.0}, {"record_steps": 4, "dim": 5}):
+        with pytest.raises(lc.ParameterError):
+            DLDRConfig(**bad)
