@@ -58,9 +58,9 @@ def _raw_svd(xp: Namespace, a: Array) -> tuple[Array, Array, Array]:
     """Thin SVD of an already validated, already upcast stack: ``(U, S, V)``, signs unspecified.
 
     A wide matrix (``m < n``) is decomposed as its transpose, which is tall (``a.mT = V S U^T``): the
-    same factors, but LAPACK-based drivers are much faster on the tall layout (measured on torch CPU
-    float32, 384 x 1536: 2.1x; NumPy: 1.2x), and the transpose is a free view (a row-major wide matrix
-    is a column-major tall one, the layout LAPACK wants).
+    same factors, but LAPACK-based drivers are faster on the tall layout (``benchmarks/bench_core.py``
+    measures it), and the transpose is a free view (a row-major wide matrix is a column-major tall one,
+    the layout LAPACK wants).
 
     The driver sees ``a / 2^k`` when ``max|a|`` lies so far from 1 that squares of its entries could
     over- or underflow (``2^k`` near ``max|a|``, per matrix; dividing by a power of two is exact), and

@@ -14,8 +14,8 @@ def _advise_rows(x: Array, rows: np.ndarray) -> None:
     """Ask the OS to start reading the file pages of ``rows`` of a NumPy memmap, all at once.
 
     The sample is ``K`` rows scattered over the whole file: read one by one from a file that is not in the
-    page cache, each costs a disk round trip (about 0.9 s for K = 1000 here); announced together with
-    ``POSIX_FADV_WILLNEED`` the reads are queued at once (about 20 ms). Only for a C-contiguous ``np.memmap``
+    page cache, each costs a disk round trip; announced together with ``POSIX_FADV_WILLNEED`` the reads
+    are queued at once (``benchmarks/bench_cmd.py`` measures both). Only for a C-contiguous ``np.memmap``
     that maps its file directly (not a view of another memmap), where ``posix_fadvise`` exists; otherwise,
     and on any OS error, nothing happens. A hint about which pages will be read: it changes no result.
     """
