@@ -1432,12 +1432,112 @@ def _selftest_specs() -> list[Spec]:
     ]
 
 
+OIALR = "lowrank_core.oialr"
+
+
+def oialr_specs() -> list[Spec]:
+    """lowrank_core.oialr: the framework-free settings, the rank budget and its allocation."""
+    spectra = {"a": np.linspace(1.0, 0.1, 6), "b": np.geomspace(1.0, 1e-3, 6)}
+    shapes = {"a": (8, 8), "b": (8, 12)}
+    bad_maps = [("None", None), ("int", 3), ("list", [1.0, 2.0]), ("junk", Junk())]
+    return [
+        Spec(
+            "oialr.LayerSelection",
+            OIALR,
+            fn("lowrank_core.oialr.LayerSelection"),
+            [
+                kw(
+                    "exclude",
+                    "object",
+                    ("head*",),
+                    bad=[("int", 3), ("mixed", ("a", 1)), ("None", None)],
+                ),
+                kw("keep_first", "bool", False),
+                kw("keep_last", "bool", True),
+                kw("min_aspect", "float", 0.1, min=0.0, max=1.0),
+                kw("allow_rank_one", "bool", False),
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "oialr.RankBudget",
+            OIALR,
+            fn("lowrank_core.oialr.RankBudget"),
+            [
+                pos("target", "float", 0.5, min=0.0, max=1.0, min_open=True),
+                kw("measure", "choice", "flops"),
+                kw("min_rank", "int", 1, min=1),
+                kw(
+                    "reach_at",
+                    "object",
+                    0.9,
+                    bad=[("above-one", 1.5), ("str", "end"), ("bool", True)],
+                ),
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "oialr.OIALRConfig",
+            OIALR,
+            fn("lowrank_core.oialr.OIALRConfig"),
+            [
+                kw("switch_step", "int", 10, min=0, optional=True),
+                kw("stability_every", "int", 10, min=1),
+                kw("update_every", "int", 10, min=1),
+                kw("progressive", "bool", False),
+                kw("total_steps", "int", 100, min=1, optional=True),
+                kw("switch_fraction", "float", None, min=0.0, max=1.0, optional=True),
+                kw(
+                    "rotation_threshold",
+                    "float",
+                    None,
+                    min=0.0,
+                    max=1.0,
+                    min_open=True,
+                    optional=True,
+                ),
+                kw(
+                    "moment_kinds",
+                    "object",
+                    {},
+                    bad=[("unknown-kind", {"nu": "third"}), ("int", 3)],
+                ),
+                kw(
+                    "selection",
+                    "object",
+                    __import__("lowrank_core").oialr.LayerSelection(),
+                    bad=[("dict", {})],
+                ),
+            ],
+            libs=("numpy",),
+        ),
+        Spec(
+            "oialr.allocate_ranks",
+            OIALR,
+            fn("lowrank_core.oialr.allocate_ranks"),
+            [
+                pos(
+                    "spectra",
+                    "object",
+                    spectra,
+                    bad=[*bad_maps, ("nan", {"a": [np.nan], "b": [1.0]})],
+                ),
+                pos("shapes", "object", shapes, bad=[("None", None), ("other", {"c": (3, 3)})]),
+                pos("target", "float", 0.5, min=0.0, max=1.0, min_open=True),
+                kw("measure", "choice", "flops"),
+                kw("min_rank", "int", 1, min=1),
+            ],
+            libs=("numpy",),
+        ),
+    ]
+
+
 def all_specs(only: str | None = None, libs: tuple[str, ...] | None = None) -> list[Spec]:
     import os
 
     if os.environ.get("FUZZ_SELFTEST"):
         return _selftest_specs()
-    specs = core_specs() + cmd_specs() + dldr_specs() + torch_specs()
+    specs = core_specs() + cmd_specs() + dldr_specs() + oialr_specs() + torch_specs()
     if only:
         specs = [s for s in specs if only in s.name or only in s.owner]
     if libs:
@@ -1471,7 +1571,13 @@ def uncovered_names() -> list[str]:
     covered = {s.name for s in all_specs()}
     short = {n.split(".")[-1] for n in covered} | {n.split(".")[0] for n in covered}
     missing = []
-    modules = ("lowrank_core", "lowrank_core.cmd", "lowrank_core.dldr", "lowrank_core.init")
+    modules = (
+        "lowrank_core",
+        "lowrank_core.cmd",
+        "lowrank_core.dldr",
+        "lowrank_core.init",
+        "lowrank_core.oialr",
+    )
     for modname in (*modules, "lowrank_torch"):
         mod = importlib.import_module(modname)
         for name in getattr(mod, "__all__", []):

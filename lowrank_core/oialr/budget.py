@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import check_choice, check_float, check_int, describe
+from .._validate import check_choice, check_float, check_int, check_shape_pair, describe
 from ..errors import NonFiniteError, ParameterError, ParameterTypeError, RankError
 
 __all__ = [
@@ -156,7 +156,26 @@ def allocate_ranks(
     target = check_float("target", target, min=0.0, max=1.0, min_open=True)
     measure = check_choice("measure", measure, MEASURES)
     min_rank = check_int("min_rank", min_rank, min=1)
-    fixed = dict(fixed or {})
+    for name, value in (
+        ("spectra", spectra),
+        ("shapes", shapes),
+        ("fixed", fixed),
+        ("counts", counts),
+    ):
+        if value is not None and not isinstance(value, Mapping):
+            raise ParameterTypeError(
+                f"`{name}` must map layer names to values, got {describe(value)}"
+            )
+    if spectra is None or shapes is None:
+        raise ParameterTypeError("`spectra` and `shapes` must map layer names to values, got None")
+    shapes = {k: check_shape_pair(f"shapes[{k!r}]", v) for k, v in shapes.items()}
+    fixed = {
+        k: (
+            check_shape_pair(f"fixed[{k!r}] shape", v[0]),
+            check_int(f"fixed[{k!r}] rank", v[1], min=1),
+        )
+        for k, v in (fixed or {}).items()
+    }
     mult = {k: check_int(f"counts[{k!r}]", v, min=1) for k, v in (counts or {}).items()}
     if set(spectra) != set(shapes):
         raise ParameterError(
