@@ -168,7 +168,8 @@ def _array(ref: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray | R
         shape = tuple(int(s) for s in ref["shape"])
         dtype = _numpy_dtype(name)
         if dtype is None:
-            size = raw.size // max(1, math.prod(shape))
+            count = math.prod(shape)
+            size = raw.size // count if count else 1  # no element: the size is not recorded
             bits = raw.view(np.dtype(f"u{size}")).reshape(shape)
             return RawArray(bits, name)
         a = raw if raw.dtype == dtype else raw.view(dtype)
