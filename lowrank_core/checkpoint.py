@@ -19,7 +19,8 @@ dtype's name; it is read back as that dtype when NumPy (with ``ml_dtypes``, whic
 name, and otherwise as a :class:`RawArray` the caller converts (the PyTorch glue does, for
 ``bfloat16``).
 
-This is the layout of ``lowrank_jax`` checkpoints since 0.1.0, so their files are read as they are.
+This is the layout of ``lowrank_jax`` checkpoints since 0.1.0, so their files are read as they are,
+and of ``lowrank_torch`` checkpoints since format ``lowrank_torch.checkpoint/3``.
 """
 
 from __future__ import annotations
