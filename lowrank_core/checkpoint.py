@@ -19,7 +19,8 @@ dtype's name; it is read back as that dtype when NumPy (with ``ml_dtypes``, whic
 name, and otherwise as a :class:`RawArray` the caller converts (the PyTorch glue does, for
 ``bfloat16``).
 
-This is the layout of ``lowrank_jax`` checkpoints since 0.1.0, so their files are read as they are.
+This is the layout of ``lowrank_jax`` checkpoints since 0.1.0, so their files are read as they are,
+and of ``lowrank_torch`` checkpoints since format ``lowrank_torch.checkpoint/3``.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def _array(ref: dict[str, Any], arrays: dict[str, np.ndarray]) -> np.ndarray | R
         shape = tuple(int(s) for s in ref["shape"])
         dtype = _numpy_dtype(name)
         if dtype is None:
-            size = raw.size // max(1, math.prod(shape))
+            count = math.prod(shape)
+            size = raw.size // count if count else 1  # no element: the size is not recorded
             bits = raw.view(np.dtype(f"u{size}")).reshape(shape)
             return RawArray(bits, name)
         a = raw if raw.dtype == dtype else raw.view(dtype)

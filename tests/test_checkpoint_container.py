@@ -49,6 +49,14 @@ def test_bfloat16_arrays_come_back_as_bfloat16(tmp_path):
     np.testing.assert_array_equal(got["a"].view(np.uint16), a.view(np.uint16))
 
 
+def test_an_empty_array_of_an_unknown_dtype_round_trips(tmp_path):
+    empty = container.RawArray(np.zeros((0, 3), np.uint16), "bfloat16_like")
+    path = container.save(tmp_path / "e.npz", {"e": empty}, format="test/1")
+    _, got = container.load(path, formats=("test/1",))
+    assert isinstance(got["e"], container.RawArray) and got["e"].dtype == "bfloat16_like"
+    assert got["e"].bits.shape == (0, 3)
+
+
 def test_corrupt_foreign_and_missing_files_are_checkpoint_errors(tmp_path):
     path = container.save(tmp_path / "c.npz", _tree(), format="test/1")
     with pytest.raises(lc.CheckpointError, match="format 'test/1'; this version reads 'other/2'"):

@@ -1,16 +1,24 @@
 """Checkpoints of a (partly) low-rank training run, loadable into a freshly built dense model.
 
 A checkpoint holds the model's, the optimizer's, the OIALR controller's and (optionally) an LR
-scheduler's state. Because the controller's state says which layers were switched and at which ranks,
-:func:`load_checkpoint` can rebuild that structure on a model built the usual (dense) way, then load the
-weights and the optimizer state into it: a resumed run continues exactly where the saved one stopped.
+scheduler's state, plus an ``extra`` dict. Because the controller's state says which layers were
+switched and at which ranks, :func:`load_checkpoint` can rebuild that structure on a model built the
+usual (dense) way, then load the weights and the optimizer state into it: a resumed run continues
+exactly where the saved one stopped.
 
-Files are written atomically (to a temporary file, then renamed), so a crash while saving never
-destroys the previous checkpoint. Each file carries a SHA-256 digest of its content (every tensor's
-dtype, shape and bytes, and every other entry), checked when it is loaded: a file changed on disk (a
-flipped bit, a partial overwrite) is refused instead of loading silently wrong values. The digest guards
-against corruption, not against a deliberate forgery (anyone can compute it). Loading uses
-``torch.load(weights_only=True)``.
+The file is the core's container (:mod:`lowrank_core.checkpoint`; this module is the tree glue): one
+NumPy ``.npz`` archive (no pickle: loading runs no code) with a JSON manifest, written atomically (a
+temporary file, then a rename: a crash while saving never destroys the previous checkpoint) and carrying
+a SHA-256 digest of the manifest and of every array's dtype, shape and bytes, checked when it is loaded:
+a file changed on disk (a flipped bit, a partial overwrite) is refused instead of loading silently wrong
+values. The digest guards against corruption, not against a deliberate forgery (anyone can compute it).
+Tensors are stored as NumPy arrays of their dtype (``bfloat16`` and the ``float8`` types, which NumPy
+lacks, as their raw bits with the dtype's name) and come back as tensors of that dtype, on
+``map_location``; loading them into the model and the optimizer places them on those objects' devices.
+
+Files of version 0.1.0 (format ``"lowrank_torch.checkpoint/2"``, and ``/1`` before it, written with
+``torch.save``) are still read, through ``torch.load(weights_only=True)``
+(:mod:`lowrank_torch.legacy_checkpoint`).
 
 Loading is all or nothing: everything is checked against the target model, optimizer, controller and
 scheduler (names, shapes, ranks, optimizer type and per-parameter state) before any value is written;
@@ -20,72 +28,54 @@ was (layers not converted, optimizer groups not swapped).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
-import tempfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 import lowrank_core as lc
+from lowrank_core import checkpoint as container
 from lowrank_core._validate import check_bool, describe
 
+from . import legacy_checkpoint as legacy
 from .oialr import OIALR, CheckpointError
 from .undo import Undo
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
-FORMAT = "lowrank_torch.checkpoint/2"
-#: the previous format: the same entries, no digest (loadable with ``verify=False``)
-FORMAT_V1 = "lowrank_torch.checkpoint/1"
-DIGEST = "sha256"
+#: the format written: the core's container (``.npz``, JSON manifest, SHA-256 digest)
+FORMAT = "lowrank_torch.checkpoint/3"
+#: the ``torch.save`` formats of version 0.1.0, still read
+FORMAT_V2 = legacy.FORMAT_V2
+FORMAT_V1 = legacy.FORMAT_V1
+DIGEST = container.DIGEST
 
-
-# --------------------------------------------------------------------------------------------------
-# the digest
-# --------------------------------------------------------------------------------------------------
-def _sort_key(key: object) -> tuple[str, str]:
-    return type(key).__name__, repr(key)
-
-
-def _feed(h: Any, x: object) -> None:
-    """Feed a canonical encoding of ``x`` (tensors, containers, scalars) into the hash ``h``."""
-    if isinstance(x, Tensor):
-        t = x.detach()
-        if t.layout != torch.strided:
-            t = t.to_dense()
-        t = t.cpu().contiguous()
-        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(x, dict):
-        h.update(f"D{len(x)};".encode())
-        for key in sorted(x, key=_sort_key):
-            _feed(h, key)
-            _feed(h, x[key])
-    elif isinstance(x, list | tuple):
-        h.update(f"L{len(x)};".encode())
-        for value in x:
-            _feed(h, value)
-    else:
-        text = f"{type(x).__name__}:{x!r};"
-        h.update(f"S{len(text)};{text}".encode())
-
-
-def _digest(payload: dict[str, Any]) -> str:
-    h = hashlib.sha256()
-    _feed(h, payload)
-    return h.hexdigest()
-
-
-def _seal(payload: dict[str, Any]) -> dict[str, Any]:
-    """The blob written to disk: the payload, its format tag and the digest of both."""
-    blob: dict[str, Any] = {"format": FORMAT, **payload}
-    blob["digest"] = {"algorithm": DIGEST, "value": _digest(blob)}
-    return blob
+#: tensor dtypes NumPy holds natively (stored as they are; every other dtype as raw bits)
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+_BITS = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
 
 
 def _as_path(path: object) -> Path:
@@ -97,6 +87,105 @@ def _as_path(path: object) -> Path:
 def _type_name(obj: object) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------------------------------
+# tree glue: tensors to NumPy arrays (or raw bits) and back
+# --------------------------------------------------------------------------------------------------
+def _to_numpy(t: Tensor, where: str) -> np.ndarray | container.RawArray:
+    """A tensor as a NumPy array of its dtype, or its raw bits with the dtype's name."""
+    if t.layout != torch.strided:
+        raise lc.ParameterTypeError(
+            f"{where} is a {t.layout} tensor; a checkpoint keeps dense (strided) tensors"
+        )
+    if t.device.type == "meta":
+        raise lc.DeviceError(f"{where} is a tensor on the meta device (no values to save)")
+    t = t.detach().resolve_conj().resolve_neg().cpu().contiguous()
+    if t.dtype in _NUMPY_DTYPES:
+        return t.numpy()
+    bits = _BITS.get(t.element_size())
+    if bits is None:
+        raise lc.ParameterTypeError(
+            f"{where} has the dtype {t.dtype}, which a checkpoint cannot keep"
+        )
+    return container.RawArray(t.view(bits).numpy(), str(t.dtype).removeprefix("torch."))
+
+
+def _encode(x: Any, where: str) -> Any:
+    """The tree with every tensor as a NumPy array or raw bits; other values as they are (the container
+    checks them and names any it cannot keep)."""
+    if isinstance(x, Tensor):
+        return _to_numpy(x, where)
+    if isinstance(x, np.ndarray):
+        raise lc.ParameterTypeError(
+            f"{where} is a NumPy array; a torch checkpoint keeps tensors (torch.from_numpy(...))"
+        )
+    if isinstance(x, dict):
+        return {k: _encode(v, f"{where}[{k!r}]") for k, v in x.items()}
+    if isinstance(x, list):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, tuple):
+        return tuple(_encode(v, f"{where}[{i}]") for i, v in enumerate(x))
+    return x
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(
+            f"the checkpoint holds an array of dtype {name!r}, unknown to PyTorch"
+        )
+    return dtype
+
+
+def _to_tensor(a: np.ndarray | container.RawArray, device: torch.device | None) -> Tensor:
+    """A stored array as a tensor of its saved dtype (on ``device`` when given)."""
+    if isinstance(a, container.RawArray):
+        bits, dtype = a.bits, _torch_dtype(a.dtype)
+    elif a.dtype.kind in "biufc":
+        bits, dtype = a, None
+    else:  # a dtype NumPy knows through ml_dtypes (bfloat16, float8_*): reinterpret its bits
+        bits, dtype = a.view(np.dtype(f"u{a.dtype.itemsize}")), _torch_dtype(a.dtype.name)
+    if not bits.flags.writeable:
+        bits = bits.copy()
+    t = torch.from_numpy(bits)
+    if dtype is not None and t.numel() == 0:  # no bits to reinterpret (and no element size stored)
+        t = torch.empty(t.shape, dtype=dtype)
+    elif dtype is not None:
+        if dtype.itemsize != t.element_size():
+            raise CheckpointError(
+                f"the checkpoint holds {dtype} values stored in {t.element_size()}-byte elements"
+            )
+        t = t.view(dtype)
+    return t if device is None else t.to(device)
+
+
+def _decode(x: Any, device: torch.device | None) -> Any:
+    """The loaded tree with every array as a tensor."""
+    if isinstance(x, np.ndarray | container.RawArray):
+        return _to_tensor(x, device)
+    if isinstance(x, dict):
+        return {k: _decode(v, device) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_decode(v, device) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_decode(v, device) for v in x)
+    return x
+
+
+def _device(map_location: Any) -> torch.device | None:
+    if map_location is None:
+        return None
+    if isinstance(map_location, str | torch.device):
+        try:
+            return torch.device(map_location)
+        except RuntimeError as exc:
+            raise lc.ParameterError(
+                f"`map_location` {map_location!r} is not a device: {exc}"
+            ) from None
+    raise lc.ParameterTypeError(
+        f"`map_location` must be a str, a torch.device or None, got {describe(map_location)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,8 +202,11 @@ def save_checkpoint(
 ) -> Path:
     """Write the run's state to ``path`` atomically, with its digest; returns the path.
 
-    ``extra`` holds anything else to keep (epoch, metrics); it must be made of tensors, numbers,
-    strings, lists and dicts (what ``torch.load(weights_only=True)`` accepts).
+    ``extra`` holds anything else to keep (epoch, metrics): tensors, numbers (NaN and infinities
+    included), strings, ``None``, lists, tuples and dicts of them (keys: strings, numbers, ``None`` or
+    tuples of them). Any other value (a NumPy array: pass a tensor; an arbitrary object) raises
+    :class:`~lowrank_core.ParameterTypeError` naming the entry, before anything is written; so does a
+    state of the model, optimizer or scheduler that holds one.
     """
     if not isinstance(model, nn.Module):
         raise lc.ParameterTypeError(f"`model` must be an nn.Module, got {describe(model)}")
@@ -132,7 +224,11 @@ def save_checkpoint(
     if target.is_dir():
         raise lc.ParameterError(f"`path` {str(target)!r} is a directory; give a file name")
     inner = getattr(model, "module", model)
-    payload: dict[str, Any] = {"model": inner.state_dict()}
+    state = inner.state_dict()
+    payload: dict[str, Any] = {"model": dict(state)}
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:  # the modules' state versions, read by their _load_from_state_dict
+        payload["model_metadata"] = {k: dict(v) for k, v in metadata.items()}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
         payload["optimizer_type"] = _type_name(optimizer)
@@ -143,55 +239,29 @@ def save_checkpoint(
         payload["scheduler_type"] = _type_name(scheduler)
     if extra is not None:
         payload["extra"] = extra
-    blob = _seal(payload)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(blob, fh)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    tree = {k: _encode(v, f"the checkpoint[{k!r}]") for k, v in payload.items()}
+    return container.save(target, tree, format=FORMAT)
 
 
 # --------------------------------------------------------------------------------------------------
 # reading and checking (nothing here changes the target objects)
 # --------------------------------------------------------------------------------------------------
 def _read(path: Path, map_location: Any, verify: bool) -> dict[str, Any]:
+    """The checkpoint's entries, tensors as tensors: the container's file (always checked against its
+    digest), or a ``torch.save`` file of version 0.1.0 (checked when ``verify``)."""
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (corrupt or truncated?): {exc}"
-        ) from exc
-    if not isinstance(blob, dict) or blob.get("format") not in (FORMAT, FORMAT_V1):
-        raise CheckpointError(
-            f"{path} is not a lowrank_torch checkpoint (format {FORMAT!r} expected)"
-        )
-    if verify:
-        if blob["format"] == FORMAT_V1:
-            raise CheckpointError(
-                f"{path} was written by an older version without a digest, so its integrity cannot "
-                "be checked; pass verify=False to load it unchecked"
-            )
-        saved = blob.get("digest")
-        if (
-            not isinstance(saved, dict)
-            or saved.get("algorithm") != DIGEST
-            or not isinstance(saved.get("value"), str)
-        ):
-            raise CheckpointError(f"{path} has no valid digest entry (corrupt?)")
-        actual = _digest({k: v for k, v in blob.items() if k != "digest"})
-        if actual != saved["value"]:
-            raise CheckpointError(
-                f"{path} is corrupt: its content does not match the digest written with it "
-                f"({DIGEST} {actual[:16]}... != {saved['value'][:16]}...); the file was changed "
-                "after it was saved"
-            )
+    if legacy.is_torch_save(path):
+        blob = legacy.read(path, map_location, verify)
+    else:
+        device = _device(map_location)
+        found, tree = container.load(path, formats=(FORMAT,))
+        blob = {"format": found, **_decode(tree, device)}
+        metadata = blob.pop("model_metadata", None)
+        if isinstance(blob.get("model"), dict) and isinstance(metadata, dict):
+            model_state: Any = OrderedDict(blob["model"])
+            model_state._metadata = OrderedDict(metadata)
+            blob["model"] = model_state
     if "model" not in blob:
         raise CheckpointError(f"{path} holds no model state")
     return blob
@@ -427,13 +497,18 @@ def load_checkpoint(
 
     Build the model, the optimizer (from ``model.parameters()``), the :class:`OIALR` controller (same
     config) and the scheduler exactly as for a new run, then call this. The file's digest is checked
-    (``verify=False`` skips that, and also loads files of the previous format, which had none), then
-    every part is checked against its target: the controller's layers and ranks, the model's keys and
-    shapes (after the controller rebuilt the low-rank layers), the optimizer's type, param groups and
-    per-parameter state (shapes, and for ``torch.optim`` optimizers the state entries they keep), the
-    scheduler's type and entries. Only then are values written. A file that cannot be read or does not
+    first (always for the current format; for a ``torch.save`` file of version 0.1.0, ``verify=False``
+    skips that and also loads the format before it, which had none), then every part is checked
+    against its target: the controller's layers and ranks, the model's keys and shapes (after the
+    controller rebuilt the low-rank layers), the optimizer's type, param groups and per-parameter state
+    (shapes, and for ``torch.optim`` optimizers the state entries they keep), the scheduler's type and
+    entries. Only then are values written. A file that cannot be read or does not
     fit raises :class:`CheckpointError` naming the part that does not fit, and the model, optimizer,
     controller and scheduler are left exactly as they were.
+
+    The saved tensors are read onto ``map_location`` (a device name, a ``torch.device``, or ``None``
+    for the CPU; for a ``torch.save`` file anything ``torch.load`` takes) in their saved dtypes; loading
+    them into the model and the optimizer places them where those objects' tensors are.
     """
     if not isinstance(model, nn.Module):
         raise lc.ParameterTypeError(f"`model` must be an nn.Module, got {describe(model)}")

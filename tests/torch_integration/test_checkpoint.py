@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import sys
+import zipfile
+import zlib
+
+import numpy as np
 import pytest
 
 import lowrank_core as lc
+from lowrank_core import checkpoint as container
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -118,7 +126,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
     model, opt, _sched, ctrl = _build()
     path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, oialr=ctrl)
     before = path.read_bytes()
-    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever pickling raises
+    with pytest.raises(lc.ParameterTypeError, match=r"\['extra'\]\['bad'\]"):
         save_checkpoint(path, model=model, extra={"bad": lambda: None})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
@@ -180,15 +188,44 @@ def _assert_unchanged(before, after):
         assert _same(before[key], after[key]), f"{key} changed"
 
 
+def _as_tensors(x):
+    """A tree read by the core container with its NumPy arrays as tensors."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy())
+    if isinstance(x, dict):
+        return {k: _as_tensors(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_as_tensors(v) for v in x)
+    return x
+
+
+def _as_arrays(x):
+    """A tree with its tensors as NumPy arrays (what the core container stores)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().numpy()
+    if isinstance(x, dict):
+        return {k: _as_arrays(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_as_arrays(v) for v in x)
+    return x
+
+
+def _read_tree(path):
+    """The checkpoint's entries, read with the core container directly, tensors as tensors."""
+    from lowrank_torch import checkpoint as ck
+
+    found, tree = container.load(path, formats=(ck.FORMAT,))
+    assert found == ck.FORMAT
+    return _as_tensors(tree)
+
+
 def _rewrite(path, change):
     """Rewrite a checkpoint with a change, sealed again with a valid digest (a consistent file)."""
     from lowrank_torch import checkpoint as ck
 
-    blob = torch.load(path, weights_only=True)
-    change(blob)
-    if hasattr(ck, "_seal"):
-        blob = ck._seal({k: v for k, v in blob.items() if k not in ("format", "digest")})
-    torch.save(blob, path)
+    tree = _read_tree(path)
+    change(tree)
+    container.save(path, _as_arrays(tree), format=ck.FORMAT)
     return path
 
 
@@ -336,8 +373,9 @@ def test_a_tampered_checkpoint_changes_nothing(tmp_path, change):
     _rewrite(path, change)
     model, opt, sched, ctrl = _build()
     before = _full_state(model, opt, ctrl, sched)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=r"does not fit|invalid|malformed") as info:
         load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    assert "digest" not in str(info.value)  # refused for its content: the file itself is sound
     _assert_unchanged(before, _full_state(model, opt, ctrl, sched))
     assert not ctrl.switched and not ctrl.layers
     # and the untampered run still loads into the same (unchanged) objects
@@ -346,35 +384,60 @@ def test_a_tampered_checkpoint_changes_nothing(tmp_path, change):
     assert ctrl.switched
 
 
-def _tensor_data_spans(path):
-    """(offset, length) of every tensor's raw bytes inside a torch.save zip archive."""
-    import struct
-    import zipfile
-
-    spans = []
+def _array_members(path):
+    """(local header offset, member start, data offset, data length) of every stored array inside the
+    checkpoint's .npz archive (the manifest and the digest left out)."""
+    members = []
     raw = path.read_bytes()
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
-            if "/data/" not in info.filename or info.compress_type != zipfile.ZIP_STORED:
+            if info.filename.startswith("__") or info.compress_type != zipfile.ZIP_STORED:
                 continue
             start = info.header_offset
             name_len, extra_len = struct.unpack("<HH", raw[start + 26 : start + 30])
-            spans.append((start + 30 + name_len + extra_len, info.file_size))
-    return spans
+            member = start + 30 + name_len + extra_len
+            npy = io.BytesIO(raw[member : member + info.file_size])
+            version = np.lib.format.read_magic(npy)
+            if version == (1, 0):
+                np.lib.format.read_array_header_1_0(npy)
+            else:
+                np.lib.format.read_array_header_2_0(npy)
+            header = npy.tell()
+            members.append((start, member, member + header, info.file_size - header))
+    return members
 
 
-def test_flipped_bytes_inside_tensor_data_are_detected(tmp_path):
+def _fix_zip_crc(data, header_offset, member, size):
+    """Write the CRC-32 of a changed member into its local and central zip headers, so that only the
+    checkpoint's own digest can notice the change."""
+    crc = zlib.crc32(bytes(data[member : member + size]))
+    struct.pack_into("<I", data, header_offset + 14, crc)
+    central = data.find(b"PK\x01\x02")
+    while central >= 0:
+        if struct.unpack_from("<I", data, central + 42)[0] == header_offset:
+            struct.pack_into("<I", data, central + 16, crc)
+            return
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, central + 28)
+        central = data.find(b"PK\x01\x02", central + 46 + name_len + extra_len + comment_len)
+    raise AssertionError("no central directory entry for the changed member")
+
+
+@pytest.mark.parametrize("zip_crc", ["stale", "fixed"])
+def test_flipped_bytes_inside_tensor_data_are_detected(tmp_path, zip_crc):
     path, _ = _trained_checkpoint(tmp_path)
-    spans = sorted(_tensor_data_spans(path), key=lambda s: -s[1])
-    offset, size = spans[0]
+    header_offset, member, offset, size = max(_array_members(path), key=lambda m: m[3])
     assert size >= 512
     data = bytearray(path.read_bytes())
     for i in range(64):
         data[offset + 100 + 3 * i] ^= 0x5A
+    if zip_crc == "fixed":
+        _fix_zip_crc(data, header_offset, member, offset + size - member)
     path.write_bytes(bytes(data))
     model, opt, sched, ctrl = _build()
     before = _full_state(model, opt, ctrl, sched)
-    with pytest.raises(CheckpointError, match="digest"):
+    # the zip layer's CRC-32 catches a plain flip; the SHA-256 digest one that kept the CRC valid
+    match = "digest" if zip_crc == "fixed" else "Bad CRC-32|digest"
+    with pytest.raises(CheckpointError, match=match):
         load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
     _assert_unchanged(before, _full_state(model, opt, ctrl, sched))
 
@@ -416,19 +479,39 @@ def test_bad_paths_and_objects_get_library_errors(tmp_path):
     assert not ctrl.switched and not octrl.switched
 
 
-def test_files_of_the_previous_format_load_only_unchecked(tmp_path):
+def test_files_of_the_previous_formats_still_load(tmp_path):
+    """torch.save files of format /2 (0.1.0, with a digest) load checked; /1 (no digest) only with
+    verify=False; a /2 file changed after it was saved is refused by its digest."""
+    from lowrank_torch import legacy_checkpoint as legacy
+
     path, saved = _trained_checkpoint(tmp_path)
-    blob = torch.load(path, weights_only=True)
-    blob.pop("digest")
-    blob.pop("optimizer_type")
-    blob.pop("scheduler_type")
-    blob["format"] = "lowrank_torch.checkpoint/1"
-    torch.save(blob, path)
+    payload = _read_tree(path)
+    payload.pop("model_metadata")
+    v2 = {"format": legacy.FORMAT_V2, **payload}
+    v2["digest"] = {"algorithm": "sha256", "value": legacy.digest(v2)}
+    torch.save(v2, tmp_path / "v2.pt")
     model, opt, sched, ctrl = _build()
-    with pytest.raises(CheckpointError, match="verify=False"):
-        load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    load_checkpoint(tmp_path / "v2.pt", model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    assert ctrl.ranks() == saved.ranks()
+
+    v2["model"]["0.U"] = v2["model"]["0.U"] + 1e-3
+    torch.save(v2, tmp_path / "v2_changed.pt")
+    model, opt, sched, ctrl = _build()
+    with pytest.raises(CheckpointError, match="digest"):
+        load_checkpoint(
+            tmp_path / "v2_changed.pt", model=model, optimizer=opt, oialr=ctrl, scheduler=sched
+        )
     assert not ctrl.switched
-    load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, scheduler=sched, verify=False)
+
+    v1 = {k: v for k, v in payload.items() if k not in ("optimizer_type", "scheduler_type")}
+    v1["format"] = legacy.FORMAT_V1
+    torch.save(v1, tmp_path / "v1.pt")
+    with pytest.raises(CheckpointError, match="verify=False"):
+        load_checkpoint(tmp_path / "v1.pt", model=model, optimizer=opt, oialr=ctrl, scheduler=sched)
+    assert not ctrl.switched
+    load_checkpoint(
+        tmp_path / "v1.pt", model=model, optimizer=opt, oialr=ctrl, scheduler=sched, verify=False
+    )
     assert ctrl.ranks() == saved.ranks()
 
 
@@ -439,3 +522,148 @@ def test_checkpoint_error_is_the_core_class() -> None:
 
     assert CheckpointError is lc.CheckpointError is lowrank_torch.oialr.CheckpointError
     assert issubclass(CheckpointError, lc.LowRankError) and issubclass(CheckpointError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------------
+# the file is the core's container: tensors of every dtype and the extra values come back as saved
+# --------------------------------------------------------------------------------------------------
+def test_the_file_is_the_core_container_without_pickle(tmp_path):
+    from lowrank_torch import checkpoint as ck
+
+    model, opt, sched, ctrl = _build()
+    _run(model, opt, sched, ctrl, _batches(6))
+    path = save_checkpoint(
+        tmp_path / "c.pt", model=model, optimizer=opt, oialr=ctrl, scheduler=sched
+    )
+    assert not zipfile.ZipFile(path).namelist()[0].endswith("data.pkl")
+    with np.load(path, allow_pickle=False) as z:  # every member reads without unpickling anything
+        assert all(isinstance(z[name], np.ndarray) for name in z.files)
+    found, tree = container.load(path, formats=(ck.FORMAT,))
+    assert found == "lowrank_torch.checkpoint/3"
+    assert set(tree) >= {"model", "optimizer", "optimizer_type", "oialr", "scheduler"}
+    assert isinstance(tree["model"]["4.weight"], np.ndarray)
+    assert set(tree["optimizer"]["state"]) == set(range(6))  # integer keys kept
+    assert tree["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)  # tuples kept
+
+
+def _bytes(t):
+    return t.reshape(-1).view(torch.uint8)
+
+
+def test_dtypes_and_extra_values_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).to(torch.bfloat16)
+    model[2].to(torch.float16)
+    model[:2](torch.randn(4, 5, dtype=torch.bfloat16))  # running stats and num_batches_tracked move
+    extra = {
+        "epoch": 3,
+        "loss": float("nan"),
+        "best": float("inf"),
+        "name": "run",
+        "none": None,
+        "pair": (1, "a"),
+        "by_step": {10: 0.5, 20: 0.25},
+        "bf16": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3) / 3,
+        "f8": torch.tensor([0.5, -2.0], dtype=torch.float8_e4m3fn),
+        "mask": torch.tensor([True, False]),
+        "ids": torch.arange(4, dtype=torch.int32),
+        "z": torch.tensor([1 + 2j], dtype=torch.complex64),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 3, dtype=torch.bfloat16),
+    }
+    path = save_checkpoint(tmp_path / "c.pt", model=model, extra=extra)
+    torch.manual_seed(1)
+    fresh = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3)).to(torch.bfloat16)
+    fresh[2].to(torch.float16)
+    got = load_checkpoint(path, model=fresh)
+    want_state, got_state = model.state_dict(), fresh.state_dict()
+    assert want_state.keys() == got_state.keys()
+    for key, value in want_state.items():
+        assert got_state[key].dtype == value.dtype and torch.equal(got_state[key], value), key
+    assert got.keys() == extra.keys()
+    for key, value in extra.items():
+        if isinstance(value, torch.Tensor):
+            assert isinstance(got[key], torch.Tensor) and got[key].dtype == value.dtype, key
+            assert got[key].shape == value.shape, key
+            assert torch.equal(_bytes(got[key]), _bytes(value)), key
+        elif isinstance(value, float) and value != value:
+            assert got[key] != got[key]
+        else:
+            assert got[key] == value and type(got[key]) is type(value), key
+
+
+_WITHOUT_ML_DTYPES = """
+import sys
+sys.modules["ml_dtypes"] = None  # `import ml_dtypes` raises ImportError: NumPy lacks bfloat16
+import torch
+from torch import nn
+from lowrank_core import checkpoint as container
+from lowrank_torch.checkpoint import FORMAT, load_checkpoint
+
+path = sys.argv[1]
+_, tree = container.load(path, formats=(FORMAT,))
+assert isinstance(tree["extra"]["bf16"], container.RawArray), type(tree["extra"]["bf16"])
+got = load_checkpoint(path, model=nn.Linear(3, 2))
+want = {
+    "bf16": torch.arange(6, dtype=torch.bfloat16) / 3,
+    "f8": torch.tensor([0.5, -2.0], dtype=torch.float8_e5m2),
+    "empty": torch.zeros(0, 2, dtype=torch.bfloat16),
+}
+for key, value in want.items():
+    assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+    assert torch.equal(got[key].reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8))
+print("ok")
+"""
+
+
+def test_bfloat16_and_float8_load_without_ml_dtypes(tmp_path):
+    """Without ml_dtypes (a PyTorch-only install) the container hands back raw bits with the dtype's
+    name; the tensors still come back in their dtype (checked in a fresh interpreter)."""
+    import subprocess
+
+    extra = {
+        "bf16": torch.arange(6, dtype=torch.bfloat16) / 3,
+        "f8": torch.tensor([0.5, -2.0], dtype=torch.float8_e5m2),
+        "empty": torch.zeros(0, 2, dtype=torch.bfloat16),
+    }
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "c.pt", model=nn.Linear(3, 2), extra=extra)
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_ML_DTYPES, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_values_a_checkpoint_cannot_keep_are_named_at_save(tmp_path):
+    model, *_ = _build()
+    path = save_checkpoint(tmp_path / "c.pt", model=model)
+    before = path.read_bytes()
+    for extra, where in (
+        ({"arr": np.zeros(3)}, r"\['extra'\]\['arr'\] is a NumPy array"),
+        ({"deep": [1, {"obj": object()}]}, r"\['extra'\]\['deep'\]\[1\]\['obj'\]"),
+        ({"sparse": torch.eye(3).to_sparse()}, r"\['extra'\]\['sparse'\].*dense"),
+    ):
+        with pytest.raises(lc.ParameterTypeError, match=where):
+            save_checkpoint(path, model=model, extra=extra)
+        assert path.read_bytes() == before
+
+
+def test_foreign_container_files_and_bad_map_location_fail_clearly(tmp_path):
+    model, opt, _sched, ctrl = _build()
+    other = container.save(
+        tmp_path / "jax.npz", {"params": np.zeros(3)}, format="lowrank_jax.checkpoint/1"
+    )
+    with pytest.raises(CheckpointError, match=r"lowrank_jax\.checkpoint/1"):
+        load_checkpoint(other, model=model, optimizer=opt, oialr=ctrl)
+    np.savez(tmp_path / "plain.npz", a=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a lowrank-core checkpoint"):
+        load_checkpoint(tmp_path / "plain.npz", model=model)
+    path = save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, oialr=ctrl)
+    with pytest.raises(lc.ParameterTypeError, match="map_location"):
+        load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, map_location={"cuda": "cpu"})
+    load_checkpoint(path, model=model, optimizer=opt, oialr=ctrl, map_location=torch.device("cpu"))
+    assert not ctrl.switched
