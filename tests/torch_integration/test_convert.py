@@ -710,6 +710,7 @@ def test_meta_models_are_refused_before_anything_changes(call):
 
 def _meta_tensor_calls():
     import lowrank_torch as lt
+    import lowrank_torch.optim_state
     from lowrank_torch.cmd import CMDTracker
     from lowrank_torch.dldr import SnapshotRecorder
 
@@ -731,7 +732,7 @@ def _meta_tensor_calls():
         ),
         "CMDTracker": lambda: CMDTracker(_meta_mlp()),
         "SnapshotRecorder": lambda: SnapshotRecorder(_meta_mlp()),
-        "rotate_sigma_state": lambda: lt.rotate_sigma_state(
+        "rotate_sigma_state": lambda: lt.optim_state.rotate_sigma_state(
             torch.optim.SGD([sigma := nn.Parameter(torch.eye(3, dtype=F64))], lr=0.1),
             sigma,
             meta(3, 3),
