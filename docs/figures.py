@@ -5,6 +5,11 @@
 Every figure is computed here, on MNIST-1D generated locally (the demo's data and models) or on random
 weights, with fixed seeds; nothing is drawn from stored numbers. One CPU thread; about a minute.
 Each figure also writes the numbers it plots to ``<name>.json`` beside it.
+
+The one exception is ``lm_frontier``: the language-model benchmark takes far too long for a docs
+build, so that figure is drawn from the JSON a run of ``benchmarks/bench_lm.py --json`` wrote
+(``benchmarks/stored/lm_table.json`` by default, ``--lm-table`` to choose another); without that file
+it is skipped and says so.
 """
 
 from __future__ import annotations
@@ -181,11 +186,45 @@ def fig_init(out: Path) -> dict[str, Any]:
     return {"ranks": ranks, "spectral": spec, "nonlinear": nonl}
 
 
+LM_TABLE = Path(__file__).resolve().parent.parent / "benchmarks" / "stored" / "lm_table.json"
+
+
+def fig_lm_frontier(out: Path) -> dict[str, Any]:
+    """Validation loss against whole-run training time, one point per method (stored benchmark JSON)."""
+    if not LM_TABLE.is_file():
+        return {"skipped": f"no benchmark JSON at {LM_TABLE}"}
+    table = json.loads(LM_TABLE.read_text())
+    rows = [r for r in table["rows"] if not r["method"].startswith("dense (")]
+    cfg = table["config"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r in rows:
+        marker = "*" if r["method"] == "dense" else "o"
+        ax.scatter(r["wall_ratio"], r["val_bpb"], marker=marker, s=90 if marker == "*" else 40)
+        ax.annotate(r["method"], (r["wall_ratio"], r["val_bpb"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)  # fmt: skip
+    ax.set_xlabel("whole-run training time / dense (same lockstep run)")
+    ax.set_ylabel("validation loss (bits/byte)")
+    ax.set_title(
+        f"byte GPT d={cfg['d_model']} L={cfg['layers']}, {cfg['steps']} steps, lr {cfg['lr']:g}"
+        + (" (--quick smoke run)" if table.get("quick") else ""),
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "lm_frontier.png", dpi=110)
+    plt.close(fig)
+    return {
+        "source": str(LM_TABLE),
+        "points": {r["method"]: [r["wall_ratio"], r["val_bpb"]] for r in rows},
+    }
+
+
 FIGURES: dict[str, Callable[[Path], dict[str, Any]]] = {
     "oialr_history": fig_oialr,
     "dldr_variance": fig_dldr,
     "cmd_modes": fig_cmd,
     "init_error": fig_init,
+    "lm_frontier": fig_lm_frontier,
 }
 
 
@@ -193,7 +232,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "generated")
     p.add_argument("--only", default="", help="comma list of figures (default: all)")
+    p.add_argument("--lm-table", type=Path, default=None, help="the benchmark JSON of lm_frontier")
     args = p.parse_args()
+    if args.lm_table is not None:
+        global LM_TABLE
+        LM_TABLE = args.lm_table
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     chosen = [f for f in args.only.split(",") if f] or list(FIGURES)
