@@ -197,11 +197,11 @@ def fig_lm_frontier(out: Path) -> dict[str, Any]:
     rows = [r for r in table["rows"] if not r["method"].startswith("dense (")]
     cfg = table["config"]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in rows:
+    for i, r in enumerate(rows):
         marker = "*" if r["method"] == "dense" else "o"
         ax.scatter(r["wall_ratio"], r["val_bpb"], marker=marker, s=90 if marker == "*" else 40)
         ax.annotate(r["method"], (r["wall_ratio"], r["val_bpb"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)  # fmt: skip
+                    xytext=(5, 4 if i % 2 else -11), fontsize=8)  # fmt: skip
     ax.set_xlabel("whole-run training time / dense (same lockstep run)")
     ax.set_ylabel("validation loss (bits/byte)")
     ax.set_title(
