@@ -448,7 +448,9 @@ class TableConfig:
       before its fit, and its number of modes (embedded CMD);
     - ``dldr_fraction``, ``dldr_dim``, ``dldr_snapshots``, ``psgd_lr``: the dense phase before the
       subspace, the subspace's dimension, the snapshots recorded in the dense phase, P-SGD's peak
-      learning rate (P-BFGS takes its step length from its line search).
+      learning rate (P-BFGS takes its step length from its line search);
+    - ``sigma_lr_scales``: further OIALR rows at the ``match`` budget with ``sigma_lr_scale`` set to each
+      value (Sigma's learning rate after the switch, relative to the weight's).
     """
 
     warmup_fraction: float = 0.05
@@ -468,6 +470,7 @@ class TableConfig:
     dldr_fraction: float = 0.5
     dldr_dim: int = 40
     dldr_snapshots: int = 50
+    sigma_lr_scales: tuple[float, ...] = ()
     psgd_lr: float = 0.5
 
 
@@ -571,7 +574,7 @@ class _Method:
 
 class _OIALRMethod(_Method):
     def __init__(self, name: str, cfg: LMConfig, tcfg: TableConfig, init: dict[str, torch.Tensor],
-                 train: torch.Tensor, target: float) -> None:  # fmt: skip
+                 train: torch.Tensor, target: float, sigma_lr_scale: float = 1.0) -> None:  # fmt: skip
         super().__init__(name, cfg, tcfg, init, train)
         budget = lc.oialr.RankBudget(target, measure="flops", reach_at=tcfg.reach_fraction)
         ocfg = OIALRConfig(
@@ -579,11 +582,13 @@ class _OIALRMethod(_Method):
             switch_fraction=tcfg.switch_fraction,
             update_every=max(1, cfg.steps // tcfg.updates),
             budget=budget,
+            sigma_lr_scale=sigma_lr_scale,
         )
         self.ctrl = OIALR(self.model, self.opt, ocfg)
         self.setting = (
             f"RankBudget({target}, 'flops', reach_at={tcfg.reach_fraction}), switch at "
             f"{tcfg.switch_fraction:.0%}, rank updates every {ocfg.update_every} steps"
+            + (f", sigma_lr_scale {sigma_lr_scale:g}" if sigma_lr_scale != 1.0 else "")
         )
 
     def control(self, step: int) -> None:
@@ -801,6 +806,11 @@ def measure_table(
     dense_a = _Method("dense", cfg, tcfg, init, train)
     dense_a.setting = f"AdamW lr {best:g} (the sweep's best), weight decay 0.01"
     oialr = [_OIALRMethod(f"OIALR flops {b:g}", cfg, tcfg, init, train, b) for b in tcfg.budgets]
+    target = tcfg.budgets[tcfg.match]
+    oialr += [
+        _OIALRMethod(f"OIALR flops {target:g}, Sigma lr x{k:g}", cfg, tcfg, init, train, target, k)
+        for k in tcfg.sigma_lr_scales
+    ]
     cmd = _CMDMethod("CMD (mode model)", cfg, tcfg, init, train)
     psgd = _DLDRMethod(f"P-SGD (DLDR d={tcfg.dldr_dim})", cfg, tcfg, init, train, "sgd")
     pbfgs = _DLDRMethod(f"P-BFGS (DLDR d={tcfg.dldr_dim})", cfg, tcfg, init, train, "bfgs")
@@ -912,6 +922,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only dense vs OIALR (SigmaCutoff, constant lr) with check and switch costs",
     )
+    p.add_argument(
+        "--sigma-lr-scales",
+        default="",
+        help="comma list: further OIALR rows with sigma_lr_scale set to each value (e.g. 0.5,2)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -928,7 +943,9 @@ def main(argv: list[str] | None = None) -> None:
         table, data = measure(cfg)
         print(table.render())
     else:
-        tables, data = measure_table(cfg, TableConfig(), log=lambda m: print(m, flush=True))
+        scales = tuple(float(x) for x in args.sigma_lr_scales.split(",") if x.strip())
+        tcfg = TableConfig(sigma_lr_scales=scales)
+        tables, data = measure_table(cfg, tcfg, log=lambda m: print(m, flush=True))
         data["quick"] = args.quick
         print("\n\n".join(t.render() for t in tables))
     if args.json:
