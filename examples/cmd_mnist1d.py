@@ -9,6 +9,8 @@ observed by every averaging method at once:
 - SGD: the weights after the last epoch;
 - online CMD (``lowrank_torch.cmd.CMDTracker``, warm-up ``F`` epochs, ``M`` modes; a few ``M`` side by
   side, plus the automatic ``M`` from a tolerance), evaluated with its weights ``a r(T) + b`` swapped in;
+  the published method (one reference parameter per mode), and ``profile='centroid'`` (each mode's
+  profile the centroid of its sampled members' standardised warm-up trajectories);
 - EMA of the weights after every step (``torch.optim.swa_utils.AveragedModel`` with
   ``get_ema_multi_avg_fn``);
 - SWA: the equal average of the epoch-end weights from epoch ``F`` on (``AveragedModel``; the MLP has no
@@ -54,6 +56,11 @@ def run(seed: int, args: argparse.Namespace) -> tuple[dict[str, tuple[float, flo
     cmds[f"online CMD, auto M (tol {args.tol:g})"] = CMDTracker(
         model, CMDConfig(warmup_epochs=args.warmup, max_modes=None, tol=args.tol, seed=seed)
     )
+    for m in args.centroid_modes:
+        cmds[f"online CMD, centroid profiles, M={m}"] = CMDTracker(
+            model,
+            CMDConfig(warmup_epochs=args.warmup, max_modes=m, seed=seed, profile="centroid"),
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     trajectory = np.empty((sum(p.numel() for p in params), args.epochs), dtype=np.float32)
     gen = torch.Generator().manual_seed(seed)
@@ -128,6 +135,13 @@ def main() -> None:
     parser.add_argument("--ema-decay", type=float, default=0.99)
     parser.add_argument("--modes", type=int, nargs="+", default=[2, 10])
     parser.add_argument("--tol", type=float, default=0.3)
+    parser.add_argument(
+        "--centroid-modes",
+        type=int,
+        nargs="*",
+        default=[2, 10],
+        help="M of the online CMD rows with CMDConfig(profile='centroid') (none: leave them out)",
+    )
     parser.add_argument("--posthoc-modes", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

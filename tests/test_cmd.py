@@ -340,6 +340,146 @@ def test_online_update_equals_batch_least_squares(backend, dtype, seed, warm, ex
     np.testing.assert_allclose(backend.to_numpy(online.profiles), x[refs], atol=0)
 
 
+def centroid_reference(x: np.ndarray, fit: cmd.CMDFit, warm: int) -> np.ndarray:
+    """The centroid profiles ``(M, T)`` of ``fit``'s sample clusters (float64, independent of the
+    library): per cluster, the mean of its sampled members' rows, each minus its warm-up mean, divided
+    by its warm-up centred norm and signed by its warm-up correlation with the cluster's reference."""
+    labels = np.asarray(fit.labels)
+    out = np.zeros((fit.num_modes, x.shape[1]))
+    for m, r in enumerate(np.asarray(fit.references)):
+        rw = x[r, :warm] - x[r, :warm].mean()
+        for j in fit.sample[labels == m]:
+            d = x[j] - x[j, :warm].mean()
+            norm = np.linalg.norm(d[:warm])
+            out[m] += (-1.0 if d[:warm] @ rw < 0 else 1.0) * d / norm
+        out[m] /= max(1, int((labels == m).sum()))
+    return out
+
+
+@FEW
+@given(seed=seeds, warm=st.integers(3, 6), extra=st.integers(1, 8), modes=st.integers(1, 3))
+def test_online_centroid_update_equals_batch_least_squares(
+    backend, dtype, seed, warm, extra, modes
+):
+    rng = np.random.default_rng(seed)
+    x, _, _ = modal_trajectory(rng, 40, warm + extra, modes, noise=0.1)
+    x = x + np.linspace(0.0, 1.0, warm + extra)  # a common drift, so the means move
+    xa = backend.asarray(x, dtype)
+    fit = cmd.fit_cmd(xa[:, :warm], modes, num_samples=40, seed=seed)
+    online = cmd.OnlineCMD.from_fit(xa[:, :warm], fit, profile="centroid")
+    assert online.profile == "centroid"
+    np.testing.assert_array_equal(online.references, fit.references)
+    x64 = backend.to_numpy(xa).astype(np.float64)  # the data the library saw (float32 rounded)
+    prof = centroid_reference(x64, fit, warm)
+    tol = 1e-8 if dtype == "float64" else 2e-2
+    # the assignment: largest warm-up |corr| with the centroid profiles, unless two modes nearly tie
+    assignment = backend.to_numpy(online.assignment)
+    u = x64[:, :warm] - x64[:, :warm].mean(axis=1, keepdims=True)
+    p = prof[:, :warm] - prof[:, :warm].mean(axis=1, keepdims=True)
+    c = np.abs(u @ p.T) / np.outer(np.linalg.norm(u, axis=1), np.linalg.norm(p, axis=1))
+    best = c.max(axis=1)
+    assert np.all(c[np.arange(40), assignment] >= best - 10 * tol)
+    for t in range(warm, warm + extra + 1):
+        if t > warm:
+            online.update(xa[:, t - 1])
+        assert online.epochs == t
+        # the profiles are the centroids up to one offset per mode (which no fit depends on)
+        got = backend.to_numpy(online.profiles).astype(np.float64)
+        off = (got - prof[:, :t]).mean(axis=1, keepdims=True)
+        np.testing.assert_allclose(got, prof[:, :t] + off, atol=tol * (1 + np.abs(prof).max()))
+        a, b = online.coefficients()
+        assert_in_library(a, xa)
+        ra, rb = ref.cmd_lstsq(x64[:, :t], got, assignment)
+        scale = 1.0 + np.abs(ra)
+        np.testing.assert_allclose(backend.to_numpy(a), ra, atol=tol * scale.max())
+        np.testing.assert_allclose(backend.to_numpy(b), rb, atol=tol * (1 + np.abs(rb).max()))
+        np.testing.assert_allclose(
+            backend.to_numpy(online.weights()),
+            ref.cmd_reconstruct(got, assignment, ra, rb)[:, -1],
+            atol=tol * (1 + np.abs(x).max()),
+        )
+    # a state dict round trip keeps the centroid state, and the next update is the same
+    again = cmd.OnlineCMD.from_state_dict(online.state_dict())
+    assert again.profile == "centroid"
+    w = xa[:, -1] * 1.5
+    online.update(w)
+    again.update(w)
+    np.testing.assert_array_equal(backend.to_numpy(online.c_wr), backend.to_numpy(again.c_wr))
+
+
+def _online_error(x: np.ndarray, online: cmd.OnlineCMD, backend) -> float:
+    model = backend.to_numpy(online.reconstruct()).astype(np.float64)
+    c = x - x.mean(axis=1, keepdims=True)
+    return float(np.linalg.norm(x - model) / np.linalg.norm(c))
+
+
+@FEW
+@given(seed=seeds, planted=st.integers(1, 4), warm=st.integers(6, 10), extra=st.integers(1, 10))
+def test_online_centroid_error_never_grows_when_a_mode_is_added(
+    backend, seed, planted, warm, extra
+):
+    """On a planted trajectory (``planted`` modes, no noise) the whole-run error of online CMD with
+    centroid profiles never grows from ``M`` to ``M + 1`` modes: it falls to rounding level at the
+    planted number and stays there for every larger ``M``."""
+    rng = np.random.default_rng(seed)
+    x, _, _ = modal_trajectory(rng, 60, warm + extra, planted)
+    xa = backend.asarray(x)
+    errors = []
+    for m in range(1, planted + 3):
+        online = cmd.OnlineCMD.from_trajectory(
+            xa[:, :warm], m, num_samples=60, seed=seed, profile="centroid"
+        )
+        for t in range(warm, warm + extra):
+            online.update(xa[:, t])
+        errors.append(_online_error(x, online, backend))
+    floor = 1e-9  # float64 rounding of an exact model, relative to the motion
+    assert errors[planted - 1] <= floor, errors
+    for m in range(len(errors) - 1):
+        assert errors[m + 1] <= errors[m] + floor, errors
+
+
+def test_online_centroid_profile_resists_a_departing_reference(backend):
+    """A mode whose reference parameter departs from its warm-up shape afterwards: the published
+    profile follows the reference and models the whole mode badly, the centroid profile does not."""
+    rng = np.random.default_rng(0)
+    warm, t = 10, 30
+    x, _, _ = modal_trajectory(rng, 200, t, 2, noise=0.02)
+    fit = cmd.fit_cmd(backend.asarray(x[:, :warm]), 2, num_samples=200, seed=0)
+    for r in np.asarray(fit.references):  # every reference walks off on its own after the warm-up
+        x[r, warm:] = x[r, warm - 1] + np.cumsum(rng.standard_normal(t - warm))
+    xa = backend.asarray(x)
+    errors = {}
+    for kind in ("reference", "centroid"):
+        online = cmd.OnlineCMD.from_fit(xa[:, :warm], fit, profile=kind)
+        for k in range(warm, t):
+            online.update(xa[:, k])
+        errors[kind] = _online_error(x, online, backend)
+    assert errors["centroid"] < 0.2 < errors["reference"], errors
+
+
+def test_online_profile_option_is_checked(backend):
+    x, _, _ = modal_trajectory(np.random.default_rng(0), 30, 8, 2)
+    with pytest.raises(ParameterError, match="profile"):
+        cmd.OnlineCMD.from_trajectory(backend.asarray(x), 2, profile="mean")
+    online = cmd.OnlineCMD.from_trajectory(backend.asarray(x), 2, profile="centroid")
+    state = online.state_dict()
+    del state["mix"]
+    with pytest.raises(ParameterError, match="mix"):
+        cmd.OnlineCMD.from_state_dict(state)
+    default = cmd.OnlineCMD.from_trajectory(backend.asarray(x), 2)
+    assert default.profile == "reference"
+    assert set(default.state_dict()) == {
+        "references",
+        "assignment",
+        "profiles",
+        "r_mean",
+        "r_m2",
+        "w_mean",
+        "c_wr",
+        "unit",
+    }
+
+
 def test_online_memory_is_constant_but_for_the_profiles(backend):
     x, _, _ = modal_trajectory(np.random.default_rng(0), 100, 40, 3, noise=0.1)
     xa = backend.asarray(x)

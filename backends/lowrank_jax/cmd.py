@@ -23,6 +23,8 @@ from .dldr import flatten
 __all__ = ["CMDTracker"]
 
 _STATE_KEYS = ("assignment", "profiles", "r_mean", "r_m2", "w_mean", "c_wr")
+#: arrays of a saved state, the centroid profiles' (``profile='centroid'``) included
+_ARRAY_KEYS = (*_STATE_KEYS, "mix", "mix_offset")
 
 
 class CMDTracker:
@@ -75,20 +77,30 @@ class CMDTracker:
                 )
                 self._warmup = []
             return
+        rows = self.cmd.mix_rows  # profile='centroid' only, else None
         if self._update is None:  # the references are static (host metadata): closed over
             refs, unit = self.cmd.references, self.cmd.unit
-            self._update = jax.jit(lambda st, w: self._update_state(st, refs, unit, w))
-        state = {k: getattr(self.cmd, k) for k in _STATE_KEYS}
+            self._update = jax.jit(lambda st, w: self._update_state(st, refs, unit, rows, w))
+        keys = _STATE_KEYS if rows is None else (*_STATE_KEYS, "mix", "mix_offset")
+        state = {k: getattr(self.cmd, k) for k in keys}
         new = self._update(state, flat)
-        self.cmd = lc.OnlineCMD(references=self.cmd.references, unit=self.cmd.unit, **new)
+        self.cmd = lc.OnlineCMD(
+            references=self.cmd.references, unit=self.cmd.unit, mix_rows=rows, **new
+        )
 
     @staticmethod
     def _update_state(
-        state: dict[str, jax.Array], references: np.ndarray, unit: float, flat: jax.Array
+        state: dict[str, jax.Array],
+        references: np.ndarray,
+        unit: float,
+        mix_rows: np.ndarray | None,
+        flat: jax.Array,
     ) -> dict[str, jax.Array]:
-        cmd = lc.OnlineCMD(references=references, unit=unit, **state, check_finite=False)
+        cmd = lc.OnlineCMD(
+            references=references, unit=unit, mix_rows=mix_rows, **state, check_finite=False
+        )
         cmd.update(flat, check_finite=False)
-        return {k: getattr(cmd, k) for k in _STATE_KEYS}
+        return {k: getattr(cmd, k) for k in state}
 
     def evaluation_params(self, params: Any) -> Any:
         """The CMD weights as a pytree (``params`` itself before the fit)."""
@@ -153,8 +165,8 @@ class CMDTracker:
             try:
                 cmd = lc.OnlineCMD.from_state_dict(
                     {
-                        **{k: jnp.asarray(saved[k]) for k in _STATE_KEYS if k in saved},
-                        **{k: saved[k] for k in saved if k not in _STATE_KEYS},
+                        **{k: jnp.asarray(saved[k]) for k in _ARRAY_KEYS if k in saved},
+                        **{k: saved[k] for k in saved if k not in _ARRAY_KEYS},
                     }
                 )
             except lc.LowRankError as exc:

@@ -98,6 +98,12 @@ class CMDConfig:
       epochs after the fit, the ``ceil(P N)`` parameters whose ``(a, b)`` moved least since the last
       embedding are embedded; embedded parameters are overwritten by their model ``a r(t) + b`` at
       every time point (``L`` counts time points too);
+    - ``profile`` (``'reference'``, the published method): where each mode's profile comes from:
+      its reference parameter's values, or ``'centroid'``: the mean of its sampled members' warm-up
+      standardised trajectories, a fixed linear function of the weights that one parameter's later
+      quirks cannot take over (see :class:`lowrank_core.cmd.OnlineCMD`); every parameter is assigned
+      to the centroid profile it correlates with most over the warm-up, and the sampled members, like
+      the references, are never embedded;
     - ``every_n_steps`` (``None``): the per-step cadence: :meth:`CMDTracker.step`, called after every
       optimizer step, makes a time point of every ``every_n_steps``-th call. ``None`` (the default):
       one time point per :meth:`CMDTracker.after_epoch` call.
@@ -121,6 +127,7 @@ class CMDConfig:
     embed_every: int = 10
     embed_fraction: float = 0.1
     every_n_steps: int | None = None
+    profile: str = "reference"
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -149,6 +156,7 @@ class CMDConfig:
         )
         put("seed", check_seed("seed", self.seed))
         put("metric", check_choice("metric", self.metric, core.METRICS))
+        put("profile", check_choice("profile", self.profile, core.PROFILES))
         put("chunk_size", check_int("chunk_size", self.chunk_size, min=1))
         device: object = self.warmup_device
         if isinstance(device, torch.device):
@@ -347,6 +355,7 @@ class CMDTracker:
             metric=cfg.metric,
             chunk_size=cfg.chunk_size,
             check_finite=False,  # checked epoch by epoch while recording
+            profile=cfg.profile,
         )
         self._warmup = None
         self.state = _to_device(fitted, self.device)
@@ -356,10 +365,10 @@ class CMDTracker:
             self._prev = self.state.coefficients()
 
     def _model_weights(self, flat: Tensor) -> Tensor:
-        """``a r + b`` with ``r`` read from ``flat`` (the current values of the references)."""
+        """``a r + b`` with ``r`` read from ``flat`` (the profiles' current values)."""
         state = self._require()
         a, _ = state.coefficients()
-        r = flat[torch.as_tensor(state.references, device=flat.device)]
+        r = state.profile_values(flat)
         out: Tensor = state.w_mean + a * (r - state.r_mean)[state.assignment]
         return out
 
@@ -368,8 +377,9 @@ class CMDTracker:
         assert self.embedded is not None
         assert self._prev is not None
         a, b = state.coefficients()
+        protect = state.references if state.mix_rows is None else state.protected()
         new = core.select_embedding(
-            a, b, *self._prev, self.embedded, state.references, self.config.embed_fraction
+            a, b, *self._prev, self.embedded, protect, self.config.embed_fraction
         )
         added = new & ~self.embedded
         self.embedded = new
@@ -442,6 +452,8 @@ class CMDTracker:
         if self.state is not None:
             core_state = self.state.state_dict()
             core_state["references"] = torch.as_tensor(core_state["references"])
+            if "mix_rows" in core_state:
+                core_state["mix_rows"] = torch.as_tensor(core_state["mix_rows"])
             out["core"] = core_state
         return out
 
@@ -543,9 +555,10 @@ class CMDTracker:
             if not isinstance(state["core"], dict):
                 raise ParameterTypeError(f"`core` must be a dict, got {describe(state['core'])}")
             core_state = dict(state["core"])
-            refs = core_state.get("references")
-            if isinstance(refs, Tensor):
-                core_state["references"] = np.asarray(refs.detach().cpu())
+            for key in ("references", "mix_rows"):
+                rows = core_state.get(key)
+                if isinstance(rows, Tensor):
+                    core_state[key] = np.asarray(rows.detach().cpu())
             new_state = _to_device(core.OnlineCMD.from_state_dict(core_state), self.device)
             if new_state.num_params != self.num_params:
                 raise ParameterError(

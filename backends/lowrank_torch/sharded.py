@@ -435,6 +435,11 @@ class ShardedCMDTracker:
             raise ParameterError(
                 "embedded CMD (embed=True) is not supported on sharded parameters; use embed=False"
             )
+        if self.config.profile != "reference":
+            raise ParameterError(
+                f"profile={self.config.profile!r} is not supported on sharded parameters (its "
+                "profiles read sampled rows spread over the ranks); use profile='reference'"
+            )
         if self.config.every_n_steps is not None:
             raise ParameterError(
                 "the per-step cadence (every_n_steps) is not supported on sharded parameters: call "

@@ -74,7 +74,7 @@ from .fit import CMDFit, choose_num_modes, fit_cmd, fit_cmd_shard, relative_erro
 from .least_squares import assign_modes, fit_coefficients, reconstruct_trajectory
 from .linkage import cluster
 from .modes import Modes, find_modes
-from .online import OnlineCMD
+from .online import PROFILES, OnlineCMD
 from .sampling import sample_indices
 from .validation import CONSTANT_TOLERANCE, DEFAULT_CHUNK_SIZE, DEFAULT_METRIC
 from .validation import METRICS as METRICS
@@ -84,6 +84,7 @@ __all__ = [
     "CONSTANT_TOLERANCE",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_METRIC",
+    "PROFILES",
     "CMDFit",
     "Modes",
     "OnlineCMD",

@@ -144,3 +144,24 @@ def test_cmd_tracker_fits_updates_and_round_trips() -> None:
         jc.CMDTracker(_P0, warmup_epochs=5).load_state_dict(tr.state_dict())
     with pytest.raises(lc.CheckpointError, match="format"):
         other.load_state_dict({"format": "x"})
+
+
+def test_cmd_tracker_centroid_profile_jitted_equals_eager_and_round_trips() -> None:
+    snaps, p = _trajectory(10)
+    tr = jc.CMDTracker(_P0, warmup_epochs=4, max_modes=2, profile="centroid")
+    for s in snaps:
+        tr.after_epoch(s)
+    assert tr.cmd.profile == "centroid"
+    flat = jnp.stack([jd.flatten(s)[0] for s in snaps], axis=1)
+    ref = lc.OnlineCMD.from_trajectory(flat[:, :4], 2, profile="centroid")
+    for t in range(4, 10):
+        ref.update(flat[:, t])
+    np.testing.assert_allclose(np.asarray(tr.cmd.weights()), np.asarray(ref.weights()), atol=1e-10)
+    other = jc.CMDTracker(_P0, warmup_epochs=4, max_modes=2, profile="centroid")
+    other.load_state_dict(tr.state_dict())
+    assert other.cmd.profile == "centroid"
+    other.after_epoch(p)
+    tr.after_epoch(p)
+    np.testing.assert_allclose(
+        np.asarray(other.cmd.weights()), np.asarray(tr.cmd.weights()), atol=1e-12
+    )

@@ -510,3 +510,61 @@ def test_sharded_tracker_refuses_the_per_step_cadence_clearly():
 
     with pytest.raises(ParameterError, match="every_n_steps"):
         ShardedCMDTracker(_model(), CMDConfig(every_n_steps=2))  # before any process group check
+    with pytest.raises(ParameterError, match="profile"):
+        ShardedCMDTracker(_model(), CMDConfig(profile="centroid"))
+
+
+def test_centroid_profile_tracker_equals_batch_least_squares_and_resumes():
+    """``CMDConfig(profile='centroid')``: the profiles are the fixed linear function of the weights
+    chosen at the fit, the coefficients the batch least squares on them, the swapped-in weights
+    ``a r(T) + b`` (rounded to the float32 parameters); a checkpoint resumes bit for bit."""
+    cfg = CMDConfig(
+        warmup_epochs=4, max_modes=3, num_samples=60, dtype="float64", profile="centroid"
+    )
+    model, cmd, traj = _run(cfg, epochs=12)
+    state = cmd.state
+    assert state.profile == "centroid"
+    mix, offset = state.mix.numpy(), state.mix_offset.numpy()
+    profiles = mix @ (traj[state.mix_rows] - offset[:, None])
+    np.testing.assert_allclose(state.profiles.numpy(), profiles, atol=1e-12)
+    mode = state.assignment.numpy()
+    ra, rb = ref.cmd_lstsq(traj, profiles, mode)
+    a, b = cmd.coefficients()
+    np.testing.assert_allclose(a.numpy(), ra, atol=1e-8 * (1 + np.abs(ra).max()))
+    np.testing.assert_allclose(b.numpy(), rb, atol=1e-8 * (1 + np.abs(rb).max()))
+    with cmd.swapped():
+        inside = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy()
+    want = ra * profiles[mode, -1] + rb
+    np.testing.assert_allclose(inside, want, atol=2 * np.finfo(np.float32).eps * np.abs(want).max())
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "cmd": cmd.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    twin_model = _model(seed=1)
+    twin_model.load_state_dict(saved["model"])
+    twin = CMDTracker(twin_model, CMDConfig(warmup_epochs=9, max_modes=5))
+    twin.load_state_dict(saved["cmd"])
+    assert twin.config == cfg and twin.state.profile == "centroid"
+    for m, c in ((model, cmd), (twin_model, twin)):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(7)
+        for _ in range(3):
+            _train_epoch(m, opt, gen)
+            c.after_epoch()
+    for u, v in zip(cmd.coefficients(), twin.coefficients(), strict=True):
+        assert torch.equal(u, v)
+    with pytest.raises(ValueError, match="profile"):
+        CMDConfig(profile="medoid")
+
+
+def test_centroid_profile_embedding_never_overwrites_a_profile_row():
+    cfg = CMDConfig(
+        warmup_epochs=3, max_modes=2, num_samples=60, profile="centroid", embed=True,
+        embed_every=2, embed_fraction=0.2,
+    )  # fmt: skip
+    _, cmd, _ = _run(cfg, epochs=9)  # embeddings after epochs 5, 7, 9
+    emb = cmd.embedded.numpy()
+    protected = cmd.state.protected()
+    assert protected.size > cmd.state.num_modes  # the sampled members, not only the references
+    assert emb.sum() == 3 * math.ceil(0.2 * cmd.num_params)
+    assert not emb[protected].any()
