@@ -76,10 +76,6 @@ def rotate_cheaper(x: Array, left: Array, right: Array) -> Array:
     return rotate_sigma(x, left, right, check_finite=False)
 
 
-def _float32(xp: Any) -> Any:
-    return xp.float32
-
-
 class MomentMap:
     """The maps of one event (a switch or a re-diagonalization) for every state array it moves.
 
@@ -116,7 +112,7 @@ class MomentMap:
         """``x`` (a state array of one ``kind``) mapped by the rule of the module docstring, in
         ``x``'s dtype and on its device."""
         xp = array_api_compat.array_namespace(x, self.left, self.right)
-        dt = xp.result_type(_float32(xp), x.dtype, self.left.dtype, self.right.dtype)
+        dt = xp.result_type(xp.float32, x.dtype, self.left.dtype, self.right.dtype)
         dev = array_api_compat.device(x)
         xc = xp.astype(x, dt)
         if kind == SECOND:

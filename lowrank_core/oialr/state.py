@@ -178,12 +178,12 @@ def upgrade_state(state: Any) -> dict[str, Any]:
                 f"lowrank-core reads versions 1 (0.1.0) and {STATE_VERSION}"
             )
         return state
-    if fmt == "lowrank_torch.OIALR/1":
+    if fmt == LEGACY_FORMATS[0]:
         out = {k: v for k, v in state.items() if k != "snapshots"}
         snapshots = state.get("snapshots", {})
         out["warmup"] = snapshots
         return out
-    if fmt == "lowrank_jax.OIALR/1":
+    if fmt == LEGACY_FORMATS[1]:
         out = {k: v for k, v in state.items() if k != "polar"}
         polar = state.get("polar", {})
         out["warmup"] = {n: [q] for n, q in polar.items()} if isinstance(polar, dict) else polar

@@ -335,3 +335,36 @@ def test_truncate_sigma_state_takes_numpy_integers() -> None:
     for bad in (0, 5, 2.0, True):
         with pytest.raises(lc.RankError):
             jstate.truncate_sigma_state(state, path, 4, bad)
+
+
+def test_a_failed_step_leaves_the_controller_as_it_was() -> None:
+    """A rank update that fails (NaN in a Sigma) raises a LowRankError naming the fault and leaves the
+    controller's counts, history, bases and warm-up state as before the call (the trees passed in are
+    never changed)."""
+    p = _params()
+    budget = lc.oialr.RankBudget(0.5, measure="params")
+    ctrl = jo.OIALR(p, jo.OIALRConfig(switch_step=1, update_every=2, budget=budget))
+    tx = optax.sgd(0.0)
+    trainable, opt_state = ctrl.step(p, tx.init(p))  # step 1: the switch
+    bad = {
+        **trainable,
+        "l0": {**trainable["l0"], "kernel": trainable["l0"]["kernel"].at[0, 0].set(jnp.nan)},
+    }
+    before = (
+        ctrl.step_count,
+        dict(ctrl.switched),
+        list(ctrl.history),
+        ctrl.schedule.updates,
+        dict(ctrl.frozen),
+    )
+    with pytest.raises(lc.NonFiniteError):
+        ctrl.step(bad, opt_state)  # step 2: a rank update under the budget
+    after = (
+        ctrl.step_count,
+        dict(ctrl.switched),
+        list(ctrl.history),
+        ctrl.schedule.updates,
+        dict(ctrl.frozen),
+    )
+    assert after == before
+    assert not ctrl.structure_changed
