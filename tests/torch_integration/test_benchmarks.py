@@ -73,3 +73,29 @@ def test_gpu_suite_dry_run_writes_its_json(tmp_path):
     assert data["environment"]["dry_run"] is True
     assert {p["status"] for p in data["parts"].values()} == {"ok"}
     assert data["parts"]["layers"]["rows"]
+
+
+def test_cmd_generalization_rows_on_a_short_run():
+    """Every shadow model is evaluated without disturbing the run it shadows, embedding happens."""
+    import cmd_generalization as cg
+
+    setting = replace(cg.DIGITS, points=6, warmup=3, embed_every=2)
+    task = cg.MLPTask(setting, "digits")
+    out = cg.run_seed(task, 0)
+    again = cg.run_seed(task, 0)
+    assert out == again  # deterministic: the same seed gives the same rows
+    assert out["last weights"]["error"] is None
+    for p, m in cg.ONLINE:
+        err = out[f"online CMD, {p}, M={m}"]["error"]
+        assert err is not None and 0.0 <= err < 1.0  # a model that explains part of the motion
+    for p, m in cg.EMBEDDED:
+        # fitted at point 3, one embedding event (point 5) fixes 10% of the parameters
+        share = out[f"embedded CMD, {p}, M={m}: as trained"]["embedded"]
+        assert 0.09 < share <= 0.11
+    rows = cg.summarize(setting, [out, again])
+    assert rows[0]["method"] == "last weights" and rows[0]["paired_gain"] == 0.0
+    # lower is better for bits per byte: the paired gain flips sign
+    lm = replace(setting, metric="bpb")
+    fake = [{"last weights": {"value": 3.0, "error": None}, "x": {"value": 2.5, "error": None}}] * 2
+    assert cg.summarize(lm, fake)[1]["paired_gain"] == 0.5
+    assert cg.summarize(setting, fake)[1]["paired_gain"] == -0.5
