@@ -821,6 +821,11 @@ def measure_table(
         r["ranks"] = o.ctrl.ranks()
     a_s = time.perf_counter() - t0
     say(f"dense, OIALR, CMD, DLDR done in {a_s:.0f} s")
+    for r in rows:  # printed now: a long run shows its first group before the second starts
+        say(
+            f"  {r['method']}: {r['val_bpb']:.4f} bpb ({r['val_ratio']:.3f}x dense), steady step "
+            f"{r['steady_step_ratio']:.2f}x, whole run {r['wall_ratio']:.2f}x"
+        )
 
     # 3. fixed rank and GaLore matched to one budget's outcome, with a dense run of their own
     t0 = time.perf_counter()
