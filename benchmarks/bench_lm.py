@@ -902,6 +902,57 @@ def measure_table(
     return [sweep_table, table], data
 
 
+def measure_grid(
+    cfg: LMConfig,
+    tcfg: TableConfig,
+    switches: tuple[float, ...],
+    scales: tuple[float, ...],
+    *,
+    log: Any = None,
+) -> tuple[Table, dict[str, Any]]:
+    """Dense and OIALR at the ``match`` budget for every (switch fraction, ``sigma_lr_scale``), in
+    lockstep, at ``cfg.lr`` (no sweep: give the sweep's result). Each run reaches its budget halfway
+    from its switch to the end; ranks are updated every 5% of the run."""
+    say = log or (lambda _msg: None)
+    train_b, val_b, info = stdlib_text(cfg.train_bytes, cfg.val_bytes)
+    device = torch.device(cfg.device)
+    train = torch.frombuffer(bytearray(train_b), dtype=torch.uint8).long().to(device)
+    val = torch.frombuffer(bytearray(val_b), dtype=torch.uint8).long().to(device)
+    torch.manual_seed(cfg.seed)
+    init = copy.deepcopy(ByteGPT(cfg).state_dict())
+    target = tcfg.budgets[tcfg.match]
+    t0 = time.perf_counter()
+    dense = _Method("dense", cfg, tcfg, init, train)
+    dense.setting = f"AdamW lr {cfg.lr:g}, weight decay 0.01"
+    runs: list[_Method] = [dense]
+    for s in switches:
+        for k in scales:
+            g = replace(tcfg, switch_fraction=s, reach_fraction=s + (1 - s) / 2, updates=20)
+            runs.append(_OIALRMethod(f"OIALR flops {target:g}, switch {s:g}, Sigma lr x{k:g}",
+                                     cfg, g, init, train, target, k))  # fmt: skip
+    _lockstep(runs, cfg.steps)
+    rows = [_row(run, dense, val) for run in runs]
+    seconds = time.perf_counter() - t0
+    say(f"grid done in {seconds:.0f} s")
+    table = Table(
+        title=(
+            f"(lm grid) byte GPT d={cfg.d_model} L={cfg.layers}, {cfg.steps} steps, lr {cfg.lr:g}, "
+            f"OIALR RankBudget({target:g}, 'flops') by switch fraction and Sigma lr scale"
+        ),
+        columns=["method", "val bpb", "/dense", "steady step", "whole run", "bytes", "trainable"],
+    )
+    for r in rows:
+        table.rows.append([
+            r["method"], f"{r['val_bpb']:.4f}", f"{r['val_ratio']:.3f}",
+            f"{r['steady_step_ratio']:.2f}", f"{r['wall_ratio']:.2f}",
+            f"{r['bytes_ratio']:.2f}", f"{r['trainable_share']:.3g}",
+        ])  # fmt: skip
+    table.notes.append(f"{seconds:.0f} s, every run in lockstep with the dense run")
+    data = {"config": asdict(cfg), "table_config": asdict(tcfg), "threads": torch.get_num_threads(),
+            "text": info, "switches": switches, "scales": scales, "rows": rows, "seconds": seconds}  # fmt: skip
+    return table, data
+
+
 def run(config: Config) -> Report:
     """The benchmark runner's entry point (``python benchmarks/run.py lm``)."""
     cfg = QUICK_TABLE if config.quick else TABLE
@@ -932,6 +983,18 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="comma list: further OIALR rows with sigma_lr_scale set to each value (e.g. 0.5,2)",
     )
+    p.add_argument(
+        "--grid-switches",
+        default="",
+        help="comma list of switch fractions: instead of the table, dense vs OIALR at each switch "
+        "fraction x --grid-scales (needs --lr)",
+    )
+    p.add_argument(
+        "--grid-scales", default="1", help="comma list of sigma_lr_scale for --grid-switches"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak lr (the grid's; the table sweeps it)"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -944,7 +1007,17 @@ def main(argv: list[str] | None = None) -> None:
         cfg = replace(cfg, steps=args.steps)
     if args.cutoff is not None:
         cfg = replace(cfg, cutoff=args.cutoff)
-    if args.pair:
+    if args.grid_switches:
+        if args.lr is None:
+            p.error("--grid-switches needs --lr (the table's sweep result)")
+        switches = tuple(float(x) for x in args.grid_switches.split(",") if x.strip())
+        scales_g = tuple(float(x) for x in args.grid_scales.split(",") if x.strip())
+        table, data = measure_grid(
+            replace(cfg, lr=args.lr), TableConfig(), switches, scales_g,
+            log=lambda m: print(m, flush=True),
+        )  # fmt: skip
+        print(table.render())
+    elif args.pair:
         table, data = measure(cfg)
         print(table.render())
     else:
