@@ -30,12 +30,13 @@ _ARRAY_KEYS = (*_STATE_KEYS, "mix", "mix_offset")
 class CMDTracker:
     """Online CMD over a parameter pytree (see the module docstring).
 
-    ``warmup_epochs`` (>= 2) epochs are recorded before the fit; ``max_modes`` / ``tol`` /
+    ``warmup_epochs`` (>= 2) epochs are recorded before the fit; ``max_modes`` (2, as
+    :class:`lowrank_torch.cmd.CMDConfig`) / ``tol`` /
     ``num_samples`` / ``seed`` / ``metric`` go to :func:`lowrank_core.fit_cmd`.
     """
 
     def __init__(
-        self, params: Any, warmup_epochs: int = 20, max_modes: int | None = 10, **fit_options: Any
+        self, params: Any, warmup_epochs: int = 20, max_modes: int | None = 2, **fit_options: Any
     ) -> None:
         if isinstance(warmup_epochs, bool) or int(warmup_epochs) < 2:
             raise lc.ParameterError(f"`warmup_epochs` must be an int >= 2, got {warmup_epochs!r}")

@@ -29,7 +29,7 @@ class CMD:
     the trained weights swapped back afterwards, bit for bit).
 
     Options: ``warmup_epochs`` (default: a third of the run, between 2 and 20, so that short demo runs
-    fit too; the paper uses 20), ``max_modes`` (10) or ``tol`` (automatic ``M``), ``embed`` (embedded CMD,
+    fit too; the paper uses 20), ``max_modes`` (2) or ``tol`` (automatic ``M``), ``embed`` (embedded CMD,
     off), and any other :class:`~lowrank_torch.cmd.CMDConfig` field.
     """
 
