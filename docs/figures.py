@@ -202,6 +202,15 @@ def fig_lm_frontier(out: Path) -> dict[str, Any]:
         ax.scatter(r["wall_ratio"], r["val_bpb"], marker=marker, s=90 if marker == "*" else 40)
         ax.annotate(r["method"], (r["wall_ratio"], r["val_bpb"]), textcoords="offset points",
                     xytext=(5, 4 if i % 2 else -11), fontsize=8)  # fmt: skip
+    grid_file = LM_TABLE.with_name("lm_grid.json")
+    grid = json.loads(grid_file.read_text())["rows"][1:] if grid_file.is_file() else []
+    for r in grid:  # OIALR by switch fraction and Sigma lr scale (bench_lm.py --grid-switches)
+        ax.scatter(
+            r["wall_ratio"], r["val_bpb"], marker="s", s=30, facecolors="none", edgecolors="k"
+        )
+        label = r["method"].replace("OIALR flops 0.4, ", "")
+        ax.annotate(label, (r["wall_ratio"], r["val_bpb"]), textcoords="offset points",
+                    xytext=(5, -3), fontsize=7, color="0.3")  # fmt: skip
     ax.set_xlabel("whole-run training time / dense (same lockstep run)")
     ax.set_ylabel("validation loss (bits/byte)")
     ax.set_title(
@@ -215,7 +224,7 @@ def fig_lm_frontier(out: Path) -> dict[str, Any]:
     plt.close(fig)
     return {
         "source": str(LM_TABLE),
-        "points": {r["method"]: [r["wall_ratio"], r["val_bpb"]] for r in rows},
+        "points": {r["method"]: [r["wall_ratio"], r["val_bpb"]] for r in rows + grid},
     }
 
 
