@@ -20,9 +20,10 @@ nonlinear init) at the final trainable share of OIALR's middle budget and with G
 ``galore-torch`` package's ``GaLoreAdamW``, rank = that OIALR run's mean final rank; skipped, and said
 so, when the package does not import). Every ratio is to the dense run of the same group.
 
-The default size (d=256, 4 layers, context 128, batch 16, 800 steps) is estimated from a ``--quick``
-run and a timed default-size dense step (0.59 s on one thread, the whole table about 15.4 dense runs)
-at about 80 minutes with ``--threads 2`` on two otherwise idle cores (about 2 hours on one thread).
+The default size (d=256, 4 layers, context 128, batch 16, 800 steps) ran in 58 minutes with
+``--threads 2`` on two otherwise idle cores (sweep 10, first group 35, second group 14; the stored
+``benchmarks/stored/lm_table.json``). ``--grid-switches``: dense against OIALR at each switch fraction
+and Sigma learning-rate scale (:func:`measure_grid`; 27 minutes for six settings).
 
 The text is real and on every machine: the ``.py`` files of ``sysconfig.get_paths()["stdlib"]`` (test
 suites, ``site-packages`` and IDLE left out), sorted by path; a file goes to validation when the CRC32 of
