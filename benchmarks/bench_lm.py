@@ -766,6 +766,18 @@ def _row(run: _Method, dense: _Method, val: torch.Tensor) -> dict[str, Any]:
     }
 
 
+_COLUMNS = ("method", "val bpb", "/dense", "steady step", "whole run", "bytes", "trainable")
+
+
+def _cells(r: dict[str, Any]) -> list[str]:
+    """One row of the printed tables (the columns of :data:`_COLUMNS`)."""
+    return [
+        r["method"], f"{r['val_bpb']:.4f}", f"{r['val_ratio']:.3f}",
+        f"{r['steady_step_ratio']:.2f}", f"{r['wall_ratio']:.2f}",
+        f"{r['bytes_ratio']:.2f}", f"{r['trainable_share']:.3g}",
+    ]  # fmt: skip
+
+
 def galore_available() -> str | None:
     """``None`` when ``galore_torch.GaLoreAdamW`` imports, else why not."""
     try:
@@ -862,14 +874,9 @@ def measure_table(
         sweep_table.notes.append("the best lr is at the edge of the grid: widen `sweep_lrs`")
     table = Table(
         title=title,
-        columns=["method", "val bpb", "/dense", "steady step", "whole run", "bytes", "trainable"],
+        columns=list(_COLUMNS),
+        rows=[_cells(r) for r in rows],
     )
-    for r in rows:
-        table.rows.append([
-            r["method"], f"{r['val_bpb']:.4f}", f"{r['val_ratio']:.3f}",
-            f"{r['steady_step_ratio']:.2f}", f"{r['wall_ratio']:.2f}",
-            f"{r['bytes_ratio']:.2f}", f"{r['trainable_share']:.3g}",
-        ])  # fmt: skip
     table.notes += [
         "ratios are to the dense run in the same lockstep group (dense, OIALR, CMD, P-SGD, P-BFGS; "
         "then a second dense run with the fixed-rank models and GaLore)",
@@ -940,14 +947,9 @@ def measure_grid(
             f"(lm grid) byte GPT d={cfg.d_model} L={cfg.layers}, {cfg.steps} steps, lr {cfg.lr:g}, "
             f"OIALR RankBudget({target:g}, 'flops') by switch fraction and Sigma lr scale"
         ),
-        columns=["method", "val bpb", "/dense", "steady step", "whole run", "bytes", "trainable"],
+        columns=list(_COLUMNS),
+        rows=[_cells(r) for r in rows],
     )
-    for r in rows:
-        table.rows.append([
-            r["method"], f"{r['val_bpb']:.4f}", f"{r['val_ratio']:.3f}",
-            f"{r['steady_step_ratio']:.2f}", f"{r['wall_ratio']:.2f}",
-            f"{r['bytes_ratio']:.2f}", f"{r['trainable_share']:.3g}",
-        ])  # fmt: skip
     table.notes.append(f"{seconds:.0f} s, every run in lockstep with the dense run")
     data = {"config": asdict(cfg), "table_config": asdict(tcfg), "threads": torch.get_num_threads(),
             "text": info, "switches": switches, "scales": scales, "rows": rows, "seconds": seconds}  # fmt: skip
