@@ -410,13 +410,22 @@ def summarize(
     return table, data
 
 
-def measure(cfg: LMConfig) -> tuple[Table, dict[str, Any]]:
+def _text_and_init(
+    cfg: LMConfig,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
+    """The training and validation bytes on ``cfg.device``, the text's description, and the one
+    initialization (seeded by ``cfg.seed``) every run starts from."""
     train_b, val_b, info = stdlib_text(cfg.train_bytes, cfg.val_bytes)
     device = torch.device(cfg.device)
     train = torch.frombuffer(bytearray(train_b), dtype=torch.uint8).long().to(device)
     val = torch.frombuffer(bytearray(val_b), dtype=torch.uint8).long().to(device)
     torch.manual_seed(cfg.seed)
     init = copy.deepcopy(ByteGPT(cfg).state_dict())
+    return train, val, info, init
+
+
+def measure(cfg: LMConfig) -> tuple[Table, dict[str, Any]]:
+    train, val, info, init = _text_and_init(cfg)
     dense, oialr = train_both(cfg, init, train, val)
     table, data = summarize(cfg, dense, oialr)
     data["text"] = info
@@ -792,12 +801,7 @@ def measure_table(
 ) -> tuple[list[Table], dict[str, Any]]:
     """The sweep, then every method against the tuned dense run (module docstring)."""
     say = log or (lambda _msg: None)
-    train_b, val_b, info = stdlib_text(cfg.train_bytes, cfg.val_bytes)
-    device = torch.device(cfg.device)
-    train = torch.frombuffer(bytearray(train_b), dtype=torch.uint8).long().to(device)
-    val = torch.frombuffer(bytearray(val_b), dtype=torch.uint8).long().to(device)
-    torch.manual_seed(cfg.seed)
-    init = copy.deepcopy(ByteGPT(cfg).state_dict())
+    train, val, info, init = _text_and_init(cfg)
     started = time.perf_counter()
 
     # 1. the learning-rate sweep (dense, a shortened run, the same schedule)
@@ -922,12 +926,7 @@ def measure_grid(
     lockstep, at ``cfg.lr`` (no sweep: give the sweep's result). Each run reaches its budget halfway
     from its switch to the end; ranks are updated every 5% of the run."""
     say = log or (lambda _msg: None)
-    train_b, val_b, info = stdlib_text(cfg.train_bytes, cfg.val_bytes)
-    device = torch.device(cfg.device)
-    train = torch.frombuffer(bytearray(train_b), dtype=torch.uint8).long().to(device)
-    val = torch.frombuffer(bytearray(val_b), dtype=torch.uint8).long().to(device)
-    torch.manual_seed(cfg.seed)
-    init = copy.deepcopy(ByteGPT(cfg).state_dict())
+    train, val, info, init = _text_and_init(cfg)
     target = tcfg.budgets[tcfg.match]
     t0 = time.perf_counter()
     dense = _Method("dense", cfg, tcfg, init, train)

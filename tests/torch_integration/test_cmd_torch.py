@@ -158,10 +158,8 @@ def test_embedded_cmd_overwrites_the_settled_parameters():
     assert np.abs(traj[~emb, -1] - model_w[~emb]).max() > 1e-4  # the others are free
 
 
-@pytest.mark.parametrize("stop", [2, 6])  # during the warm-up, and after the fit
-def test_state_dict_resumes_identically(stop):
-    cfg = CMDConfig(warmup_epochs=4, max_modes=2, num_samples=100, embed=True, embed_every=2)
-    model, cmd, _ = _run(cfg, epochs=stop)
+def _reloaded(model, cmd):
+    """A model and tracker of another config loaded from ``model`` and ``cmd``'s saved states."""
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "cmd": cmd.state_dict()}, buf)
     buf.seek(0)
@@ -170,6 +168,14 @@ def test_state_dict_resumes_identically(stop):
     twin_model.load_state_dict(saved["model"])
     twin = CMDTracker(twin_model, CMDConfig(warmup_epochs=9, max_modes=5))
     twin.load_state_dict(saved["cmd"])
+    return twin_model, twin
+
+
+@pytest.mark.parametrize("stop", [2, 6])  # during the warm-up, and after the fit
+def test_state_dict_resumes_identically(stop):
+    cfg = CMDConfig(warmup_epochs=4, max_modes=2, num_samples=100, embed=True, embed_every=2)
+    model, cmd, _ = _run(cfg, epochs=stop)
+    twin_model, twin = _reloaded(model, cmd)
     assert twin.config == cfg
     for m, c in ((model, cmd), (twin_model, twin)):
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
@@ -181,7 +187,7 @@ def test_state_dict_resumes_identically(stop):
         assert torch.equal(u, v)
     assert torch.equal(cmd.embedded, twin.embedded)
     with pytest.raises(lc.CheckpointError, match="parameters"):
-        CMDTracker(nn.Linear(2, 2)).load_state_dict(saved["cmd"])
+        CMDTracker(nn.Linear(2, 2)).load_state_dict(cmd.state_dict())
 
 
 def test_config_validation():
@@ -536,14 +542,7 @@ def test_centroid_profile_tracker_equals_batch_least_squares_and_resumes():
         inside = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy()
     want = ra * profiles[mode, -1] + rb
     np.testing.assert_allclose(inside, want, atol=2 * np.finfo(np.float32).eps * np.abs(want).max())
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "cmd": cmd.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    twin_model = _model(seed=1)
-    twin_model.load_state_dict(saved["model"])
-    twin = CMDTracker(twin_model, CMDConfig(warmup_epochs=9, max_modes=5))
-    twin.load_state_dict(saved["cmd"])
+    twin_model, twin = _reloaded(model, cmd)
     assert twin.config == cfg and twin.state.profile == "centroid"
     for m, c in ((model, cmd), (twin_model, twin)):
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
