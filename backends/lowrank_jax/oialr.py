@@ -106,7 +106,7 @@ class Basis:
         m = lc.reconstruct(self.U, sigma, self.V, check_finite=False)
         if self.layout == "flax":
             return jnp.reshape(m, self.shape)
-        return lc.matrix_to_weight(m, self.shape)  # type: ignore[no-any-return]
+        return lc.matrix_to_weight(m, self.shape, check_finite=False)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"Basis(shape={self.shape}, rank={self.rank}, layout={self.layout!r})"

@@ -111,6 +111,26 @@ def test_switch_is_exact_and_conv_kernels_round_trip(layout: str) -> None:
     _close(jo.materialize(tr, ctrl.frozen), p)
 
 
+@pytest.mark.parametrize("layout", ["flax", "torch"])
+def test_materialize_traces_under_jit_and_grad(layout: str) -> None:
+    """A training step differentiates (and usually jits) materialize: both layouts must trace (the
+    torch layout's reshape back to the weight's shape once checked finiteness on traced values)."""
+    rng = np.random.default_rng(2)
+    p = {"conv": {"kernel": jnp.asarray(rng.standard_normal((3, 4, 6)))}, "head": {"kernel": jnp.zeros((6, 2))}}  # fmt: skip
+    ctrl = jo.OIALR(p, jo.OIALRConfig(switch_step=1, layout=layout))
+    tr, _ = ctrl.switch(p, optax.sgd(0.1).init(p))
+
+    def total(t: Any, frozen: Any) -> jax.Array:
+        return jnp.sum(jo.materialize(t, frozen)["conv"]["kernel"] ** 2)
+
+    _close(jax.jit(jo.materialize)(tr, ctrl.frozen), p)
+    g = jax.grad(total)(tr, ctrl.frozen)["conv"]["kernel"]
+    g_jit = jax.jit(jax.grad(total))(tr, ctrl.frozen)["conv"]["kernel"]
+    # d/dSigma ||U Sigma V^T||^2 = 2 Sigma (orthonormal U, V)
+    np.testing.assert_allclose(np.asarray(g), 2 * np.asarray(tr["conv"]["kernel"]), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(g_jit), np.asarray(g), atol=1e-12)
+
+
 def test_adam_state_follows_the_switch_rule() -> None:
     p = _params()
     tx = optax.adam(1e-2)
