@@ -117,6 +117,7 @@ def train(method: str, data: tuple[np.ndarray, ...], seed: int, epochs: int) -> 
                 rule=lc.SigmaCutoff(0.1),
             ),
         )
+        tx = ctrl.optimizer(tx)  # Sigma's learning rate x sigma_lr_scale after the switch
     tracker = None
     if method == "cmd":
         tracker = jcmd.CMDTracker(

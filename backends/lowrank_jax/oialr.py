@@ -15,6 +15,9 @@ the bookkeeping (step count, switched kernels, ranks, history), the arrays trave
 - **optax state** is carried over at every switch, rotation and truncation by the rule of
   :mod:`lowrank_jax.optim_state` (first moments like Sigma, second moments with squared maps, counts
   kept); any optax optimizer whose state mirrors the parameters works.
+- **Sigma's learning rate**: :meth:`OIALR.optimizer` wraps the optax optimizer so that each switched
+  kernel's updates are multiplied by ``OIALRConfig.sigma_lr_scale`` (as PyTorch's controller does through
+  the optimizer's step hooks).
 - **Shapes change** at a switch and at a truncation: :meth:`OIALR.step` runs outside ``jit`` (its
   stability checks and re-diagonalizations are jitted inside); the jitted training step retraces once
   for each new shape. :attr:`OIALR.structure_changed` says when that happens.
@@ -24,6 +27,7 @@ Kernels and layouts: ``layout="flax"`` (default) reads a kernel ``(*k, in, out)`
 weight ``(out, *rest)`` as ``(out, prod(rest))`` (``lowrank_core.weight_to_matrix``). Usage::
 
     ctrl = OIALR(params, OIALRConfig(switch_step=1000, update_every=200))
+    tx = ctrl.optimizer(optax.adamw(1e-3))   # applies sigma_lr_scale to Sigma after the switch
     trainable, opt_state = params, tx.init(params)
     for batch in data:
         trainable, opt_state, loss = train_step(trainable, ctrl.frozen, opt_state, batch)  # jitted
@@ -39,9 +43,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +62,12 @@ __all__ = [
     "Basis",
     "FactoredKernel",
     "OIALRConfig",
+    "SigmaScaleState",
     "count_params",
     "dense",
     "factored",
     "kernel_matrix",
     "materialize",
-    "scale_sigma_updates",
 ]
 
 LAYOUTS = ("flax", "torch")
@@ -180,18 +185,30 @@ def dense(x: jax.Array, kernel: jax.Array | FactoredKernel) -> jax.Array:
     return x @ kernel
 
 
-def scale_sigma_updates(updates: Any, scales: dict[str, float]) -> Any:
-    """``updates`` (optax's, before ``optax.apply_updates``) with the leaf at each path of ``scales``
-    multiplied by its scale: OIALR's ``sigma_lr_scale`` (:meth:`OIALR.sigma_scales` gives ``scales``).
-    Pure; use it inside ``jit`` (``scales`` changes only at a switch, when the step retraces anyway)."""
+class SigmaScaleState(NamedTuple):
+    """The state of :meth:`OIALR.optimizer`'s transformation: the wrapped optimizer's state (``inner``)
+    and ``scales``, ``{kernel path: multiplier}`` of each eligible kernel whose ``sigma_lr_scale`` is
+    not 1 (1 until that kernel switches, then its scale; the controller sets it at the switch)."""
+
+    inner: Any
+    scales: dict[str, jax.Array]
+
+
+def _scale_updates(updates: Any, scales: Mapping[str, Any]) -> Any:
+    """``updates`` with the leaf at each path of ``scales`` multiplied by its scale (in the leaf's
+    dtype, so a bfloat16 update stays bfloat16)."""
     if not scales:
         return updates
 
     def visit(path: Any, leaf: Any) -> Any:
         scale = scales.get(jax.tree_util.keystr(path))
-        return leaf if scale is None else leaf * scale
+        return leaf if scale is None else leaf * jnp.asarray(scale, dtype=leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(visit, updates)
+
+
+def _is_scale_state(node: Any) -> bool:
+    return isinstance(node, SigmaScaleState)
 
 
 def count_params(tree: Any) -> int:
@@ -313,6 +330,7 @@ class OIALR(core_oialr.ScheduleView):
         #: the last stability check's polar factor of each pending kernel (a list of one matrix)
         self.warmup: dict[str, list[jax.Array]] = {}
         self.last_stability: dict[str, float] = {}
+        self._warned_scale = False
 
     # ------------------------------------------------------------------ eligibility
     def _find_eligible(self, leaves: Sequence[tuple[Any, Any]]) -> list[str]:
@@ -345,11 +363,74 @@ class OIALR(core_oialr.ScheduleView):
         """Current rank of every switched kernel."""
         return {n: b.rank for n, b in self.frozen.items()}
 
-    def sigma_scales(self) -> dict[str, float]:
-        """``{path: scale}`` of the switched kernels whose Sigma trains at a scaled learning rate
-        (``OIALRConfig.sigma_lr_scale``), for :func:`scale_sigma_updates`."""
-        scales = {n: self.config.sigma_scale(n) for n in self.frozen}
-        return {n: v for n, v in scales.items() if v != 1.0}
+    def optimizer(self, tx: Any) -> Any:
+        """``tx`` (an optax ``GradientTransformation``) with OIALR's ``sigma_lr_scale`` applied: once a
+        kernel switches, each of its Sigma updates is multiplied by its scale (in the update's dtype).
+
+        Build the optimizer with it (``tx = ctrl.optimizer(optax.adamw(...))``, then ``tx.init`` /
+        ``tx.update`` as usual). Its state is a :class:`SigmaScaleState` around ``tx``'s; the multipliers
+        are arrays in that state, set by :meth:`step` at each switch, so a jitted step applies them
+        without retracing (a square kernel switched at full rank keeps its shape) and they are saved
+        and restored with the optimizer state. Without it, a ``sigma_lr_scale`` other than 1 is not
+        applied in JAX, and the first switch warns.
+        """
+        import optax
+
+        inner = optax.with_extra_args_support(tx)
+        names = [n for n in self.eligible if self.config.sigma_scale(n) != 1.0]
+
+        def init(params: Any) -> SigmaScaleState:
+            scales = {
+                n: jnp.asarray(self.config.sigma_scale(n) if n in self.frozen else 1.0, jnp.float32)
+                for n in names
+            }
+            return SigmaScaleState(inner.init(params), scales)
+
+        def update(
+            updates: Any, state: SigmaScaleState, params: Any = None, **extra: Any
+        ) -> tuple[Any, SigmaScaleState]:
+            if not isinstance(state, SigmaScaleState):
+                raise lc.ParameterTypeError(
+                    "the optimizer state of OIALR.optimizer(tx) is a SigmaScaleState (from its "
+                    f"init), got {type(state).__name__}"
+                )
+            out, new_inner = inner.update(updates, state.inner, params, **extra)
+            return _scale_updates(out, state.scales), SigmaScaleState(new_inner, state.scales)
+
+        return optax.GradientTransformationExtraArgs(init, update)
+
+    def _set_sigma_scales(self, opt_state: Any, names: Sequence[str]) -> Any:
+        """``opt_state`` with the multipliers of the just-switched ``names`` set in every
+        :class:`SigmaScaleState` in it; warns once when a scale other than 1 has nowhere to go."""
+        values = {n: self.config.sigma_scale(n) for n in names}
+        values = {n: v for n, v in values.items() if v != 1.0}
+        if not values:
+            return opt_state
+        found = False
+
+        def visit(node: Any) -> Any:
+            nonlocal found
+            if not isinstance(node, SigmaScaleState):
+                return node
+            found = True
+            scales = {
+                n: jnp.asarray(values[n], v.dtype) if n in values else v
+                for n, v in node.scales.items()
+            }
+            return node._replace(scales=scales)
+
+        out = jax.tree_util.tree_map(visit, opt_state, is_leaf=_is_scale_state)
+        if not found and not self._warned_scale:
+            self._warned_scale = True
+            warnings.warn(
+                f"OIALRConfig.sigma_lr_scale ({sorted(set(values.values()))} for {len(values)} "
+                "kernel(s)) is not applied: the optimizer state holds no SigmaScaleState. Build the "
+                "optimizer with `ctrl.optimizer(tx)`, or set sigma_lr_scale=1.0 to train Sigma at "
+                "the weights' learning rate",
+                UserWarning,
+                stacklevel=4,
+            )
+        return out
 
     def trainable_count(self, trainable: Any) -> int:
         """Trainable scalars of ``trainable`` (``sum r^2`` for the switched kernels, the rest dense)."""
@@ -472,7 +553,7 @@ class OIALR(core_oialr.ScheduleView):
             self.warmup.pop(name, None)
             self.schedule.record_switch(t, name, {name: frozen[name].rank})
         self.schedule.record_share(t, self.trainable_share(trainable))
-        return trainable, opt_state
+        return trainable, self._set_sigma_scales(opt_state, list(new_values))
 
     def _update_ranks(
         self, trainable: Any, opt_state: Any, due: Sequence[str], t: int

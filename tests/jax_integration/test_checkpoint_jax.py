@@ -109,6 +109,28 @@ def test_oialr_run_resumes_bit_for_bit(tmp_path: Path, make_tx: Any) -> None:
     assert fresh.history == ctrl.history
 
 
+def test_oialr_sigma_lr_scale_resumes_bit_for_bit(tmp_path: Path) -> None:
+    """The multipliers of ctrl.optimizer(tx) are in the optimizer state: saved and restored with it."""
+    config = jo.OIALRConfig(
+        switch_step=3, update_every=4, rule=lc.FixedRank(rank=5), sigma_lr_scale=4.0
+    )
+    p = _params()
+    ctrl = jo.OIALR(p, config)
+    tx = ctrl.optimizer(optax.adam(1e-2))
+    tr, opt = _train(ctrl, tx, p, tx.init(p), 6)
+    assert {k: float(v) for k, v in opt.scales.items()} == dict.fromkeys(ctrl.eligible, 4.0)
+    path = ck.save_checkpoint(tmp_path / "run.npz", params=tr, opt_state=opt, oialr=ctrl)
+    want_tr, want_opt = _train(ctrl, tx, tr, opt, 6)
+
+    fresh = jo.OIALR(_params(), config)
+    fresh_tx = fresh.optimizer(optax.adam(1e-2))
+    ckpt = ck.load_checkpoint(path, params=_params(), tx=fresh_tx, oialr=fresh)
+    assert isinstance(ckpt.opt_state, jo.SigmaScaleState)
+    got_tr, got_opt = _train(fresh, fresh_tx, ckpt.params, ckpt.opt_state, 6)
+    _equal(got_tr, want_tr)
+    _equal(got_opt, want_opt)
+
+
 def test_oialr_warmup_polar_factors_survive(tmp_path: Path) -> None:
     """Before the switch the controller keeps the last check's polar factors: after a reload the next
     stability check compares against them and gives the same values."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -330,18 +331,63 @@ def test_errors() -> None:
         jo.dense(_X, jo.FactoredKernel(jnp.eye(2), jnp.eye(2), jnp.eye(2), (2, 2, 1), "flax"))
 
 
-def test_sigma_lr_scale_scales_the_updates_of_the_named_kernels() -> None:
+def test_optimizer_scales_the_updates_of_switched_kernels_from_its_state() -> None:
+    """ctrl.optimizer(tx): after the switch each named kernel's update is its scale times tx's, the rest
+    unchanged. The multiplier lives in the optimizer state: a jitted update traced before the switch
+    (the square kernel keeps its shape at a full-rank switch, so nothing retraces) applies it too."""
     p = _params()
-    ctrl = jo.OIALR(p, jo.OIALRConfig(switch_step=1, sigma_lr_scale={"*'l1'*": 0.5}))
-    tx = optax.adam(1e-2)
-    trainable, opt_state = ctrl.switch(p, tx.init(p))
-    assert ctrl.sigma_scales() == {"['l1']['kernel']": 0.5}
-    grads = jax.tree_util.tree_map(jnp.ones_like, trainable)
-    updates, _ = tx.update(grads, opt_state, trainable)
-    scaled = jo.scale_sigma_updates(updates, ctrl.sigma_scales())
-    np.testing.assert_array_equal(scaled["l1"]["kernel"], 0.5 * updates["l1"]["kernel"])
-    np.testing.assert_array_equal(scaled["l0"]["kernel"], updates["l0"]["kernel"])
-    assert jo.scale_sigma_updates(updates, {}) is updates
+    ctrl = jo.OIALR(
+        p, jo.OIALRConfig(switch_step=1, sigma_lr_scale={"*'l1'*": 0.5}, exclude=("*l0*",))
+    )
+    assert ctrl.eligible == ["['l1']['kernel']"]  # l0 excluded, l2 kept as the last layer
+    base = optax.sgd(0.1)
+    tx = ctrl.optimizer(base)
+    state = tx.init(p)
+    assert isinstance(state, jo.SigmaScaleState)
+    assert {k: float(v) for k, v in state.scales.items()} == {"['l1']['kernel']": 1.0}
+    update = jax.jit(tx.update)
+    grads = jax.tree_util.tree_map(jnp.ones_like, p)
+    before, _ = update(grads, state, p)  # traced here, before the switch
+    np.testing.assert_array_equal(before["l1"]["kernel"], -0.1 * grads["l1"]["kernel"])
+    trainable, state = ctrl.switch(p, state)
+    assert trainable["l1"]["kernel"].shape == p["l1"]["kernel"].shape == (8, 8)
+    assert float(state.scales["['l1']['kernel']"]) == 0.5
+    after, state2 = update(grads, state, trainable)
+    np.testing.assert_array_equal(after["l1"]["kernel"], 0.5 * -0.1 * grads["l1"]["kernel"])
+    np.testing.assert_array_equal(after["l0"]["kernel"], -0.1 * grads["l0"]["kernel"])
+    assert state2.scales == state.scales
+    # a fresh init after the switch (e.g. a new optimizer for the low-rank phase) starts scaled
+    assert float(tx.init(trainable).scales["['l1']['kernel']"]) == 0.5
+    with pytest.raises(lc.ParameterTypeError, match="SigmaScaleState"):
+        tx.update(grads, base.init(p), p)
+
+
+def test_scaled_updates_keep_their_dtype() -> None:
+    """The multiplier is applied in the update's dtype: bfloat16 updates stay bfloat16 (a float32
+    multiplier would promote them, and the parameters with them)."""
+    p = {"a": {"kernel": jnp.ones((4, 4), jnp.bfloat16)}, "b": {"kernel": jnp.ones((4, 2))}}
+    ctrl = jo.OIALR(p, jo.OIALRConfig(switch_step=1, sigma_lr_scale=4.0))
+    tx = ctrl.optimizer(optax.sgd(0.5))
+    state = tx.init(p)
+    assert list(state.scales) == ["['a']['kernel']"]  # b is kept dense as the last layer
+    state = state._replace(scales={k: jnp.asarray(4.0, jnp.float32) for k in state.scales})
+    out, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, p), state, p)
+    assert out["a"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out["a"]["kernel"], np.float32), -2.0)
+
+
+def test_a_scale_without_the_wrapped_optimizer_warns_once_at_the_switch() -> None:
+    p = _params()
+    ctrl = jo.OIALR(p, jo.OIALRConfig(switch_step=1, sigma_lr_scale=4.0))
+    with pytest.warns(UserWarning, match=r"sigma_lr_scale .*not applied.*ctrl\.optimizer"):
+        ctrl.switch(p, optax.sgd(0.1).init(p))
+    for config, wrap in ((jo.OIALRConfig(switch_step=1, sigma_lr_scale=4.0), True),
+                         (jo.OIALRConfig(switch_step=1, sigma_lr_scale=1.0), False)):  # fmt: skip
+        quiet = jo.OIALR(p, config)
+        tx = quiet.optimizer(optax.sgd(0.1)) if wrap else optax.sgd(0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            quiet.switch(p, tx.init(p))
 
 
 def test_truncate_sigma_state_takes_numpy_integers() -> None:

@@ -233,3 +233,66 @@ def test_adamax_infinity_norm_is_a_magnitude_only_when_told() -> None:
     want = opt.state[sigma]["exp_inf"].numpy()
     np.testing.assert_allclose(np.asarray(as_magnitude.nu["w"]), want, rtol=1e-12, atol=1e-14)
     assert not np.allclose(np.asarray(as_second.nu["w"]), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_torch_and_jax_train_the_same_with_a_sigma_lr_scale(opt_name: str) -> None:
+    """The same data, init and ``sigma_lr_scale``: PyTorch (the optimizer's step hooks) and JAX
+    (``OIALR.optimizer``) give the same weights after the switch. ``W = U Sigma V^T`` is compared: it
+    does not depend on the signs each framework's SVD gives the singular vectors. A JAX optimizer that
+    ignored the scale would end ~1e-2 away (the test's 4 steps at x4 after a switch at step 2)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((32, 8)), rng.standard_normal((32, 3))
+    model = _torch_model()
+    with torch.no_grad():
+        for n, (m, k) in SHAPES.items():
+            model.get_submodule(n).weight.copy_(torch.from_numpy(rng.standard_normal((m, k)) / 3))
+            model.get_submodule(n).bias.zero_()
+    params = {
+        n: {"weight": jnp.asarray(model.get_submodule(n).weight.detach().numpy()),
+            "bias": jnp.zeros(SHAPES[n][0])}
+        for n in SHAPES
+    }  # fmt: skip
+    lr = 0.05 if opt_name == "sgd" else 0.01
+    opt = (torch.optim.SGD if opt_name == "sgd" else torch.optim.Adam)(model.parameters(), lr=lr)
+    settings = {"switch_step": 2, "update_every": 100, "sigma_lr_scale": 4.0}
+    tctrl = to.OIALR(model, opt, to.OIALRConfig(**settings))
+    jctrl = jo.OIALR(params, jo.OIALRConfig(layout="torch", **settings))
+    tx = jctrl.optimizer((optax.sgd if opt_name == "sgd" else optax.adam)(lr))
+    tx_plain = (optax.sgd if opt_name == "sgd" else optax.adam)(lr)
+
+    def forward(p: Any, xs: Any) -> Any:
+        h = jax.nn.relu(xs @ p["0"]["weight"].T + p["0"]["bias"])
+        h = jax.nn.relu(h @ p["2"]["weight"].T + p["2"]["bias"])
+        return h @ p["4"]["weight"].T + p["4"]["bias"]
+
+    def jax_loss(t: Any, frozen: Any) -> Any:
+        return jnp.mean((forward(jo.materialize(t, frozen), jnp.asarray(x)) - jnp.asarray(y)) ** 2)
+
+    trainable, opt_state = params, tx.init(params)
+    plain_t, plain_state = params, tx_plain.init(params)
+    plain_ctrl = jo.OIALR(
+        params, jo.OIALRConfig(layout="torch", **{**settings, "sigma_lr_scale": 1.0})
+    )
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(6):
+        loss = torch.nn.functional.mse_loss(model(xt), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tctrl.step()
+        g = jax.grad(jax_loss)(trainable, jctrl.frozen)
+        updates, opt_state = tx.update(g, opt_state, trainable)
+        trainable, opt_state = jctrl.step(optax.apply_updates(trainable, updates), opt_state)
+        g = jax.grad(jax_loss)(plain_t, plain_ctrl.frozen)
+        updates, plain_state = tx_plain.update(g, plain_state, plain_t)
+        plain_t, plain_state = plain_ctrl.step(optax.apply_updates(plain_t, updates), plain_state)
+    assert set(tctrl.switched) == {"0", "2"}
+    dense_j = jo.materialize(trainable, jctrl.frozen)
+    dense_plain = jo.materialize(plain_t, plain_ctrl.frozen)
+    for n in ("0", "2"):
+        w_torch = model.get_submodule(n).weight.detach().numpy()
+        # float64 on both sides; the SVDs and products differ in order only: 1e-9 is far below the
+        # scale's effect (checked below)
+        np.testing.assert_allclose(np.asarray(dense_j[n]["weight"]), w_torch, rtol=0, atol=1e-9)
+        assert np.abs(np.asarray(dense_plain[n]["weight"]) - w_torch).max() > 1e-4
