@@ -68,6 +68,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import lowrank_core as lc  # noqa: E402
+from lowrank_core.oialr.budget import layer_cost  # noqa: E402
 from lowrank_torch.cmd import CMDConfig, CMDTracker  # noqa: E402
 from lowrank_torch.convert import count_trainable  # noqa: E402
 from lowrank_torch.dldr import SnapshotRecorder, SubspaceBFGS, SubspaceSGD  # noqa: E402
@@ -460,7 +461,8 @@ class TableConfig:
       subspace, the subspace's dimension, the snapshots recorded in the dense phase, P-SGD's peak
       learning rate (P-BFGS takes its step length from its line search);
     - ``sigma_lr_scales``: further OIALR rows at the ``match`` budget with ``sigma_lr_scale`` set to each
-      value (Sigma's learning rate after the switch, relative to the weight's).
+      value (Sigma's learning rate after the switch, relative to the weight's; the budget rows use
+      ``OIALRConfig``'s default).
     """
 
     warmup_fraction: float = 0.05
@@ -476,7 +478,7 @@ class TableConfig:
     galore_scale: float = 0.25
     cmd_points: int = 100
     cmd_warmup: int = 20
-    cmd_modes: int = 10
+    cmd_modes: int = 2
     dldr_fraction: float = 0.5
     dldr_dim: int = 40
     dldr_snapshots: int = 50
@@ -584,7 +586,7 @@ class _Method:
 
 class _OIALRMethod(_Method):
     def __init__(self, name: str, cfg: LMConfig, tcfg: TableConfig, init: dict[str, torch.Tensor],
-                 train: torch.Tensor, target: float, sigma_lr_scale: float = 1.0) -> None:  # fmt: skip
+                 train: torch.Tensor, target: float, sigma_lr_scale: float | None = None) -> None:  # fmt: skip
         super().__init__(name, cfg, tcfg, init, train)
         budget = lc.oialr.RankBudget(target, measure="flops", reach_at=tcfg.reach_fraction)
         ocfg = OIALRConfig(
@@ -592,13 +594,14 @@ class _OIALRMethod(_Method):
             switch_fraction=tcfg.switch_fraction,
             update_every=max(1, cfg.steps // tcfg.updates),
             budget=budget,
-            sigma_lr_scale=sigma_lr_scale,
+            **({} if sigma_lr_scale is None else {"sigma_lr_scale": sigma_lr_scale}),
         )
         self.ctrl = OIALR(self.model, self.opt, ocfg)
         self.setting = (
             f"RankBudget({target}, 'flops', reach_at={tcfg.reach_fraction}), switch at "
-            f"{tcfg.switch_fraction:.0%}, rank updates every {ocfg.update_every} steps"
-            + (f", sigma_lr_scale {sigma_lr_scale:g}" if sigma_lr_scale != 1.0 else "")
+            f"{tcfg.switch_fraction:.0%}, rank updates every {ocfg.update_every} steps, "
+            f"sigma_lr_scale {ocfg.sigma_lr_scale:g}"
+            + (" (the default)" if sigma_lr_scale is None else "")
         )
 
     def control(self, step: int) -> None:
@@ -914,29 +917,59 @@ def measure_table(
     return [sweep_table, table], data
 
 
+def _flops_fraction(cfg: LMConfig, init: dict[str, torch.Tensor], target: float) -> float:
+    """The uniform rank fraction whose fixed-rank model costs ``target`` of the dense layers' forward
+    multiply-adds (``lowrank_core.oialr``'s ``"flops"`` measure, over the layers it converts)."""
+    lo, hi = 1.0 / cfg.d_model, 1.0
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        model = ByteGPT(cfg)
+        model.load_state_dict(init)
+        layers = low_rank_model(model, mid, init="random", seed=0)
+        shapes = [lc.matrix_shape(layer.weight_shape) for layer in layers.values()]
+        cost = sum(
+            layer_cost("flops", m, n, layer.rank)
+            for (m, n), layer in zip(shapes, layers.values(), strict=True)
+        )
+        if cost / sum(m * n for m, n in shapes) > target:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
 def measure_grid(
     cfg: LMConfig,
     tcfg: TableConfig,
     switches: tuple[float, ...],
     scales: tuple[float, ...],
     *,
+    budgets: tuple[float, ...] = (),
+    fixed_flops: bool = False,
     log: Any = None,
 ) -> tuple[Table, dict[str, Any]]:
-    """Dense and OIALR at the ``match`` budget for every (switch fraction, ``sigma_lr_scale``), in
-    lockstep, at ``cfg.lr`` (no sweep: give the sweep's result). Each run reaches its budget halfway
-    from its switch to the end; ranks are updated every 5% of the run."""
+    """Dense and OIALR at each of ``budgets`` (default: the ``match`` budget) for every (switch
+    fraction, ``sigma_lr_scale``), in lockstep, at ``cfg.lr`` (no sweep: give the sweep's result). Each
+    run reaches its budget halfway from its switch to the end; ranks are updated every 5% of the run.
+    ``fixed_flops``: also a fixed-rank model (spectral init, bases trained) per budget whose layers
+    cost that budget's forward multiply-adds from the first step (the same measure as OIALR's)."""
     say = log or (lambda _msg: None)
     train, val, info, init = _text_and_init(cfg)
-    target = tcfg.budgets[tcfg.match]
+    budgets = budgets or (tcfg.budgets[tcfg.match],)
     t0 = time.perf_counter()
     dense = _Method("dense", cfg, tcfg, init, train)
     dense.setting = f"AdamW lr {cfg.lr:g}, weight decay 0.01"
     runs: list[_Method] = [dense]
-    for s in switches:
-        for k in scales:
-            g = replace(tcfg, switch_fraction=s, reach_fraction=s + (1 - s) / 2, updates=20)
-            runs.append(_OIALRMethod(f"OIALR flops {target:g}, switch {s:g}, Sigma lr x{k:g}",
-                                     cfg, g, init, train, target, k))  # fmt: skip
+    for b in budgets:
+        for s in switches:
+            for k in scales:
+                g = replace(tcfg, switch_fraction=s, reach_fraction=s + (1 - s) / 2, updates=20)
+                runs.append(_OIALRMethod(f"OIALR flops {b:g}, switch {s:g}, Sigma lr x{k:g}",
+                                         cfg, g, init, train, b, k))  # fmt: skip
+        if fixed_flops:
+            fraction = _flops_fraction(cfg, init, b)
+            runs.append(_FixedRankMethod(f"fixed rank, flops {b:g}, spectral init", cfg, tcfg,
+                                         init, train, "spectral", fraction))  # fmt: skip
     _lockstep(runs, cfg.steps)
     rows = [_row(run, dense, val) for run in runs]
     seconds = time.perf_counter() - t0
@@ -944,14 +977,16 @@ def measure_grid(
     table = Table(
         title=(
             f"(lm grid) byte GPT d={cfg.d_model} L={cfg.layers}, {cfg.steps} steps, lr {cfg.lr:g}, "
-            f"OIALR RankBudget({target:g}, 'flops') by switch fraction and Sigma lr scale"
+            f"OIALR RankBudget('flops') by budget, switch fraction and Sigma lr scale"
         ),
         columns=list(_COLUMNS),
         rows=[_cells(r) for r in rows],
     )
     table.notes.append(f"{seconds:.0f} s, every run in lockstep with the dense run")
+    table.notes += [f"{r['method']}: {r['setting']}" for r in rows if "fixed rank" in r["method"]]
     data = {"config": asdict(cfg), "table_config": asdict(tcfg), "threads": torch.get_num_threads(),
-            "text": info, "switches": switches, "scales": scales, "rows": rows, "seconds": seconds}  # fmt: skip
+            "text": info, "switches": switches, "scales": scales, "budgets": budgets,
+            "rows": rows, "seconds": seconds}  # fmt: skip
     return table, data
 
 
@@ -995,6 +1030,17 @@ def main(argv: list[str] | None = None) -> None:
         "--grid-scales", default="1", help="comma list of sigma_lr_scale for --grid-switches"
     )
     p.add_argument(
+        "--grid-budgets",
+        default="",
+        help="comma list of RankBudget('flops') targets for --grid-switches (default: the table's "
+        "matched budget, 0.4)",
+    )
+    p.add_argument(
+        "--grid-fixed",
+        action="store_true",
+        help="with --grid-switches: also a fixed-rank model per budget at the same forward FLOPs",
+    )
+    p.add_argument(
         "--lr", type=float, default=None, help="peak lr (the grid's; the table sweeps it)"
     )
     p.add_argument("--json", type=Path, default=None)
@@ -1014,9 +1060,10 @@ def main(argv: list[str] | None = None) -> None:
             p.error("--grid-switches needs --lr (the table's sweep result)")
         switches = tuple(float(x) for x in args.grid_switches.split(",") if x.strip())
         scales_g = tuple(float(x) for x in args.grid_scales.split(",") if x.strip())
+        budgets_g = tuple(float(x) for x in args.grid_budgets.split(",") if x.strip())
         table, data = measure_grid(
-            replace(cfg, lr=args.lr), TableConfig(), switches, scales_g,
-            log=lambda m: print(m, flush=True),
+            replace(cfg, lr=args.lr), TableConfig(), switches, scales_g, budgets=budgets_g,
+            fixed_flops=args.grid_fixed, log=lambda m: print(m, flush=True),
         )  # fmt: skip
         print(table.render())
     elif args.pair:

@@ -202,18 +202,23 @@ def fig_lm_frontier(out: Path) -> dict[str, Any]:
         ax.scatter(r["wall_ratio"], r["val_bpb"], marker=marker, s=90 if marker == "*" else 40)
         ax.annotate(r["method"], (r["wall_ratio"], r["val_bpb"]), textcoords="offset points",
                     xytext=(5, 4 if i % 2 else -11), fontsize=8)  # fmt: skip
-    grid_file = LM_TABLE.with_name("lm_grid.json")
-    grid = json.loads(grid_file.read_text())["rows"][1:] if grid_file.is_file() else []
-    grid = [r for r in grid if r["val_ratio"] < 1.5]  # a diverged setting would flatten the rest
-    for i, r in enumerate(
-        grid
-    ):  # OIALR by switch fraction and Sigma lr (bench_lm.py --grid-switches)
-        ax.scatter(
-            r["wall_ratio"], r["val_bpb"], marker="s", s=30, facecolors="none", edgecolors="k"
-        )
+    # the grids (bench_lm.py --grid-switches): OIALR by budget, switch fraction and Sigma lr, and
+    # fixed rank at a budget's FLOPs; a setting measured in two grids is drawn once
+    grid: dict[str, dict[str, Any]] = {}
+    for name in ("lm_grid.json", "lm_grid_budgets.json"):
+        path = LM_TABLE.with_name(name)
+        for r in json.loads(path.read_text())["rows"][1:] if path.is_file() else []:
+            if r["val_ratio"] < 1.5:  # a diverged setting would flatten the rest
+                grid.setdefault(r["method"], r)
+    for i, r in enumerate(grid.values()):
+        fixed = r["method"].startswith("fixed rank")
+        ax.scatter(r["wall_ratio"], r["val_bpb"], marker="^" if fixed else "s", s=30,
+                   facecolors="none", edgecolors="C3" if fixed else "k")  # fmt: skip
         label = (
-            r["method"].replace("OIALR flops 0.4, switch ", "grid: ").replace(", Sigma lr ", " ")
-        )
+            r["method"].replace("OIALR flops ", "grid: ").replace(", switch ", " @")
+            .replace(", Sigma lr ", " ").replace("fixed rank, flops ", "fixed rank ")
+            .replace(", spectral init", " (FLOPs)")
+        )  # fmt: skip
         ax.annotate(label, (r["wall_ratio"], r["val_bpb"]), textcoords="offset points",
                     xytext=(-60, -9 if i % 2 else 3), fontsize=6.5, color="0.3")  # fmt: skip
     ax.set_xlabel("whole-run training time / dense (same lockstep run)")
@@ -229,7 +234,7 @@ def fig_lm_frontier(out: Path) -> dict[str, Any]:
     plt.close(fig)
     return {
         "source": str(LM_TABLE),
-        "points": {r["method"]: [r["wall_ratio"], r["val_bpb"]] for r in rows + grid},
+        "points": {r["method"]: [r["wall_ratio"], r["val_bpb"]] for r in [*rows, *grid.values()]},
     }
 
 

@@ -52,6 +52,38 @@ def test_lm_table_runs_every_method():
     assert len(tables[1].rows) == len(names)
 
 
+def test_lm_grid_by_budget_with_fixed_rank_at_equal_flops():
+    cfg = replace(
+        bench_lm.QUICK_TABLE, d_model=32, layers=1, heads=2, context=16, batch=4, steps=20,
+        train_bytes=50_000, val_bytes=5_000, val_batches=2, lr=3e-3,
+    )  # fmt: skip
+    table, data = bench_lm.measure_grid(
+        cfg, bench_lm.TableConfig(), (0.5,), (4.0,), budgets=(0.6, 0.3), fixed_flops=True
+    )
+    assert [r["method"] for r in data["rows"]] == [
+        "dense",
+        "OIALR flops 0.6, switch 0.5, Sigma lr x4",
+        "fixed rank, flops 0.6, spectral init",
+        "OIALR flops 0.3, switch 0.5, Sigma lr x4",
+        "fixed rank, flops 0.3, spectral init",
+    ]
+    assert len(table.rows) == 5 and all(r["val_bpb"] > 0 for r in data["rows"])
+    # the fixed-rank model's layers cost at most the budget, and one rank more would exceed it
+    _, _, _, init = bench_lm._text_and_init(cfg)
+    for target in (0.6, 0.3):
+        fraction = bench_lm._flops_fraction(cfg, init, target)
+        model = bench_lm.ByteGPT(cfg)
+        model.load_state_dict(init)
+        layers = bench_lm.low_rank_model(model, fraction, init="random", seed=0)
+        shapes = [bench_lm.lc.matrix_shape(layer.weight_shape) for layer in layers.values()]
+        dense = sum(m * n for m, n in shapes)
+        cost = sum(bench_lm.layer_cost("flops", m, n, layer.rank)
+                   for (m, n), layer in zip(shapes, layers.values(), strict=True))  # fmt: skip
+        more = sum(bench_lm.layer_cost("flops", m, n, layer.rank + 1)
+                   for (m, n), layer in zip(shapes, layers.values(), strict=True))  # fmt: skip
+        assert cost / dense <= target < more / dense
+
+
 def test_lr_schedule_warms_up_then_decays():
     tcfg = bench_lm.TableConfig(warmup_fraction=0.1, min_lr_ratio=0.1)
     m = [bench_lm.lr_multiplier(s, 100, tcfg) for s in range(1, 101)]
