@@ -30,6 +30,7 @@ Example (OIALR with optax)::
     save_checkpoint("run.npz", params=trainable, opt_state=opt_state, oialr=ctrl, extra={"epoch": 3})
     ...
     ctrl = OIALR(params, config)                  # fresh, nothing switched
+    tx = ctrl.optimizer(optax.adamw(1e-3))        # the run's optimizer, built the same way
     ckpt = load_checkpoint("run.npz", params=params, tx=tx, oialr=ctrl)
     trainable, opt_state = ckpt.params, ckpt.opt_state    # ctrl.frozen holds the bases again
 """

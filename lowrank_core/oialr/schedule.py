@@ -91,7 +91,11 @@ class OIALRConfig:
       (``benchmarks/stability_trigger.py`` measures both). Either trigger switches a layer.
     - ``sigma_lr_scale``: a multiplier of Sigma's learning rate after the switch, for every layer (a
       float) or per layer (``{fnmatch pattern: scale}``, the first matching pattern wins, 1 for the
-      rest); each optimizer update of Sigma is scaled by it, whatever the optimizer.
+      rest); each optimizer update of Sigma is scaled by it, whatever the optimizer (in JAX, through
+      ``OIALR.optimizer(tx)``). Default 4, measured: a trained Sigma alone moves the weight less per
+      step than the dense update did (AdamW: byte LM 1.172 -> 1.097 x dense loss, MNIST-1D MLP +0.4-0.6
+      points; SGD with momentum: MNIST-1D MLP +0.3 points on average, 2 of 3 seeds; 16 diverges on the
+      LM). ``1.0`` is the published method.
 
     Every field is checked at construction (:class:`~lowrank_core.ParameterError` /
     :class:`~lowrank_core.ParameterTypeError`, naming the field); NumPy scalars are accepted.
@@ -108,7 +112,7 @@ class OIALRConfig:
     budget: RankBudget | None = None
     total_steps: int | None = None
     switch_fraction: float | None = None
-    sigma_lr_scale: float | Mapping[str, float] = 1.0
+    sigma_lr_scale: float | Mapping[str, float] = 4.0
     rotation_threshold: float | None = None
 
     def __post_init__(self) -> None:
