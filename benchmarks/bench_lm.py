@@ -20,10 +20,14 @@ nonlinear init) at the final trainable share of OIALR's middle budget and with G
 ``galore-torch`` package's ``GaLoreAdamW``, rank = that OIALR run's mean final rank; skipped, and said
 so, when the package does not import). Every ratio is to the dense run of the same group.
 
-The default size (d=256, 4 layers, context 128, batch 16, 800 steps) ran in 58 minutes with
-``--threads 2`` on two otherwise idle cores (sweep 10, first group 35, second group 14; the stored
-``benchmarks/stored/lm_table.json``). ``--grid-switches``: dense against OIALR at each switch fraction
-and Sigma learning-rate scale (:func:`measure_grid`; 27 minutes for six settings).
+OIALR and CMD run the library's defaults (Sigma at ``sigma_lr_scale``'s default, CMD's number of
+modes); ``--sigma-lr-scales 1`` adds the published method's OIALR at the middle budget. The default size
+(d=256, 4 layers, context 128, batch 16, 800 steps) ran in 62 minutes with ``--threads 2 --sigma-lr-scales
+1`` on two otherwise idle cores (sweep 11, first group 36, second group 14; the stored
+``benchmarks/stored/lm_table.json``). ``--grid-switches``: dense against OIALR at each budget
+(``--grid-budgets``), switch fraction and Sigma learning-rate scale, and with ``--grid-fixed`` a
+fixed-rank model per budget at the same forward FLOPs (:func:`measure_grid`; 27-29 minutes for six
+runs).
 
 The text is real and on every machine: the ``.py`` files of ``sysconfig.get_paths()["stdlib"]`` (test
 suites, ``site-packages`` and IDLE left out), sorted by path; a file goes to validation when the CRC32 of
