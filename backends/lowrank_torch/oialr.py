@@ -334,9 +334,23 @@ class OIALR(core_oialr.ScheduleView):
                 out += [(self.layers[p].sigma, scale) for p in parts]
         return out
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that trains the model; assigning another one (a trainer's, after a resume)
+        moves the hooks that scale Sigma's updates to it at once, before its next step."""
+        return self._optimizer
+
+    @optimizer.setter
+    def optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
+        if "_lr_hooks" in self.__dict__:  # not during __init__
+            self._ensure_lr_hooks()
+
     def _ensure_lr_hooks(self) -> None:
         """Hooks on the optimizer's step that scale each update of Sigma by ``sigma_lr_scale``
-        (registered once something is switched, moved when the optimizer object changes)."""
+        (registered once something is switched, moved when the optimizer object changes). A wrapper
+        that steps an inner optimizer without hooks of its own (accelerate's ``AcceleratedOptimizer``)
+        gets them on the inner one, whose step it calls."""
         if self._lr_hooks is not None and self._lr_hooks[0] is self.optimizer:
             return
         if self._lr_hooks is not None:
@@ -346,11 +360,16 @@ class OIALR(core_oialr.ScheduleView):
         if not self._scaled():
             return
         opt = self.optimizer
+        inner = getattr(opt, "optimizer", None)
+        while "_optimizer_step_pre_hooks" not in opt.__dict__ and isinstance(
+            inner, torch.optim.Optimizer
+        ):
+            opt, inner = inner, getattr(inner, "optimizer", None)
         handles = [
             opt.register_step_pre_hook(lambda *_: self._record_sigma()),
             opt.register_step_post_hook(lambda *_: self._scale_sigma_update()),
         ]
-        self._lr_hooks = (opt, handles)
+        self._lr_hooks = (self.optimizer, handles)
 
     def _record_sigma(self) -> None:
         with torch.no_grad():
